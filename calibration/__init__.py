@@ -1,0 +1,1 @@
+"""Calibration data sources and the layer-by-layer statistics engine (see issue #3)."""

@@ -1,0 +1,162 @@
+"""Streaming access to a Hugging Face checkpoint's weights: safetensors (single or sharded), lazily.
+
+Why not ``safetensors.safe_open``: its NumPy backend cannot return bfloat16 (the dtype most Qwen
+checkpoints ship in), and its PyTorch backend would pull torch (~250 MB RSS) into a conversion that
+needs none, and maps whole shards into the address space. The format is a JSON header plus raw
+little-endian arrays, so we read exactly the rows we need with positioned reads into small buffers:
+peak RSS is one row-chunk, not one model, and a truncated or corrupt shard is caught before any
+output is written.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from qcompile.arch import ModelConfig
+from qcompile.errors import QCompileError
+
+_DTYPES = {"BF16": (np.dtype("<u2"), 2), "F16": (np.dtype("<f2"), 2), "F32": (np.dtype("<f4"), 4)}
+CHUNK_BYTES = 16 << 20  # float32 bytes per streamed row-chunk
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    path: Path
+    dtype: str               # safetensors dtype string: BF16 | F16 | F32
+    shape: tuple[int, ...]
+    offset: int              # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) > 1 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+
+def _read_header(path: Path) -> dict[str, TensorEntry]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise QCompileError(f"{path}: corrupt safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise QCompileError(f"{path}: corrupt safetensors file (header length {n} exceeds file size {size})")
+            header = json.loads(f.read(n))
+    except QCompileError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise QCompileError(f"{path}: corrupt safetensors header ({e.__class__.__name__}: {e})") from None
+    base = 8 + n
+    out: dict[str, TensorEntry] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise QCompileError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        if dtype not in _DTYPES:
+            raise QCompileError(f"{path}: tensor {name!r} has dtype {dtype}; supported: BF16, F16, F32")
+        if end - start != int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]:
+            raise QCompileError(f"{path}: corrupt safetensors header ({name!r} size does not match its shape)")
+        if base + end > size:
+            raise QCompileError(f"{path}: truncated safetensors file ({name!r} ends at byte {base + end}, "
+                                f"file has {size})")
+        out[name] = TensorEntry(name, path, dtype, shape, base + start, end - start)
+    return out
+
+
+class Checkpoint:
+    """The weights of one checkpoint directory, opened lazily and read row-chunk by row-chunk."""
+
+    def __init__(self, model_dir: Path, config: ModelConfig):
+        self.dir = model_dir
+        self.config = config
+        self.entries = self._index()
+        self._check_complete()
+
+    def _index(self) -> dict[str, TensorEntry]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise QCompileError(f"{index}: unreadable shard index ({e})") from None
+            shards = sorted(set(weight_map.values()))
+            for s in shards:
+                if not (self.dir / s).is_file():
+                    raise QCompileError(f"{index}: names shard {s!r}, which is missing from {self.dir}")
+        else:
+            shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
+        if not shards:
+            if any(self.dir.glob("*.bin")):
+                raise QCompileError(f"{self.dir}: only pickle .bin weights found; convert them to safetensors "
+                                    f"(pickle files can execute code when loaded)")
+            raise QCompileError(f"{self.dir}: no *.safetensors weights found")
+        entries: dict[str, TensorEntry] = {}
+        for s in shards:
+            entries.update(_read_header(self.dir / s))
+        return entries
+
+    def _check_complete(self) -> None:
+        cfg = self.config
+        for name in cfg.expected_tensor_names():
+            if name not in self.entries:
+                raise QCompileError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
+        emb = self.entries["model.embed_tokens.weight"].shape
+        if emb != (cfg.vocab_size, cfg.hidden_size):
+            raise QCompileError(f"{self.dir}: model.embed_tokens.weight has shape {list(emb)}, config says "
+                                f"[{cfg.vocab_size}, {cfg.hidden_size}]")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.entries[name]
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a tensor as float32 (1-D tensors: the whole vector). Rejects NaN/Inf."""
+        e = self.entries[name]
+        dt, width = _DTYPES[e.dtype]
+        row_bytes = e.cols * width
+        stop = e.rows if stop is None else min(stop, e.rows)
+        buf = np.empty((stop - start) * e.cols, dtype=dt)
+        with open(e.path, "rb", buffering=0) as f:
+            f.seek(e.offset + start * row_bytes)
+            got = f.readinto(memoryview(buf).cast("B"))
+        if got != buf.nbytes:
+            raise QCompileError(f"{e.path}: truncated while reading {name!r}")
+        if e.dtype == "BF16":
+            out = (buf.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = buf.astype(np.float32, copy=False)
+        if not np.isfinite(out).all():
+            bad = int(np.flatnonzero(~np.isfinite(out))[0]) + start * e.cols
+            raise QCompileError(f"{e.path}: tensor {name!r} contains NaN/Inf (first at flat index {bad})")
+        return out.reshape(stop - start, e.cols) if len(e.shape) > 1 else out
+
+    def read(self, name: str) -> np.ndarray:
+        """A whole tensor as float32 in its own shape."""
+        return self.read_rows(name).reshape(self.entries[name].shape)
+
+    def iter_rows(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first_row, float32 rows) chunks of a 2-D tensor, each about ``chunk_bytes`` of float32."""
+        e = self.entries[name]
+        step = max(1, chunk_bytes // (4 * e.cols))
+        for r in range(0, e.rows, step):
+            yield r, self.read_rows(name, r, r + step)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())

@@ -1,0 +1,92 @@
+"""Resolve the MODEL argument to a local checkpoint directory.
+
+Accepted forms, tried in this order: ``tiny`` (built locally); an existing directory; a size alias
+(``7B``) with ``--family``; a Hugging Face repo id (``Qwen/Qwen2.5-7B-Instruct``) looked up in the
+huggingface_hub cache first and downloaded only when online and allowed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from qcompile.errors import QCompileError, UsageError
+
+
+@dataclass(frozen=True)
+class Resolved:
+    path: Path      # the checkpoint directory
+    name: str       # a human name for outputs (repo name, directory name)
+    source: str     # what the user asked for
+
+# Only the checkpoints Qwen actually published, per family.
+FAMILIES: dict[str, dict[str, str]] = {
+    "instruct": {s: f"Qwen/Qwen2.5-{s}-Instruct" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")},
+    "base": {s: f"Qwen/Qwen2.5-{s}" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")},
+    "coder": {s: f"Qwen/Qwen2.5-Coder-{s}-Instruct" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B")},
+    "math": {s: f"Qwen/Qwen2.5-Math-{s}-Instruct" for s in ("1.5B", "7B", "72B")},
+    "qwen3": {s: f"Qwen/Qwen3-{s}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "32B")},
+}
+_SIZE = re.compile(r"^\d+(\.\d+)?[bB]$")
+_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja", "tokenizer*"]
+
+
+def alias_repo(size: str, family: str) -> str:
+    """Map a size alias and family to the published repo id, or raise listing the valid choices."""
+    if family not in FAMILIES:
+        raise UsageError(f"unknown --family {family!r}; choose from {', '.join(FAMILIES)}")
+    sizes = FAMILIES[family]
+    key = size.upper()
+    if key not in sizes:
+        raise UsageError(f"Qwen did not publish a {key} {family} model; valid sizes for --family {family}: "
+                         f"{' '.join(sizes)}")
+    return sizes[key]
+
+
+def hub_offline(flag: bool) -> bool:
+    return flag or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def from_hub(repo: str, offline: bool) -> Path:
+    """A snapshot of ``repo``: the local cache first, then (when allowed) a download of the needed files."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise QCompileError(f"model {repo!r}: huggingface_hub is not installed") from None
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        if hub_offline(offline):
+            raise QCompileError(f"{repo!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and downloads "
+                                f"are off (--offline or HF_HUB_OFFLINE=1)") from None
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise QCompileError(f"{repo!r} is not in the cache ({HF_HUB_CACHE}) and the download failed: {msg}") \
+            from None
+
+
+def resolve(model: str, *, family: str = "instruct", offline: bool = False) -> Resolved:
+    """Find the checkpoint directory for ``model`` (see module docstring for the accepted forms)."""
+    if model == "tiny":
+        from qcompile import tiny
+        return Resolved(tiny.build(), "tiny-qwen2.5", model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return Resolved(path, path.resolve().name, model)
+    if path.exists():
+        raise QCompileError(f"{model}: is a file; expected a checkpoint directory")
+    if _SIZE.match(model):
+        repo = alias_repo(model, family)
+        return Resolved(from_hub(repo, offline), repo.split("/")[-1], model)
+    if _REPO.match(model) and not model.startswith((".", "/", "~")):
+        try:
+            return Resolved(from_hub(model, offline), model.split("/")[-1], model)
+        except QCompileError as e:
+            raise QCompileError(f"model {model!r} not found: no directory ./{model}, and {e}") from None
+    raise QCompileError(f"model {model!r} not found: no such directory, not a size alias "
+                        f"({' '.join(FAMILIES['instruct'])}), not a hub repo id (org/name), not 'tiny'")

@@ -1,0 +1,117 @@
+"""Which GGUF type each tensor gets: llama.cpp's per-tensor mixes (``Q4_K_M`` …) and pure types.
+
+This follows ``llama_tensor_get_type`` in llama.cpp's ``src/llama-quant.cpp`` for the Qwen
+architectures, so a qcompile ``Q4_K_M`` has the same tensor types (and file size) as
+``llama-quantize … Q4_K_M``: attn_v / ffn_down get Q6_K on the ``use_more_bits`` layer schedule, the
+output matrix (or the tied embedding) Q6_K, and rows whose length is not a multiple of a type's block
+fall back (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, IQ4_XS→IQ4_NL, then F16).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as F
+
+from quantizers.grids import GRIDS
+
+# name -> (base type, llama.cpp file type)
+PRESETS: dict[str, tuple[T, F]] = {
+    "F32": (T.F32, F.ALL_F32), "F16": (T.F16, F.MOSTLY_F16), "BF16": (T.BF16, F.MOSTLY_BF16),
+    "Q8_0": (T.Q8_0, F.MOSTLY_Q8_0), "Q6_K": (T.Q6_K, F.MOSTLY_Q6_K),
+    "Q5_K_M": (T.Q5_K, F.MOSTLY_Q5_K_M), "Q5_K_S": (T.Q5_K, F.MOSTLY_Q5_K_S),
+    "Q4_K_M": (T.Q4_K, F.MOSTLY_Q4_K_M), "Q4_K_S": (T.Q4_K, F.MOSTLY_Q4_K_S),
+    "Q5_0": (T.Q5_0, F.MOSTLY_Q5_0), "Q5_1": (T.Q5_1, F.MOSTLY_Q5_1),
+    "Q4_0": (T.Q4_0, F.MOSTLY_Q4_0), "Q4_1": (T.Q4_1, F.MOSTLY_Q4_1),
+    "IQ4_NL": (T.IQ4_NL, F.MOSTLY_IQ4_NL), "IQ4_XS": (T.IQ4_XS, F.MOSTLY_IQ4_XS),
+}
+# pure single types that are not a preset of their own
+PURE_ONLY: dict[str, tuple[T, F]] = {"Q4_K": (T.Q4_K, F.MOSTLY_Q4_K_M), "Q5_K": (T.Q5_K, F.MOSTLY_Q5_K_M)}
+BITS_PRESET = {8: "Q8_0", 4: "Q4_K_M"}
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
+
+
+def block_size(t: T) -> int:
+    return GRIDS[t].block if t in GRIDS else 1
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A named quantization scheme: a llama.cpp-style mix, or one type everywhere (``pure``)."""
+    name: str
+    base: T
+    file_type: F
+    pure: bool = False
+    has_imatrix: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.base in GRIDS
+
+    def tensor_type(self, gguf_name: str, shape: tuple[int, ...], *, layer: int | None, n_layers: int,
+                    n_gqa: int, tied: bool) -> T:
+        """The GGUF type for one tensor (``shape`` in PyTorch order, last dim = row length)."""
+        if len(shape) < 2 or "_norm" in gguf_name:
+            return T.F32  # 1-D tensors (norms, biases) stay F32, as in llama.cpp
+        if not self.quantized:
+            return self.base
+        ncols = shape[-1]
+        t = self.base if self.pure else self._mix_type(gguf_name, ncols, layer, n_layers, n_gqa, tied)
+        return fallback(t, ncols)
+
+    def _mix_type(self, name: str, ncols: int, i: int | None, n: int, n_gqa: int, tied: bool) -> T:
+        ft, t = self.file_type, self.base
+        if name == "output.weight" or (tied and name == "token_embd.weight"):
+            if ncols % block_size(t):
+                return T.Q8_0
+            return t if t == T.Q8_0 else T.Q6_K
+        if name == "token_embd.weight":
+            return t
+        if name.endswith("attn_v.weight"):
+            if ft in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and n_gqa >= 4:
+                t = T.Q5_K
+            elif ft in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(i, n):
+                t = T.Q6_K
+            elif ft == F.MOSTLY_Q4_K_S and i < 4:
+                t = T.Q5_K
+            if n == 80 and t == T.Q4_K:  # llama.cpp's LLM_TYPE_70B rule (80-layer Qwen2.5-72B)
+                t = T.Q5_K
+            return t
+        if name.endswith("ffn_down.weight"):
+            if ft in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(i, n):
+                return T.Q6_K
+            if ft in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and i < n // 8 and not self.has_imatrix:
+                return T.Q5_K
+            if ft == F.MOSTLY_Q4_K_S and i < n // 8:
+                return T.Q5_K
+            if ft in (F.MOSTLY_Q4_0, F.MOSTLY_Q5_0) and self.has_imatrix and i < n // 8:
+                return T.Q4_1 if ft == F.MOSTLY_Q4_0 else T.Q5_1
+        return t
+
+
+def fallback(t: T, ncols: int) -> T:
+    """llama.cpp's fallback for rows not divisible by the type's block (e.g. hidden 896 with K-quants)."""
+    if ncols % block_size(t) == 0:
+        return t
+    t = _FALLBACK.get(t, t)
+    return t if ncols % block_size(t) == 0 else T.F16
+
+
+def scheme(name: str, *, pure: bool = False, has_imatrix: bool = False) -> Scheme:
+    """Look up ``Q4_K_M``, ``Q8_0``, ``F16``, … (``pure`` = that base type everywhere)."""
+    key = name.upper()
+    if key in PRESETS:
+        base, ft = PRESETS[key]
+    elif key in PURE_ONLY:
+        (base, ft), pure = PURE_ONLY[key], True
+    else:
+        raise KeyError(f"unknown quantization type {name!r}; choose from {', '.join(available())}")
+    return Scheme(key, base, ft, pure, has_imatrix)
+
+
+def available() -> list[str]:
+    return list(PRESETS) + list(PURE_ONLY)
