@@ -10,6 +10,7 @@ output is written.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from qcompile.arch import ModelConfig
 from qcompile.errors import QCompileError
 
 _DTYPES = {"BF16": (np.dtype("<u2"), 2), "F16": (np.dtype("<f2"), 2), "F32": (np.dtype("<f4"), 4)}
-CHUNK_BYTES = 16 << 20  # float32 bytes per streamed row-chunk
+# float32 bytes per streamed row-chunk (QCOMPILE_CHUNK_BYTES tunes it: smaller = less RSS, more calls)
+CHUNK_BYTES = int(os.environ.get("QCOMPILE_CHUNK_BYTES", 16 << 20))
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,20 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
     return out
 
 
+def torch_int_view(t):
+    """The same-width integer dtype, to hand torch storage to NumPy bit for bit (NumPy has no bf16)."""
+    import torch
+    return {2: torch.int16, 4: torch.int32}[t.element_size()]
+
+
 class Checkpoint:
     """The weights of one checkpoint directory, opened lazily and read row-chunk by row-chunk."""
 
-    def __init__(self, model_dir: Path, config: ModelConfig):
+    def __init__(self, model_dir: Path, config: ModelConfig, allow_pickle: bool = False):
         self.dir = model_dir
         self.config = config
+        self.allow_pickle = allow_pickle
+        self._pickled: dict = {}  # name -> torch tensor (memory-mapped), only for --allow-pickle
         self.entries = self._index()
         self._check_complete()
 
@@ -100,13 +110,33 @@ class Checkpoint:
         else:
             shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if not shards:
-            if any(self.dir.glob("*.bin")):
-                raise QCompileError(f"{self.dir}: only pickle .bin weights found; convert them to safetensors "
-                                    f"(pickle files can execute code when loaded)")
+            bins = sorted(self.dir.glob("*.bin"))
+            if bins and self.allow_pickle:
+                return self._index_pickle(bins)
+            if bins:
+                raise QCompileError(f"{self.dir}: only pickle .bin weights found; pickle files can run code when "
+                                    f"loaded: convert them to safetensors, or pass --allow-pickle if you trust them")
             raise QCompileError(f"{self.dir}: no *.safetensors weights found")
         entries: dict[str, TensorEntry] = {}
         for s in shards:
             entries.update(_read_header(self.dir / s))
+        return entries
+
+    def _index_pickle(self, bins: list[Path]) -> dict[str, TensorEntry]:
+        """--allow-pickle: PyTorch .bin shards via ``torch.load(weights_only=True, mmap=True)``."""
+        import torch
+        names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+        entries: dict[str, TensorEntry] = {}
+        for b in bins:
+            try:
+                state = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise QCompileError(f"{b}: cannot load pickle weights ({e.__class__.__name__})") from None
+            for name, t in state.items():
+                if t.dtype not in names:
+                    raise QCompileError(f"{b}: tensor {name!r} has dtype {t.dtype}; supported: bf16, f16, f32")
+                self._pickled[name] = t
+                entries[name] = TensorEntry(name, b, names[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
         return entries
 
     def _check_complete(self) -> None:
@@ -131,12 +161,16 @@ class Checkpoint:
         dt, width = _DTYPES[e.dtype]
         row_bytes = e.cols * width
         stop = e.rows if stop is None else min(stop, e.rows)
-        buf = np.empty((stop - start) * e.cols, dtype=dt)
-        with open(e.path, "rb", buffering=0) as f:
-            f.seek(e.offset + start * row_bytes)
-            got = f.readinto(memoryview(buf).cast("B"))
-        if got != buf.nbytes:
-            raise QCompileError(f"{e.path}: truncated while reading {name!r}")
+        if name in self._pickled:
+            t = self._pickled[name].reshape(e.rows, e.cols)[start:stop]
+            buf = t.contiguous().view(-1).view(torch_int_view(t)).numpy().view(dt)
+        else:
+            buf = np.empty((stop - start) * e.cols, dtype=dt)
+            with open(e.path, "rb", buffering=0) as f:
+                f.seek(e.offset + start * row_bytes)
+                got = f.readinto(memoryview(buf).cast("B"))
+            if got != buf.nbytes:
+                raise QCompileError(f"{e.path}: truncated while reading {name!r}")
         if e.dtype == "BF16":
             out = (buf.astype(np.uint32) << 16).view(np.float32)
         else:

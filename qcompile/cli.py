@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="instruct", choices=["instruct", "base", "coder", "math", "qwen3"],
                    help="model family for size aliases (default: instruct)")
     p.add_argument("--offline", action="store_true", help="never download; use local files and the hub cache only")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True)); trusted files only")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--version", action="version", version=f"qcompile {__version__}")
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     opts = Options(model=args.model, out=args.out, to=args.to, bits=args.bits, quant=args.quant, pure=args.pure,
                    force=args.force, verify=args.verify, eval_text=args.eval_text, eval_ctx=args.eval_ctx,
-                   eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, threads=args.threads,
+                   eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, allow_pickle=args.allow_pickle,
+                   threads=args.threads,
                    quiet=args.quiet, argv=["qcompile", *argv])
     try:
         rep = compile_model(opts)

@@ -44,6 +44,7 @@ class Options:
     eval_tokens: int = 1024
     family: str = "instruct"
     offline: bool = False
+    allow_pickle: bool = False
     threads: int | None = None
     quiet: bool = False
     argv: list[str] = field(default_factory=list)
@@ -137,7 +138,7 @@ def compile_model(opts: Options) -> dict:
     vocab = load_vocab(res.path, cfg.vocab_size)
     sch = choose_scheme(opts)
     # load (lazily: headers only; tensors stream during quantization)
-    ckpt = Checkpoint(res.path, cfg)
+    ckpt = Checkpoint(res.path, cfg, allow_pickle=opts.allow_pickle)
     plan = make_plan(cfg, ckpt, sch)
     out = opts.out
     artifact = out / f"{res.name}-{sch.name}.gguf"
@@ -219,7 +220,10 @@ def verify(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, g
                                                 windows, keep_logits=keep, progress=lambda s: bar.update(1))
     out: dict = {"reference": ref.as_dict()}
     if llama_worker.available():
-        got = llama_worker.logits(gguf_path, windows[0, :keep].tolist(), opts.threads)
+        try:
+            got = llama_worker.logits(gguf_path, windows[0, :keep].tolist(), opts.threads)
+        except RuntimeError as e:
+            raise QCompileError(f"verification failed: llama.cpp could not run the GGUF ({e})") from None
         out["artifact"] = evaluate.compare_logits("llama.cpp", got, q_logits).as_dict()
     else:
         out["artifact"] = None

@@ -64,25 +64,31 @@ def build_tokenizer(out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def build_model(out: Path, vocab_size: int = MODEL_VOCAB, seed: int = 0) -> None:
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+TINY_CONFIG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                   tie_word_embeddings=True)
 
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                      bos_token_id=None, eos_token_id=vocab_size - 1, torch_dtype="bfloat16")
+
+def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, seed: int = 0, **overrides) -> None:
+    """Save a seeded random ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (bf16 safetensors) into ``out``.
+
+    Norm weights and biases are randomised too, so every tensor influences the logits.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    cfg = config_cls(**{**TINY_CONFIG, "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None,
+                        "torch_dtype": "bfloat16", **overrides})
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
+    model = model_cls(cfg)
     with torch.no_grad():
-        # make every tensor matter: non-trivial norms and biases, and a scale that gives peaked logits
         g = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.6 / p.shape[-1] ** 0.5))
-    model.config.eos_token_id = None
     model.generation_config = GenerationConfig()
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
 

@@ -1,0 +1,78 @@
+"""Shared helpers for benchmarks: llama.cpp's own tools (the peers), timing and peak RSS of a command.
+
+The tools are built from the llama.cpp sources vendored in llama-cpp-python's sdist (same version
+as the installed judge), once, into ~/.cache/qcompile/llama.cpp-<version>/build. Never committed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+# AVX2 baseline, as for llama-cpp-python (see README: -march=native can SIGILL on AMX-advertising VMs)
+CMAKE_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+               "-DGGML_BMI2=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
+               "-DCMAKE_BUILD_TYPE=Release"]
+TARGETS = ["llama-quantize", "llama-perplexity", "llama-imatrix"]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def llama_cpp_root() -> Path:
+    ver = metadata.version("llama_cpp_python")
+    root = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile")) / f"llama.cpp-{ver}"
+    src = root / f"llama_cpp_python-{ver}" / "vendor" / "llama.cpp"
+    if not src.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={ver}", "-d", str(root)], check=True)
+        with tarfile.open(next(root.glob("llama_cpp_python-*.tar.gz"))) as t:
+            t.extractall(root, filter="data")
+    return root
+
+
+def tools() -> dict[str, Path]:
+    """Paths of llama-quantize, llama-perplexity, llama-imatrix (built if missing) and convert_hf_to_gguf.py."""
+    root = llama_cpp_root()
+    src = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    build = root / "build"
+    bins = {t: build / "bin" / t for t in TARGETS}
+    if not all(p.exists() for p in bins.values()):
+        print(f"building {', '.join(TARGETS)} from {src} (several minutes) ...", file=sys.stderr)
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "--target", *TARGETS, f"-j{os.cpu_count()}"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return {"quantize": bins["llama-quantize"], "perplexity": bins["llama-perplexity"],
+            "imatrix": bins["llama-imatrix"], "convert": src / "convert_hf_to_gguf.py"}
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_mb: float
+    output: str
+
+
+def measure(cmd: list[str], env: dict | None = None) -> Run:
+    """Run ``cmd``; wall time and the child's peak RSS (GNU time), raising with its output on failure."""
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "QCOMPILE_MAXRSS_KB=%M", *map(str, cmd)], capture_output=True,
+                       text=True, env={**os.environ, **(env or {})})
+    dt = time.perf_counter() - t0
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}):\n{out[-3000:]}")
+    kb = int(re.findall(r"QCOMPILE_MAXRSS_KB=(\d+)", out)[-1])
+    return Run(dt, kb / 1024, out)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in r] for r in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])

@@ -1,0 +1,110 @@
+"""The judge: GGUFs we write, loaded and run by real llama.cpp (llama-cpp-python, in a child process)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from gguf import LlamaFileType as F
+
+from conftest import REAL_TOKENIZER, hf_logits, rel_error, requires_llama, run_cli
+from qcompile import llama_worker, tiny
+
+pytestmark = requires_llama()
+
+
+def _tokens(n: int = 64, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 760, n).tolist()
+
+
+def _compile(model, out, quant) -> "Path":
+    assert run_cli(model, "--quant", quant, "--out", out, "-q", "--no-verify") == 0
+    return next(out.glob(f"*-{quant}.gguf"))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    return {name: hf_logits(d, _tokens()) for name, d in tiny_models.items()}
+
+
+@pytest.mark.parametrize("quant,bound", [("F32", 1e-3), ("F16", 1e-3), ("Q8_0", 3e-2)])
+def test_logits_match_transformers(tiny_models, reference, tmp_path, quant, bound):
+    for name, d in tiny_models.items():
+        gguf = _compile(d, tmp_path / name, quant)
+        err = rel_error(llama_worker.logits(gguf, _tokens()), reference[name])
+        assert err <= bound, f"{name} {quant}: rel error {err:.2e} > {bound}"
+
+
+def test_q4_k_m_matches_llama_quantize(tiny_models, reference, tmp_path):
+    """Our Q4_K_M vs llama.cpp's own quantizer applied to our F16 GGUF: same tensor types, error <= 1.1x."""
+    for name, d in tiny_models.items():
+        ours = _compile(d, tmp_path / name, "Q4_K_M")
+        f16 = _compile(d, tmp_path / name, "F16")
+        theirs = tmp_path / name / "llama-quantize-Q4_K_M.gguf"
+        llama_worker.quantize(f16, theirs, F.MOSTLY_Q4_K_M)
+        type_of = lambda p: {t.name: t.tensor_type.name for t in GGUFReader(p).tensors}
+        assert type_of(ours) == type_of(theirs)
+        e_ours = rel_error(llama_worker.logits(ours, _tokens()), reference[name])
+        e_theirs = rel_error(llama_worker.logits(theirs, _tokens()), reference[name])
+        assert e_ours <= 1.1 * e_theirs, f"{name}: ours {e_ours:.4f} vs llama-quantize {e_theirs:.4f}"
+
+
+def test_mix_matches_llama_quantize_on_896_hidden(tmp_path):
+    """Rows not divisible by 256 (hidden 896, as Qwen2.5-0.5B): llama.cpp's fallbacks, tensor by tensor."""
+    d = tmp_path / "m"
+    d.mkdir()
+    tiny.build_tokenizer(d)
+    tiny.build_model(d, hidden_size=896, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=14,
+                     num_key_value_heads=2, tie_word_embeddings=True)
+    for quant, ftype in [("Q4_K_M", F.MOSTLY_Q4_K_M), ("Q5_K_M", F.MOSTLY_Q5_K_M), ("Q4_K_S", F.MOSTLY_Q4_K_S),
+                         ("IQ4_XS", F.MOSTLY_IQ4_XS), ("Q4_0", F.MOSTLY_Q4_0), ("Q6_K", F.MOSTLY_Q6_K)]:
+        ours = _compile(d, tmp_path / quant, quant)
+        f16 = _compile(d, tmp_path / quant, "F16")
+        theirs = tmp_path / quant / "theirs.gguf"
+        llama_worker.quantize(f16, theirs, ftype)
+        a = {t.name: t.tensor_type.name for t in GGUFReader(ours).tensors}
+        b = {t.name: t.tensor_type.name for t in GGUFReader(theirs).tensors}
+        assert a == b, quant
+        assert ours.stat().st_size == pytest.approx(theirs.stat().st_size, rel=0.01)
+
+
+def test_verify_reports_llama_cpp_agreement(tiny_models, tmp_path):
+    assert run_cli(tiny_models["qwen2.5"], "--bits", "4", "--out", tmp_path, "-q") == 0
+    art = json.loads((tmp_path / "report.json").read_text())["metrics"]["artifact"]
+    assert art["runtime"] == "llama.cpp" and art["rel_error"] < 1e-3 and art["top1"] >= 0.98
+
+
+STRINGS = [
+    "Hello, world! It's a test of the tokenizer's handling of contractions we'll see.",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n\tindent\ttabs  and   spaces",
+    "Les élèves étudient l'histoire. Straße, Größe. Привет, мир! 你好，世界。こんにちは世界。안녕하세요",
+    "مرحبا بالعالم 🙂🚀 emoji + numbers 1234567890 3.14159 1e-9",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWrite SQL: SELECT * FROM t;<|im_end|>\n"
+    "<|im_start|>assistant\n<tool_call>{\"name\": \"f\"}</tool_call><|im_end|>",
+    "   leading spaces\n\n\nand blank lines\r\nwindows newlines",
+]
+
+
+@pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
+def test_tokenization_equals_hf_with_real_qwen_tokenizer(tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer
+    d = tmp_path / "real-tok"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REAL_TOKENIZER / f, d / f)
+    tiny.build_model(d, vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)
+    gguf = _compile(d, tmp_path / "o", "F16")
+    hf = Tokenizer.from_file(str(d / "tokenizer.json"))
+    expected = [hf.encode(s, add_special_tokens=False).ids for s in STRINGS]
+    assert llama_worker.tokenize(gguf, STRINGS) == expected
+    meta = GGUFReader(gguf)
+    field = lambda k: meta.fields[k].contents()
+    assert field("tokenizer.ggml.pre") == "qwen2" and field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.add_bos_token") is False
+    assert field("tokenizer.ggml.eos_token_id") == 151645
+    assert "<|im_start|>" in field("tokenizer.chat_template")
+    assert len(field("tokenizer.ggml.tokens")) == 151936

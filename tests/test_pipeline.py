@@ -1,0 +1,87 @@
+"""End to end on tiny checkpoints: report, determinism, streamed reference evaluation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from conftest import hf_logits, rel_error, run_cli
+from qcompile import evaluate
+from qcompile.arch import read_config
+from qcompile.checkpoint import Checkpoint
+from qcompile.pipeline import checkpoint_source
+
+
+def test_streamed_decoder_matches_transformers(tiny_model):
+    """The layer-by-layer evaluator computes the same logits as the whole transformers model."""
+    cfg = read_config(tiny_model)
+    ckpt = Checkpoint(tiny_model, cfg)
+    tokens = np.random.default_rng(0).integers(0, 700, (1, 48))
+    dec = evaluate.StreamedDecoder(cfg)
+    src = checkpoint_source(ckpt)
+    h = dec.embed(src, tokens)
+    for i in range(cfg.num_layers):
+        h = dec.layer(i, src, h)
+    norm, w = dec.head(src)
+    got = (norm(h[0]) @ w.T).detach().numpy()
+    assert rel_error(got, hf_logits(tiny_model, tokens[0].tolist())) < 1e-5
+
+
+def test_compile_writes_artifact_and_report(tiny_models, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run_cli(tiny_models["qwen3"], "--bits", "4", "--out", out, "-q") == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["qwen3-Q4_K_M.gguf", "report.json"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["schema_version"] == 1
+    assert rep["model"]["architecture"] == "Qwen3ForCausalLM"
+    assert rep["target"]["scheme"] == "Q4_K_M"
+    assert rep["artifact"]["bytes"] == (out / "qwen3-Q4_K_M.gguf").stat().st_size
+    assert len(rep["artifact"]["sha256"]) == 64
+    r = rep["metrics"]["reference"]
+    assert 0 < r["kld_mean"] < 0.5 and 0.3 < r["top1"] <= 1 and r["ppl_quant"] > 1
+    # tensor types in the file are the ones the report lists
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out / "qwen3-Q4_K_M.gguf").tensors}
+    assert types == {t["name"]: t["type"] for t in rep["tensors"]}
+    assert "blk.0.attn_q_norm.weight" in types
+
+
+def test_same_inputs_give_identical_files(tiny_models, tmp_path):
+    for d in ("a", "b"):
+        assert run_cli(tiny_models["qwen2"], "--quant", "Q4_K_M", "--out", tmp_path / d, "-q", "--no-verify") == 0
+    a, b = (tmp_path / d / "qwen2-Q4_K_M.gguf" for d in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_row_chunking_does_not_change_bytes(tiny_models, tmp_path, monkeypatch):
+    """Streaming in tiny row-chunks writes the same file as whole-tensor chunks."""
+    import qcompile.checkpoint as ck
+    assert run_cli(tiny_models["qwen2.5"], "--quant", "Q6_K", "--out", tmp_path / "a", "-q", "--no-verify") == 0
+    monkeypatch.setattr(ck, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(ck.Checkpoint.iter_rows, "__defaults__", (4096,))
+    assert run_cli(tiny_models["qwen2.5"], "--quant", "Q6_K", "--out", tmp_path / "b", "-q", "--no-verify") == 0
+    assert (tmp_path / "a" / "qwen2.5-Q6_K.gguf").read_bytes() == (tmp_path / "b" / "qwen2.5-Q6_K.gguf").read_bytes()
+
+
+def test_verification_metrics_are_zero_for_lossless(tiny_models, tmp_path):
+    assert run_cli(tiny_models["qwen2"], "--quant", "F32", "--out", tmp_path, "-q") == 0
+    r = json.loads((tmp_path / "report.json").read_text())["metrics"]["reference"]
+    assert abs(r["kld_mean"]) < 1e-6 and r["top1"] == 1.0 and r["ppl_fp"] == pytest.approx(r["ppl_quant"], rel=1e-5)
+
+
+def test_eval_text_option(tiny_models, tmp_path):
+    text = tmp_path / "held-out.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    assert run_cli(tiny_models["qwen2"], "--bits", "8", "--out", tmp_path / "o", "-q", "--eval-text", text,
+                   "--eval-ctx", "64", "--eval-tokens", "256") == 0
+    r = json.loads((tmp_path / "o" / "report.json").read_text())["metrics"]["reference"]
+    assert r["ctx"] == 64 and r["tokens"] <= 256 and r["kld_mean"] < 0.01
+
+
+def test_tiny_alias_builds_and_compiles(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    assert run_cli("tiny", "--bits", "8", "--out", tmp_path / "o") == 0
+    out = capsys.readouterr().out
+    assert "tiny-qwen2.5-Q8_0.gguf" in out and "mean KLD" in out

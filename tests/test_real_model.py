@@ -1,0 +1,71 @@
+"""Slow tier: the real Qwen2.5-Coder-0.5B-Instruct (built by ../shared/tools/real_qwen.py).
+
+Runs when CI=true or QCOMPILE_SLOW=1 (CI runs it once per job); skips with a reason otherwise or
+when ../shared is absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from gguf import GGUFReader
+from gguf import LlamaFileType as F
+
+from conftest import REAL_MODEL, SHARED, requires_llama, run_cli
+from qcompile import llama_worker
+
+ENABLED = os.environ.get("QCOMPILE_SLOW") == "1" or os.environ.get("CI", "").lower() == "true"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not ENABLED, reason="slow tier: set QCOMPILE_SLOW=1 (CI=true runs it)"),
+    requires_llama(),
+]
+CORPUS = SHARED / "corpora" / "python-docs.txt"
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    if (REAL_MODEL / "config.json").is_file():
+        return REAL_MODEL
+    tool = SHARED / "tools" / "real_qwen.py"
+    if not tool.is_file():
+        pytest.skip(f"{tool} absent: cannot build the real model")
+    subprocess.run([sys.executable, str(tool), "--out", str(REAL_MODEL)], check=True)
+    return REAL_MODEL
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory):
+    if not CORPUS.is_file():
+        pytest.skip(f"{CORPUS} absent")
+    p = tmp_path_factory.mktemp("eval") / "held-out.txt"
+    text = CORPUS.read_text(encoding="utf-8", errors="replace")
+    p.write_text(text[len(text) // 2: len(text) // 2 + 20000])
+    return p
+
+
+@pytest.mark.parametrize("bits,max_kld", [(8, 0.01), (4, 0.08)])
+def test_real_model_compiles_and_runs_in_llama_cpp(real_model, eval_text, tmp_path, bits, max_kld):
+    assert run_cli(real_model, "--to", "gguf", "--bits", bits, "--out", tmp_path, "-q", "--eval-text", eval_text,
+                   "--eval-tokens", "1024", "--eval-ctx", "512") == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    ref, art = rep["metrics"]["reference"], rep["metrics"]["artifact"]
+    assert ref["kld_mean"] < max_kld and ref["top1"] > (0.97 if bits == 8 else 0.85)
+    assert ref["ppl_quant"] < ref["ppl_fp"] * (1.02 if bits == 8 else 1.15)
+    # llama.cpp runs the file and agrees with the dequantized PyTorch model
+    assert art["rel_error"] < 0.02 and art["top1"] > 0.95, art
+
+
+def test_real_model_q4_k_m_layout_equals_llama_quantize(real_model, tmp_path):
+    assert run_cli(real_model, "--quant", "F16", "--out", tmp_path, "-q", "--no-verify") == 0
+    assert run_cli(real_model, "--quant", "Q4_K_M", "--out", tmp_path, "-q", "--no-verify") == 0
+    name = real_model.name
+    theirs = tmp_path / "llama-quantize.gguf"
+    llama_worker.quantize(tmp_path / f"{name}-F16.gguf", theirs, F.MOSTLY_Q4_K_M)
+    ours = tmp_path / f"{name}-Q4_K_M.gguf"
+    types = lambda p: {t.name: t.tensor_type.name for t in GGUFReader(p).tensors}
+    assert types(ours) == types(theirs)
+    assert abs(ours.stat().st_size / theirs.stat().st_size - 1) < 0.01

@@ -1,0 +1,36 @@
+"""MODEL resolution: directories, size aliases per family, hub ids offline."""
+from __future__ import annotations
+
+import pytest
+
+from qcompile.errors import QCompileError, UsageError
+from qcompile.resolve import FAMILIES, alias_repo, resolve
+
+
+@pytest.mark.parametrize("size,family,repo", [
+    ("7B", "instruct", "Qwen/Qwen2.5-7B-Instruct"), ("0.5b", "base", "Qwen/Qwen2.5-0.5B"),
+    ("32B", "coder", "Qwen/Qwen2.5-Coder-32B-Instruct"), ("1.5B", "math", "Qwen/Qwen2.5-Math-1.5B-Instruct"),
+    ("8B", "qwen3", "Qwen/Qwen3-8B"),
+])
+def test_alias(size, family, repo):
+    assert alias_repo(size, family) == repo
+
+
+@pytest.mark.parametrize("size,family", [("72B", "coder"), ("0.5B", "math"), ("7B", "qwen3"), ("3B", "math")])
+def test_unpublished_combination(size, family):
+    with pytest.raises(UsageError) as e:
+        alias_repo(size, family)
+    assert " ".join(FAMILIES[family]) in str(e.value)
+
+
+def test_hub_id_offline_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(QCompileError) as e:
+        resolve("Qwen/Qwen2.5-0.5B-Instruct", offline=True)
+    msg = str(e.value)
+    assert "not in the Hugging Face cache" in msg and "offline" in msg.lower() and "\n" not in msg
+
+
+def test_directory(tiny_models):
+    r = resolve(str(tiny_models["qwen3"]))
+    assert r.path == tiny_models["qwen3"] and r.name == "qwen3"
