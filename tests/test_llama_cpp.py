@@ -69,10 +69,13 @@ def test_mix_matches_llama_quantize_on_896_hidden(tmp_path):
         assert ours.stat().st_size == pytest.approx(theirs.stat().st_size, rel=0.01)
 
 
-def test_verify_reports_llama_cpp_agreement(tiny_models, tmp_path):
-    assert run_cli(tiny_models["qwen2.5"], "--bits", "4", "--out", tmp_path, "-q") == 0
+@pytest.mark.parametrize("quant,bound", [("F32", 1e-5), ("F16", 1e-3), ("Q4_K_M", 3e-2)])
+def test_verify_reports_llama_cpp_agreement(tiny_models, tmp_path, quant, bound):
+    """llama.cpp vs the dequantized PyTorch model: the same weights, so the only difference is
+    arithmetic (llama.cpp rounds activations to f16 for F16 weights and to 8 bits for block types)."""
+    assert run_cli(tiny_models["qwen2.5"], "--quant", quant, "--out", tmp_path, "-q") == 0
     art = json.loads((tmp_path / "report.json").read_text())["metrics"]["artifact"]
-    assert art["runtime"] == "llama.cpp" and art["rel_error"] < 1e-3 and art["top1"] >= 0.98
+    assert art["runtime"] == "llama.cpp" and art["rel_error"] < bound and art["top1"] >= 0.95, art
 
 
 STRINGS = [
