@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -77,6 +79,32 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
                                 f"file has {size})")
         out[name] = TensorEntry(name, path, dtype, shape, base + start, end - start)
     return out
+
+
+_END = object()
+
+
+def _prefetched(items: Iterator, depth: int = 1) -> Iterator:
+    """Run a generator one item ahead on a daemon thread; its exceptions re-raise in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                q.put((item, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((None, e))
+            return
+        q.put((_END, None))
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item, err = q.get()
+        if err is not None:
+            raise err
+        if item is _END:
+            return
+        yield item
 
 
 def torch_int_view(t):
@@ -175,7 +203,8 @@ class Checkpoint:
             out = (buf.astype(np.uint32) << 16).view(np.float32)
         else:
             out = buf.astype(np.float32, copy=False)
-        if not np.isfinite(out).all():
+        # one cheap reduction (NaN/Inf propagate through a sum); the exact scan only runs when it trips
+        if not np.isfinite(out.sum()) and not np.isfinite(out).all():
             bad = int(np.flatnonzero(~np.isfinite(out))[0]) + start * e.cols
             raise QCompileError(f"{e.path}: tensor {name!r} contains NaN/Inf (first at flat index {bad})")
         return out.reshape(stop - start, e.cols) if len(e.shape) > 1 else out
@@ -185,11 +214,14 @@ class Checkpoint:
         return self.read_rows(name).reshape(self.entries[name].shape)
 
     def iter_rows(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first_row, float32 rows) chunks of a 2-D tensor, each about ``chunk_bytes`` of float32."""
+        """Yield (first_row, float32 rows) chunks of a 2-D tensor, each about ``chunk_bytes`` of float32.
+
+        The next chunk is read and converted on a background thread while the caller works on this one
+        (file reads and NumPy conversions release the GIL), so I/O overlaps quantization.
+        """
         e = self.entries[name]
         step = max(1, chunk_bytes // (4 * e.cols))
-        for r in range(0, e.rows, step):
-            yield r, self.read_rows(name, r, r + step)
+        return _prefetched((r, self.read_rows(name, r, r + step)) for r in range(0, e.rows, step))
 
     @property
     def total_bytes(self) -> int:

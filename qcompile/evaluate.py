@@ -13,13 +13,85 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from qcompile.arch import ModelConfig
+from qcompile.checkpoint import Checkpoint
+from quantizers.tensor import QuantizedTensor
 
-WeightSource = Callable[[str], np.ndarray]  # HF tensor name -> float32 array
+HEAD_CHUNK_BYTES = 64 << 20  # float32 logits per vocabulary chunk
+
+
+
+class WeightSource(Protocol):
+    """Float32 weights by HF tensor name, readable in row ranges so no big matrix is ever whole in RAM."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+    def take(self, name: str, ids: np.ndarray) -> np.ndarray: ...
+
+    def full(self, name: str) -> np.ndarray: ...
+
+
+class CheckpointSource:
+    """The full-precision weights, straight from the checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.ckpt.entry(name).shape
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.ckpt.read_rows(name, start, stop)
+
+    def take(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.ckpt.read_rows(name, int(i), int(i) + 1) for i in ids])
+
+    def full(self, name: str) -> np.ndarray:
+        return self.ckpt.read(name)
+
+
+class GGUFSource:
+    """Weights read back from a written GGUF and dequantized: exactly what the runtime computes with."""
+
+    def __init__(self, path: Path, cfg: ModelConfig):
+        from gguf import GGUFReader
+        self.tensors = {t.name: t for t in GGUFReader(path).tensors}
+        self.names = dict(cfg.name_map)
+        if cfg.tie_word_embeddings or "output.weight" not in self.tensors:
+            self.names["lm_head.weight"] = "token_embd.weight"
+
+    def _t(self, name: str):
+        return self.tensors[self.names[name]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in reversed(self._t(name).shape.tolist()))
+
+    def _decode(self, name: str, raw: np.ndarray) -> np.ndarray:
+        t = self._t(name)
+        cols = self.shape(name)[-1]
+        raw = raw.reshape(raw.shape[0] if raw.ndim > 1 else 1, -1)
+        return QuantizedTensor(t.name, T(t.tensor_type), (raw.shape[0], cols), raw).dequantize()
+
+    def _raw(self, name: str) -> np.ndarray:
+        t = self._t(name)
+        rows = int(np.prod(self.shape(name)[:-1], dtype=np.int64)) if len(self.shape(name)) > 1 else 1
+        return np.asarray(t.data).reshape(rows, -1)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._decode(name, self._raw(name)[start:stop])
+
+    def take(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return self._decode(name, self._raw(name)[ids])
+
+    def full(self, name: str) -> np.ndarray:
+        return self._decode(name, self._raw(name)).reshape(self.shape(name))
 
 
 @dataclass
@@ -87,14 +159,16 @@ class StreamedDecoder:
         return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
     def embed(self, source: WeightSource, ids: np.ndarray):
-        table = source("model.embed_tokens.weight")
-        return self._t(table[ids])
+        """Embeddings of ``ids`` (reads only the rows used)."""
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        rows = source.take("model.embed_tokens.weight", uniq)
+        return self._t(rows[inverse.reshape(ids.shape)])
 
     def layer(self, i: int, source: WeightSource, hidden):
         torch = self.torch
         layer = self.layer_cls(self.hf_cfg, i)
         prefix = f"model.layers.{i}."
-        state = {n[len(prefix):]: self._t(source(n)) for n in self.cfg.layer_tensor_names(i)}
+        state = {n[len(prefix):]: self._t(source.full(n)) for n in self.cfg.layer_tensor_names(i)}
         layer.load_state_dict(state, strict=True)
         layer.eval()
         n, t = hidden.shape[:2]
@@ -104,55 +178,92 @@ class StreamedDecoder:
             out = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe)
         return out[0] if isinstance(out, tuple) else out
 
-    def head(self, source: WeightSource):
-        """(final norm module, lm_head weight) for turning hidden states into logits."""
+    def final_norm(self, source: WeightSource, hidden):
         norm = self.norm_cls(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)
-        norm.weight.data = self._t(source("model.norm.weight"))
-        name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
-        return norm, self._t(source(name))
+        norm.weight.data = self._t(source.full("model.norm.weight"))
+        with self.torch.no_grad():
+            return norm(hidden)
+
+    @property
+    def head_name(self) -> str:
+        return "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+
+    def logits_chunks(self, source: WeightSource, hidden):
+        """Yield (first vocab id, logits [tokens, chunk]) over the vocabulary, one chunk of lm_head at a time."""
+        vocab = source.shape(self.head_name)[0]
+        step = max(256, HEAD_CHUNK_BYTES // (4 * max(1, hidden.shape[0])))
+        for v0 in range(0, vocab, step):
+            w = self._t(source.rows(self.head_name, v0, min(v0 + step, vocab)))
+            with self.torch.no_grad():
+                yield v0, hidden @ w.T
+
+
+class _OnlineSoftmax:
+    """Running log-sum-exp, argmax and target logit over vocabulary chunks, per token (float64)."""
+
+    def __init__(self, n: int):
+        self.m = np.full(n, -np.inf)
+        self.s = np.zeros(n)
+        self.best = np.full(n, -np.inf)
+        self.arg = np.zeros(n, dtype=np.int64)
+        self.target = np.zeros(n)
+
+    def update(self, v0: int, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Fold in one chunk; returns the rescale factor applied to earlier sums (for dependants)."""
+        lg = logits.astype(np.float64)
+        new_m = np.maximum(self.m, lg.max(1))
+        rescale = np.exp(self.m - new_m)
+        self.s = self.s * rescale + np.exp(lg - new_m[:, None]).sum(1)
+        self.m = new_m
+        cmax, carg = lg.max(1), lg.argmax(1)
+        better = cmax > self.best
+        self.best[better], self.arg[better] = cmax[better], carg[better] + v0
+        inside = (targets >= v0) & (targets < v0 + lg.shape[1])
+        self.target[inside] = lg[inside, targets[inside] - v0]
+        return rescale
+
+    @property
+    def lse(self) -> np.ndarray:
+        return self.m + np.log(self.s)
 
 
 def reference_eval(cfg: ModelConfig, fp: WeightSource, quant: WeightSource, windows: np.ndarray,
                    keep_logits: int = 0, progress: Callable[[str], None] = lambda s: None
                    ) -> tuple[ReferenceMetrics, np.ndarray | None]:
-    """Run both models on ``windows``; return metrics and the first ``keep_logits`` quantized logits of window 0."""
+    """Run both models on ``windows``; return metrics and the first ``keep_logits`` quantized logits of window 0.
+
+    The vocabulary is processed in chunks with an online softmax, so neither lm_head nor the full
+    [tokens, vocab] logits are ever materialised.
+    """
     dec = StreamedDecoder(cfg)
-    torch = dec.torch
+    n_win, ctx = windows.shape
     h_fp, h_q = dec.embed(fp, windows), dec.embed(quant, windows)
     for i in range(cfg.num_layers):
-        progress(f"layer {i + 1}/{cfg.num_layers}")
         h_fp = dec.layer(i, fp, h_fp)
         h_q = dec.layer(i, quant, h_q)
-    (norm_fp, w_fp), (norm_q, w_q) = dec.head(fp), dec.head(quant)
-    nll_fp = nll_q = 0.0
-    kl: list[np.ndarray] = []
-    agree = count = 0
-    kept = None
-    ids = torch.from_numpy(windows)
-    with torch.no_grad():
-        for w in range(windows.shape[0]):
-            for s in range(0, windows.shape[1], 128):
-                sl = slice(s, min(s + 128, windows.shape[1]))
-                lf = norm_fp(h_fp[w, sl]) @ w_fp.T
-                lq = norm_q(h_q[w, sl]) @ w_q.T
-                if w == 0 and s < keep_logits:
-                    part = lq[: keep_logits - s].numpy().copy()
-                    kept = part if kept is None else np.concatenate([kept, part])
-                lpf, lpq = torch.log_softmax(lf, -1), torch.log_softmax(lq, -1)
-                kl.append((lpf.exp() * (lpf - lpq)).sum(-1).numpy())
-                agree += int((lf.argmax(-1) == lq.argmax(-1)).sum())
-                count += lf.shape[0]
-                tgt = ids[w, sl.start + 1: sl.stop + 1]
-                m = tgt.shape[0]
-                if m:
-                    nll_fp -= float(lpf[:m].gather(1, tgt[:, None]).sum())
-                    nll_q -= float(lpq[:m].gather(1, tgt[:, None]).sum())
-    kls = np.concatenate(kl)
-    predicted = windows.shape[0] * (windows.shape[1] - 1)
+        progress(f"layer {i + 1}/{cfg.num_layers}")
+    h_fp = dec.final_norm(fp, h_fp).reshape(n_win * ctx, -1)
+    h_q = dec.final_norm(quant, h_q).reshape(n_win * ctx, -1)
+    # next-token targets; the last position of each window has none (-1)
+    targets = np.concatenate([windows[:, 1:], np.full((n_win, 1), -1)], axis=1).reshape(-1)
+    sf, sq = _OnlineSoftmax(len(targets)), _OnlineSoftmax(len(targets))
+    cross = np.zeros(len(targets))  # running sum of exp(lf - m_f) * (lf - lq)
+    kept = np.empty((keep_logits, 0), dtype=np.float32) if keep_logits else None
+    for (v0, lf), (_, lq) in zip(dec.logits_chunks(fp, h_fp), dec.logits_chunks(quant, h_q)):
+        lf_np, lq_np = lf.numpy(), lq.numpy()
+        rescale = sf.update(v0, lf_np, targets)
+        sq.update(v0, lq_np, targets)
+        cross = cross * rescale + (np.exp(lf_np - sf.m[:, None]) * (lf_np.astype(np.float64) - lq_np)).sum(1)
+        if kept is not None:
+            kept = np.concatenate([kept, lq_np[:keep_logits]], axis=1)
+    kld = cross / sf.s - sf.lse + sq.lse
+    has_next = targets >= 0
+    nll_fp = (sf.lse - sf.target)[has_next].mean()
+    nll_q = (sq.lse - sq.target)[has_next].mean()
     return ReferenceMetrics(
-        tokens=int(windows.size), windows=int(windows.shape[0]), ctx=int(windows.shape[1]),
-        ppl_fp=float(np.exp(nll_fp / predicted)), ppl_quant=float(np.exp(nll_q / predicted)),
-        kld_mean=float(kls.mean()), kld_p99=float(np.quantile(kls, 0.99)), top1=agree / count,
+        tokens=int(windows.size), windows=int(n_win), ctx=int(ctx),
+        ppl_fp=float(np.exp(nll_fp)), ppl_quant=float(np.exp(nll_q)),
+        kld_mean=float(kld.mean()), kld_p99=float(np.quantile(kld, 0.99)), top1=float((sf.arg == sq.arg).mean()),
     ), kept
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
 from gguf.utility import size_label
 
 import quantizers
@@ -82,25 +80,6 @@ def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, method: str, threads: i
         return
     for r0, rows in ckpt.iter_rows(p.source):
         yield quantize(p.name, rows, p.type, row0=r0, threads=threads)
-
-
-def gguf_source(path: Path, cfg: ModelConfig) -> evaluate.WeightSource:
-    """Dequantized weights read back from a written GGUF: exactly what llama.cpp will compute with."""
-    reader = GGUFReader(path)
-    tensors = {t.name: t for t in reader.tensors}
-    names = cfg.name_map
-
-    def read(hf: str) -> np.ndarray:
-        t = tensors[names[hf] if names[hf] in tensors or hf != "lm_head.weight" else "token_embd.weight"]
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        rows = (int(np.prod(shape[:-1])) if len(shape) > 1 else 1, shape[-1])
-        qt = QuantizedTensor(t.name, T(t.tensor_type), rows, np.asarray(t.data).reshape(rows[0], -1))
-        return qt.dequantize().reshape(shape)
-    return read
-
-
-def checkpoint_source(ckpt: Checkpoint) -> evaluate.WeightSource:
-    return ckpt.read
 
 
 def _progress(opts: Options, **kw):
@@ -216,7 +195,8 @@ def verify(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, g
     windows = evaluate.make_windows(ids, opts.eval_ctx, opts.eval_tokens)
     keep = min(128, windows.shape[1])
     with _progress(opts, total=cfg.num_layers, desc="verify (PyTorch)", unit="layer") as bar:
-        ref, q_logits = evaluate.reference_eval(cfg, checkpoint_source(ckpt), gguf_source(gguf_path, cfg),
+        ref, q_logits = evaluate.reference_eval(cfg, evaluate.CheckpointSource(ckpt),
+                                                evaluate.GGUFSource(gguf_path, cfg),
                                                 windows, keep_logits=keep, progress=lambda s: bar.update(1))
     out: dict = {"reference": ref.as_dict()}
     if llama_worker.available():

@@ -11,22 +11,64 @@ from conftest import hf_logits, rel_error, run_cli
 from qcompile import evaluate
 from qcompile.arch import read_config
 from qcompile.checkpoint import Checkpoint
-from qcompile.pipeline import checkpoint_source
 
 
-def test_streamed_decoder_matches_transformers(tiny_model):
+def test_streamed_decoder_matches_transformers(tiny_model, monkeypatch):
     """The layer-by-layer evaluator computes the same logits as the whole transformers model."""
     cfg = read_config(tiny_model)
     ckpt = Checkpoint(tiny_model, cfg)
     tokens = np.random.default_rng(0).integers(0, 700, (1, 48))
     dec = evaluate.StreamedDecoder(cfg)
-    src = checkpoint_source(ckpt)
+    src = evaluate.CheckpointSource(ckpt)
     h = dec.embed(src, tokens)
     for i in range(cfg.num_layers):
         h = dec.layer(i, src, h)
-    norm, w = dec.head(src)
-    got = (norm(h[0]) @ w.T).detach().numpy()
+    h = dec.final_norm(src, h)[0]
+    monkeypatch.setattr(evaluate, "HEAD_CHUNK_BYTES", 48 * 4 * 300)  # several vocabulary chunks
+    got = np.concatenate([c.numpy() for _, c in dec.logits_chunks(src, h)], axis=1)
     assert rel_error(got, hf_logits(tiny_model, tokens[0].tolist())) < 1e-5
+
+
+def test_online_softmax_metrics_equal_direct_computation(tiny_models, monkeypatch):
+    """Chunked (online) log-sum-exp gives the same ppl/KLD/top-1 as full-vocabulary softmax."""
+    import torch
+    cfg = read_config(tiny_models["qwen2"])
+    fp = evaluate.CheckpointSource(Checkpoint(tiny_models["qwen2"], cfg))
+
+    class Noisy:  # a "quantized" source: the same weights plus noise
+        def __init__(self, src):
+            self.src = src
+        def shape(self, n):
+            return self.src.shape(n)
+        def _n(self, a, salt):
+            return a + 0.02 * np.random.default_rng(salt).standard_normal(a.shape).astype(np.float32)
+        def rows(self, n, a, b):
+            return self._n(self.src.full(n).reshape(self.shape(n)[0], -1), len(n))[a:b]
+        def take(self, n, ids):
+            return self._n(self.src.full(n), len(n))[ids]
+        def full(self, n):
+            return self._n(self.src.full(n), len(n)).reshape(self.shape(n))
+
+    windows = np.random.default_rng(1).integers(0, 700, (2, 40))
+    q = Noisy(fp)
+    monkeypatch.setattr(evaluate, "HEAD_CHUNK_BYTES", 80 * 4 * 200)
+    m, kept = evaluate.reference_eval(cfg, fp, q, windows, keep_logits=16)
+    dec = evaluate.StreamedDecoder(cfg)
+    logits = []
+    for src in (fp, q):
+        h = dec.embed(src, windows)
+        for i in range(cfg.num_layers):
+            h = dec.layer(i, src, h)
+        logits.append(dec.final_norm(src, h) @ torch.from_numpy(src.full("lm_head.weight")).T)
+    lf, lq = (torch.log_softmax(x.double(), -1) for x in logits)
+    kl = (lf.exp() * (lf - lq)).sum(-1)
+    tgt = torch.from_numpy(windows[:, 1:])
+    nll = lambda lp: float(-lp[:, :-1].gather(2, tgt[..., None]).mean())
+    assert m.kld_mean == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert m.ppl_fp == pytest.approx(np.exp(nll(lf)), rel=1e-5)
+    assert m.ppl_quant == pytest.approx(np.exp(nll(lq)), rel=1e-5)
+    assert m.top1 == pytest.approx(float((lf.argmax(-1) == lq.argmax(-1)).double().mean()))
+    assert np.allclose(kept, logits[1][0, :16].numpy(), atol=1e-5)
 
 
 def test_compile_writes_artifact_and_report(tiny_models, tmp_path, capsys):
