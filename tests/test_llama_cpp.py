@@ -111,3 +111,18 @@ def test_tokenization_equals_hf_with_real_qwen_tokenizer(tmp_path):
     assert field("tokenizer.ggml.eos_token_id") == 151645
     assert "<|im_start|>" in field("tokenizer.chat_template")
     assert len(field("tokenizer.ggml.tokens")) == 151936
+
+
+def test_yarn_rope_scaling_metadata(tmp_path):
+    d = tmp_path / "yarn"
+    d.mkdir()
+    tiny.build_tokenizer(d)
+    tiny.build_model(d, num_hidden_layers=2, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                           "original_max_position_embeddings": 1024})
+    gguf = _compile(d, tmp_path / "o", "F32")
+    f = GGUFReader(gguf).fields
+    assert f["qwen2.rope.scaling.type"].contents() == "yarn"
+    assert f["qwen2.rope.scaling.factor"].contents() == 4.0
+    assert f["qwen2.rope.scaling.original_context_length"].contents() == 1024
+    err = rel_error(llama_worker.logits(gguf, _tokens()), hf_logits(d, _tokens()))
+    assert err < 1e-3, err
