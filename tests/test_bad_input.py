@@ -147,7 +147,9 @@ def test_ctrl_c_mid_write_leaves_nothing(tiny_models, tmp_path):
     out = tmp_path / "o"
     env = dict(os.environ, QCOMPILE_CHUNK_BYTES="1024")  # one row per chunk: a write long enough to interrupt
     proc = subprocess.Popen([sys.executable, "-m", "qcompile", str(tiny_models["qwen2"]), "--quant", "F32",
-                             "--out", str(out), "--no-verify", "-q"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), "--no-verify", "-q"], env=env, stderr=subprocess.PIPE, text=True,
+                            # a shell may start background jobs with SIGINT ignored; the child must see it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any(f.endswith(".tmp") for f in _files(out)):
         time.sleep(0.02)
