@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Logit agreement of our GGUFs in llama.cpp with transformers, on the tiny test checkpoints.
+
+Prints, per architecture and type, the relative logit error of llama.cpp running our GGUF vs the
+transformers model, and for Q4_K_M the same for llama.cpp's own quantizer applied to our F16 GGUF.
+
+    python benchmarks/agreement.py
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf import LlamaFileType as F  # noqa: E402
+
+from _tools import table  # noqa: E402
+from conftest import TINY_MODELS, hf_logits, rel_error, run_cli  # noqa: E402
+from qcompile import llama_worker, tiny  # noqa: E402
+
+
+def main() -> None:
+    tokens = list(range(3, 700, 11))[:64]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, (arch, over)) in enumerate(TINY_MODELS.items()):
+            d = Path(tmp) / name
+            d.mkdir()
+            tiny.build_tokenizer(d)
+            tiny.build_model(d, arch=arch, seed=10 + i, **over)
+            ref = hf_logits(d, tokens)
+            errs = {}
+            for q in ("F32", "F16", "Q8_0", "Q4_K_M"):
+                assert run_cli(d, "--quant", q, "--out", d / "out", "-q", "--no-verify") == 0
+                gguf = next((d / "out").glob(f"*-{q}.gguf"))
+                errs[q] = rel_error(llama_worker.logits(gguf, tokens), ref)
+            theirs = d / "out" / "llama-quantize-Q4_K_M.gguf"
+            llama_worker.quantize(next((d / "out").glob("*-F16.gguf")), theirs, F.MOSTLY_Q4_K_M)
+            e_theirs = rel_error(llama_worker.logits(theirs, tokens), ref)
+            rows.append([name, *(f"{errs[q]:.2e}" for q in ("F32", "F16", "Q8_0", "Q4_K_M")), f"{e_theirs:.2e}",
+                         f"{errs['Q4_K_M'] / e_theirs:.3f}"])
+    print(table(["model", "F32", "F16", "Q8_0", "Q4_K_M (ours)", "Q4_K_M (llama-quantize)", "ratio"], rows))
+
+
+if __name__ == "__main__":
+    main()
