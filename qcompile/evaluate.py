@@ -164,19 +164,31 @@ class StreamedDecoder:
         rows = source.take("model.embed_tokens.weight", uniq)
         return self._t(rows[inverse.reshape(ids.shape)])
 
-    def layer(self, i: int, source: WeightSource, hidden):
-        torch = self.torch
+    def build_layer(self, i: int, source: WeightSource, device: str = "cpu"):
+        """Decoder layer ``i`` as a transformers module holding ``source``'s weights."""
         layer = self.layer_cls(self.hf_cfg, i)
         prefix = f"model.layers.{i}."
         state = {n[len(prefix):]: self._t(source.full(n)) for n in self.cfg.layer_tensor_names(i)}
         layer.load_state_dict(state, strict=True)
-        layer.eval()
+        return layer.eval().to(device)
+
+    def run_layer(self, layer, hidden, batch: int = 0):
+        """Apply a decoder layer to ``hidden`` [n, T, H] (``batch`` sequences at a time; 0 = all)."""
+        torch = self.torch
         n, t = hidden.shape[:2]
-        pos = torch.arange(t)[None].expand(n, -1)
+        batch = batch or n
+        outs = []
         with torch.no_grad():
-            pe = self.rotary(hidden, pos)
-            out = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe)
-        return out[0] if isinstance(out, tuple) else out
+            for b in range(0, n, batch):
+                h = hidden[b:b + batch]
+                pos = torch.arange(t, device=h.device)[None].expand(h.shape[0], -1)
+                pe = self.rotary(h, pos)
+                out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def layer(self, i: int, source: WeightSource, hidden):
+        return self.run_layer(self.build_layer(i, source), hidden)
 
     def final_norm(self, source: WeightSource, hidden):
         norm = self.norm_cls(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)

@@ -43,6 +43,7 @@ def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: T, *, block
     if cols % g.block:
         raise ValueError(f"{name}: {cols} columns is not a multiple of {target.name}'s block {g.block}")
     W = torch.tensor(weight, dtype=torch.float32)
+    # float64 for the factorisation: Qwen's outlier channels give Hessians a dynamic range f32 cannot factor
     H = torch.tensor(hessian, dtype=torch.float64)
     importance = np.clip(np.diag(hessian).astype(np.float32), 0, None)
     dead = torch.diag(H) == 0
