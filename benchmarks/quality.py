@@ -62,13 +62,15 @@ def main() -> None:
     base = work / "f16.kld"
     measure([t["perplexity"], "-m", f16, "-f", text, "-c", args.ctx, "--chunks", args.chunks,
              "--kl-divergence-base", base, "-t", os.cpu_count()])
-    imatrix = work / "imatrix.gguf"
-    im = measure([t["imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seqlen, "--chunks", args.samples,
-                  "-t", os.cpu_count()])
+    imatrix, im_time = work / f"imatrix-{args.samples}x{args.seqlen}.gguf", work / "imatrix.seconds"
+    if not imatrix.exists():  # computed once per calibration setting, reused across runs
+        im = measure([t["imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seqlen, "--chunks",
+                      args.samples, "-t", os.cpu_count()])
+        im_time.write_text(f"{im.seconds}")
     rows = []
     for typ in args.types:
         for label, extra, secs in (("llama-quantize", [], 0.0), ("llama-quantize --imatrix", ["--imatrix", imatrix],
-                                                                   im.seconds)):
+                                                                   float(im_time.read_text()))):
             out = work / f"peer-{typ}{'-imatrix' if extra else ''}.gguf"
             q = measure([t["quantize"], *extra, f16, out, typ, os.cpu_count()])
             s = score(t["perplexity"], out, base, text, args.ctx, args.chunks)
