@@ -172,4 +172,8 @@ class LayerwiseEngine:
 
 
 def fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+    """A short hash of everything a resumed run must share with the interrupted one."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+    return h.hexdigest()[:16]

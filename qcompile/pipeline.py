@@ -196,8 +196,8 @@ def compile_model(opts: Options) -> dict:
             engine = LayerwiseEngine(
                 cfg, evaluate.CheckpointSource(ckpt), tokens, {p.source: p.type for p in plan}, method,
                 device=device, work_dir=out / f".{artifact.stem}.resume", resume=opts.resume,
-                fingerprint=fingerprint(res.path.resolve(), opts.calib, tokens.tobytes().hex()[:4096], tokens.shape,
-                                        method.name, sch.name))
+                fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, sch.name,
+                                        sorted((p.source, p.type.name) for p in plan)))
             timings["calibrate"] = time.perf_counter() - t_cal
         t1 = time.perf_counter()
         total = sum(p.nbytes for p in plan)
