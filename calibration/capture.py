@@ -130,7 +130,7 @@ class LayerwiseEngine:
         out: dict[str, QuantizedTensor] = {}
         for lin, stat_of in LINEARS.items():
             name = f"{prefix}{lin}.weight"
-            w = module.get_submodule(lin).weight.detach().float().cpu().numpy()
+            w = self.source.full(name)  # full precision, not the bf16 copy inside the module
             out[name] = self.method.quantize(name, w, self.types[name], CalibStats(stats[stat_of].mean_hessian()))
         with torch.no_grad():
             for lin in LINEARS:
