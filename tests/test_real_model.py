@@ -38,6 +38,15 @@ def real_model():
 
 
 @pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    if not CORPUS.is_file():
+        pytest.skip(f"{CORPUS} absent")
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(CORPUS.read_text(encoding="utf-8", errors="replace")[:60000])  # eval text is from the middle
+    return p
+
+
+@pytest.fixture(scope="module")
 def eval_text(tmp_path_factory):
     if not CORPUS.is_file():
         pytest.skip(f"{CORPUS} absent")
@@ -50,9 +59,12 @@ def eval_text(tmp_path_factory):
 # llama.cpp rounds activations to 8 bits inside its quantized matmuls (Q8_0/Q8_K), and Qwen's
 # activation outliers make that visible: ~1% logit error at Q8_0, ~2.5% at Q4_K_M (measured).
 @pytest.mark.parametrize("bits,max_kld,max_rel", [(8, 0.01, 0.02), (4, 0.08, 0.05)])
-def test_real_model_compiles_and_runs_in_llama_cpp(real_model, eval_text, tmp_path, bits, max_kld, max_rel):
+def test_real_model_compiles_and_runs_in_llama_cpp(real_model, eval_text, calib_text, tmp_path, bits, max_kld,
+                                                   max_rel):
+    # --bits 4 runs GPTQ; a small file calibration keeps CI fast (self-calibration is tested on tiny models)
     assert run_cli(real_model, "--to", "gguf", "--bits", bits, "--out", tmp_path, "-q", "--eval-text", eval_text,
-                   "--eval-tokens", "1024", "--eval-ctx", "512") == 0
+                   "--eval-tokens", "1024", "--eval-ctx", "512", "--calib", calib_text, "--calib-samples", "16",
+                   "--calib-seqlen", "256") == 0
     rep = json.loads((tmp_path / "report.json").read_text())
     ref, art = rep["metrics"]["reference"], rep["metrics"]["artifact"]
     assert ref["kld_mean"] < max_kld and ref["top1"] > (0.97 if bits == 8 else 0.85)
