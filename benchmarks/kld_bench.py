@@ -49,6 +49,17 @@ def kld(perplexity: Path, model: Path, base: Path, text: Path, ctx: int, chunks:
     return mean, ppl
 
 
+def f16_baseline(t: dict, model: Path, work: Path, text: Path, ctx: int, chunks: int) -> tuple[Path, Path]:
+    """llama.cpp's own F16 GGUF of ``model`` and its saved logits on ``text`` (the KLD reference)."""
+    f16 = work / "convert-F16.gguf"
+    if not f16.exists():
+        measure([sys.executable, t["convert"], model, "--outtype", "f16", "--outfile", f16])
+    base = work / "f16.kld"
+    measure([t["perplexity"], "-m", f16, "-f", text, "-c", ctx, "--chunks", chunks, "--kl-divergence-base", base,
+             "-t", os.cpu_count()])
+    return f16, base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REAL)
@@ -61,12 +72,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     text = eval_text(work)
-    f16 = work / "convert-F16.gguf"
-    if not f16.exists():
-        measure([sys.executable, t["convert"], model, "--outtype", "f16", "--outfile", f16])
-    base = work / "f16.kld"
-    measure([t["perplexity"], "-m", f16, "-f", text, "-c", args.ctx, "--chunks", args.chunks,
-             "--kl-divergence-base", base, "-t", os.cpu_count()])
+    f16, base = f16_baseline(t, model, work, text, args.ctx, args.chunks)
     rows = []
     for typ, bits in (("Q4_K_M", 4), ("Q8_0", 8)):
         peer = work / f"llama-quantize-{typ}.gguf"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tools import SHARED, measure, table, tools  # noqa: E402
-from kld_bench import REAL, eval_text, real_model  # noqa: E402
+from kld_bench import REAL, eval_text, f16_baseline, real_model  # noqa: E402
 
 
 def calib_text(work: Path) -> Path:
@@ -56,12 +56,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     text, calib = eval_text(work), calib_text(work)
-    f16 = work / "convert-F16.gguf"
-    if not f16.exists():
-        measure([sys.executable, t["convert"], model, "--outtype", "f16", "--outfile", f16])
-    base = work / "f16.kld"
-    measure([t["perplexity"], "-m", f16, "-f", text, "-c", args.ctx, "--chunks", args.chunks,
-             "--kl-divergence-base", base, "-t", os.cpu_count()])
+    f16, base = f16_baseline(t, model, work, text, args.ctx, args.chunks)
     imatrix, im_time = work / f"imatrix-{args.samples}x{args.seqlen}.gguf", work / "imatrix.seconds"
     if not imatrix.exists():  # computed once per calibration setting, reused across runs
         im = measure([t["imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seqlen, "--chunks",
