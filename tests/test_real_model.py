@@ -37,23 +37,24 @@ def real_model():
     return REAL_MODEL
 
 
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
+def _corpus_slice(tmp_path_factory, name: str, start: float, chars: int):
+    """``chars`` characters of the python-docs corpus from fraction ``start`` of it, as a file."""
     if not CORPUS.is_file():
         pytest.skip(f"{CORPUS} absent")
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(CORPUS.read_text(encoding="utf-8", errors="replace")[:60000])  # eval text is from the middle
+    text = CORPUS.read_text(encoding="utf-8", errors="replace")
+    p = tmp_path_factory.mktemp(name) / f"{name}.txt"
+    p.write_text(text[int(len(text) * start): int(len(text) * start) + chars])
     return p
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    return _corpus_slice(tmp_path_factory, "calib", 0.0, 60000)  # the eval text comes from the middle
 
 
 @pytest.fixture(scope="module")
 def eval_text(tmp_path_factory):
-    if not CORPUS.is_file():
-        pytest.skip(f"{CORPUS} absent")
-    p = tmp_path_factory.mktemp("eval") / "held-out.txt"
-    text = CORPUS.read_text(encoding="utf-8", errors="replace")
-    p.write_text(text[len(text) // 2: len(text) // 2 + 20000])
-    return p
+    return _corpus_slice(tmp_path_factory, "eval", 0.5, 20000)
 
 
 # llama.cpp rounds activations to 8 bits inside its quantized matmuls (Q8_0/Q8_K), and Qwen's
