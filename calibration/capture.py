@@ -2,9 +2,10 @@
 
 Calibration tokens are embedded once. Then, for each decoder layer: load only that layer's weights,
 run it in full precision over the calibration activations while hooks accumulate each linear's input
-Hessian ``X^T X`` (shared by q/k/v and by gate/up), quantize its linears with the chosen method, load
-the quantized values back and run the layer again to produce the next layer's inputs (so later layers
-see, and compensate, earlier layers' errors). Peak memory: one layer, its Hessians and the
+Hessian ``X^T X`` (shared by q/k/v and by gate/up; only for methods that need it, else its diagonal),
+for AWQ search channel scales and fold them into the norms/linears, quantize its linears with the
+chosen method, load the quantized values back and run the layer again to produce the next layer's
+inputs (so later layers see, and compensate, earlier layers' errors). Peak memory: one layer, its Hessians and the
 activations. Finished layers are checkpointed so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ from gguf import GGMLQuantizationType as T
 from qcompile.arch import ModelConfig
 from qcompile.evaluate import CheckpointSource, StreamedDecoder
 from quantizers import CalibStats, Method
+from quantizers.grids import Target, parse_type
 from quantizers.tensor import QuantizedTensor
 
 # linear module (relative to the layer) -> the module whose input statistics it uses
@@ -32,33 +34,61 @@ LINEARS = {
     "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
 }
 
+# AWQ scale groups: (producer of the input, input statistics, consumers). Dividing the producer's output
+# channels (a norm's weight, or a linear's rows and bias) by s and multiplying the consumers' input
+# columns by s leaves the full-precision layer unchanged.
+SCALE_GROUPS = [
+    ("input_layernorm", "self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", "mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", "mlp.down_proj", ("mlp.down_proj",)),
+    # only without GQA: under GQA one v channel feeds several heads of o, which would need tied scales
+    # (AutoAWQ skips this pair for the same reason)
+    ("self_attn.v_proj", "self_attn.o_proj", ("self_attn.o_proj",)),
+]
+AWQ_TOKENS = 2048   # calibration tokens kept per input for AWQ's scale search
+
 
 @dataclass
 class Stats:
     """Accumulated input statistics of one linear group."""
-    hessian: "object"   # torch float32 [in, in], sum of x x^T
+    sq: np.ndarray                  # float64 [in], sum of x^2 (llama.cpp's imatrix, unnormalised)
+    abs: np.ndarray                 # float64 [in], sum of |x| (AWQ's activation scale)
+    hessian: "object" = None        # float32 [in, in] sum of x x^T (numpy on CPU, torch elsewhere) or None
+    sample_every: int = 0           # keep every n-th token for AWQ (0: none)
+    samples: list = field(default_factory=list)
     tokens: int = 0
 
     def add(self, x) -> None:
-        """Accumulate x^T x for a batch of inputs x [tokens, in] (f32 products)."""
-        if x.device.type == "cpu":
-            # NumPy recognises a.T @ a and calls BLAS syrk: half the FLOPs of torch's general matmul
-            xn = x.float().numpy()
-            self.hessian += xn.T @ xn
-        else:
-            self.hessian.addmm_(x.float().T, x.float())
+        """Accumulate a batch of inputs x [tokens, in]."""
+        xf = x.float()
+        self.sq += xf.square().sum(0).double().cpu().numpy()
+        self.abs += xf.abs().sum(0).double().cpu().numpy()
+        if self.hessian is not None:
+            # f32 products: bf16 partial sums break positive-definiteness of the near-singular Hessians
+            # (o_proj's input under GQA has eigenvalues far below bf16's resolution)
+            if isinstance(self.hessian, np.ndarray):
+                xn = xf.cpu().numpy()  # NumPy recognises a.T @ a and calls BLAS syrk: half the FLOPs
+                self.hessian += xn.T @ xn
+            else:
+                self.hessian.addmm_(xf.T, xf)
+        if self.sample_every:
+            self.samples.append(x[::self.sample_every].to("cpu", copy=True))
         self.tokens += x.shape[0]
 
-    def mean_hessian(self) -> np.ndarray:
-        h = self.hessian if isinstance(self.hessian, np.ndarray) else self.hessian.cpu().numpy()
-        return (h / max(1, self.tokens)).astype(np.float32)
+    def calib(self) -> CalibStats:
+        n = max(1, self.tokens)
+        h = None
+        if self.hessian is not None:
+            h = self.hessian if isinstance(self.hessian, np.ndarray) else self.hessian.cpu().numpy()
+            h = (h / n).astype(np.float32)
+        return CalibStats(h, (self.sq / n).astype(np.float32))
 
 
 class LayerwiseEngine:
     """Produces the quantized linears of each layer in order (call :meth:`layer` with 0, 1, 2, ...)."""
 
     def __init__(self, cfg: ModelConfig, source: CheckpointSource, tokens: np.ndarray,
-                 types: dict[str, T], method: Method, *, device: str = "cpu", batch: int = 8,
+                 types: dict[str, Target], method: Method, *, device: str = "cpu", batch: int = 8,
                  work_dir: Path | None = None, fingerprint: str = "", resume: bool = False,
                  dtype: str = "bfloat16", progress: Callable[[int], None] = lambda i: None):
         import torch
@@ -107,7 +137,7 @@ class LayerwiseEngine:
         with np.load(self.work / f"layer-{i:03d}.npz") as z:
             for key in z.files:
                 name, typ, r, c = key.split("|")
-                out[name] = QuantizedTensor(name, T[typ], (int(r), int(c)), z[key])
+                out[name] = QuantizedTensor(name, parse_type(typ), (int(r), int(c)), z[key])
         return out
 
     def finish(self) -> None:
@@ -127,20 +157,47 @@ class LayerwiseEngine:
         module = self.dec.build_layer(i, self.source, self.device).to(self.dtype)
         stats = self._collect(module)
         prefix = f"model.layers.{i}."
+        # full precision, not the bf16 copies inside the module
+        weights = {lin: self.source.full(f"{prefix}{lin}.weight") for lin in LINEARS}
+        calib = {k: st.calib() for k, st in stats.items()}
+        fp: dict[str, np.ndarray] = {}     # folded norms/biases, exported instead of the checkpoint's
+        if self.method.awq:
+            fp = self._awq(prefix, module, stats, weights, calib)
         out: dict[str, QuantizedTensor] = {}
         for lin, stat_of in LINEARS.items():
             name = f"{prefix}{lin}.weight"
-            w = self.source.full(name)  # full precision, not the bf16 copy inside the module
-            out[name] = self.method.quantize(name, w, self.types[name], CalibStats(stats[stat_of].mean_hessian()))
+            out[name] = self.method.quantize(name, weights[lin], self.types[name], calib[stat_of])
+        for name, v in fp.items():
+            out[name] = QuantizedTensor(name, T.F32, (1, v.size), v.reshape(1, -1).astype(np.float32))
         with torch.no_grad():
-            for lin in LINEARS:
-                deq = out[f"{prefix}{lin}.weight"].dequantize()
-                module.get_submodule(lin).weight.copy_(torch.from_numpy(deq).to(self.device))
+            for name, qt in out.items():
+                tensor = module.get_parameter(name[len(prefix):])
+                tensor.copy_(torch.from_numpy(qt.dequantize()).reshape(tensor.shape).to(self.device))
         self.hidden = self._run(module)
         self.done = i
         self._save(i, out)
         self.progress(i)
         return out
+
+    def _awq(self, prefix: str, module, stats: dict[str, Stats], weights: dict[str, np.ndarray],
+             calib: dict[str, CalibStats]) -> dict[str, np.ndarray]:
+        """Search AWQ scales for each group, fold them into ``weights`` and the producers, and rescale
+        the statistics to the folded inputs. Returns the folded producer norms/biases by tensor name."""
+        from quantizers import awq
+        scales = {}
+        for producer, stat_of, consumers in SCALE_GROUPS:
+            if not foldable(producer, consumers, weights):
+                continue
+            st = stats[stat_of]
+            pairs = [(weights[c], self.types[f"{prefix}{c}.weight"]) for c in consumers]
+            scales[producer], _gain = awq.search_scales(self.torch.cat(st.samples), st.abs / st.tokens, pairs)
+            st.samples.clear()
+            calib[stat_of] = calib[stat_of].scaled(scales[producer])
+        present = set(self.cfg.layer_tensor_names(int(prefix.split(".")[2])))
+        params = {rel: self.source.full(prefix + rel).astype(np.float32) for rel in producer_params(scales)
+                  if prefix + rel in present}
+        fold(scales, weights, params)
+        return {prefix + rel: v for rel, v in params.items()}
 
     def _run(self, module):
         """The layer over all calibration activations, batch by batch, in the engine dtype; f32 out."""
@@ -152,15 +209,18 @@ class LayerwiseEngine:
         torch = self.torch
         stats: dict[str, Stats] = {}
         hooks = []
+        n_tokens = int(np.prod(self.hidden.shape[:2]))
         for name in set(LINEARS.values()):
             lin = module.get_submodule(name)
             n = lin.in_features
-            stats[name] = Stats(np.zeros((n, n), np.float32) if self.device == "cpu"
-                                else torch.zeros(n, n, device=self.device))
+            hessian = None
+            if self.method.hessian:
+                hessian = np.zeros((n, n), np.float32) if self.device == "cpu" else \
+                    torch.zeros(n, n, device=self.device)
+            stats[name] = Stats(np.zeros(n), np.zeros(n), hessian,
+                                max(1, n_tokens // AWQ_TOKENS) if self.method.awq else 0)
 
             def hook(_mod, inputs, name=name):
-                # f32 products: bf16 partial sums break positive-definiteness of the near-singular
-                # Hessians (o_proj's input under GQA has eigenvalues far below bf16's resolution)
                 stats[name].add(inputs[0].reshape(-1, inputs[0].shape[-1]))
             hooks.append(lin.register_forward_pre_hook(hook))
         try:
@@ -169,6 +229,36 @@ class LayerwiseEngine:
             for h in hooks:
                 h.remove()
         return stats
+
+
+def foldable(producer: str, consumers: tuple[str, ...], weights: dict[str, np.ndarray]) -> bool:
+    """False for v -> o under GQA (v's rows do not map one-to-one onto o's columns)."""
+    return producer not in weights or weights[producer].shape[0] == weights[consumers[0]].shape[1]
+
+
+def producer_params(scales: dict[str, np.ndarray]) -> list[str]:
+    """The non-linear tensors (relative names) that folding ``scales`` changes: norms' weights, biases."""
+    return [f"{p}.bias" if p in LINEARS else f"{p}.weight" for p in scales]
+
+
+def fold(scales: dict[str, np.ndarray], weights: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> None:
+    """Fold AWQ scales (by producer) into a layer, in place, leaving its full-precision function unchanged.
+
+    ``weights``: linear (relative name) -> [out, in]; ``params``: norms' weights and biases by relative
+    name. Consumers' input columns are multiplied by ``s``, the producer's output channels divided by it.
+    """
+    for producer, _stat, consumers in SCALE_GROUPS:
+        s = scales.get(producer)
+        if s is None or not foldable(producer, consumers, weights):
+            continue
+        for c in consumers:
+            weights[c] = weights[c] * s[None, :]
+        if producer in weights:
+            weights[producer] = weights[producer] / s[:, None]
+            if f"{producer}.bias" in params:
+                params[f"{producer}.bias"] = params[f"{producer}.bias"] / s
+        else:
+            params[f"{producer}.weight"] = params[f"{producer}.weight"] / s
 
 
 def fingerprint(*parts: object) -> str:

@@ -24,6 +24,9 @@ MODEL is a checkpoint directory, a Hugging Face repo id (cache first, download w
 --family), or 'tiny'. The artifact OUT/{name}-{TYPE}.gguf and OUT/report.json are written to temp
 names and renamed only once complete and verified.
 
+other commands:
+  qcompile eval MODEL --artifact FILE.gguf --text FILE [--ctx N --stride N]   # ppl / KLD / top-1
+
 exit status: 0 success, 1 error (bad input, I/O, interrupted), 2 usage error.
 """
 
@@ -90,8 +93,14 @@ def _summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
+COMMANDS = {"eval": "qcompile.eval_command"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:  # subcommands; a model directory named like one: ./eval
+        import importlib
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     from qcompile.pipeline import Options, compile_model
     if args.eval_ctx < 8 or args.eval_tokens < 16:

@@ -116,10 +116,12 @@ def make_plan(cfg: ModelConfig, ckpt: Checkpoint, sch: Scheme) -> list[PlannedTe
 
 def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | None
                      ) -> Iterator[QuantizedTensor]:
-    """One tensor's quantized rows: from the calibration engine for decoder linears when a calibrated
-    method runs, else streamed from the checkpoint through RTN, row-chunk by row-chunk."""
-    if engine is not None and p.name.startswith("blk.") and p.source.endswith("proj.weight"):
-        qt = engine.layer(int(p.name.split(".")[1]))[p.source]
+    """One tensor's quantized rows: from the calibration engine for what it produced (decoder linears;
+    norms and biases that AWQ folded scales into) when a calibrated method runs, else streamed from the
+    checkpoint through RTN, row-chunk by row-chunk."""
+    layer = engine.layer(int(p.name.split(".")[1])) if engine is not None and p.name.startswith("blk.") else {}
+    if p.source in layer:
+        qt = layer[p.source]
         if qt.type != p.type:
             raise RuntimeError(f"{p.name}: engine produced {qt.type.name}, planned {p.type.name}")
         yield QuantizedTensor(p.name, qt.type, qt.shape, qt.data)
@@ -257,12 +259,13 @@ def verify(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, g
     ids = evaluate.tokenize(model_dir, text)
     if len(ids) < 16:
         raise QCompileError(f"evaluation text has only {len(ids)} tokens; need at least 16")
-    windows = evaluate.make_windows(ids, opts.eval_ctx, opts.eval_tokens)
+    windows, score = evaluate.make_windows(ids, opts.eval_ctx, opts.eval_tokens)
     keep = min(128, windows.shape[1])
     with _progress(opts, total=cfg.num_layers, desc="verify (PyTorch)", unit="layer") as bar:
         ref, q_logits = evaluate.reference_eval(cfg, evaluate.CheckpointSource(ckpt),
                                                 evaluate.GGUFSource(gguf_path, cfg),
-                                                windows, keep_logits=keep, progress=lambda s: bar.update(1))
+                                                windows, keep_logits=keep, progress=lambda s: bar.update(1),
+                                                score=score)
     out: dict = {"reference": ref.as_dict()}
     if llama_worker.available():
         try:

@@ -10,43 +10,59 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
 
 from quantizers import rtn
+from quantizers.grids import Target
 from quantizers.tensor import QuantizedTensor
 
 
 @dataclass
 class CalibStats:
-    """Input statistics of one linear: the mean of x x^T over calibration tokens."""
-    hessian: np.ndarray
+    """Input statistics of one linear over the calibration tokens: the mean of x x^T (only for methods
+    that need it) and the mean of x^2 per channel."""
+    hessian: np.ndarray | None
+    sq_mean: np.ndarray
 
     @property
     def importance(self) -> np.ndarray:
         """Per-input-channel mean squared activation (llama.cpp's imatrix)."""
-        return np.clip(np.diag(self.hessian), 0, None).astype(np.float32)
+        return np.clip(self.sq_mean, 0, None).astype(np.float32)
+
+    def scaled(self, s: np.ndarray) -> "CalibStats":
+        """The statistics of the inputs ``x / s`` (after AWQ folded ``s`` into the weights)."""
+        h = None if self.hessian is None else (self.hessian / np.outer(s, s)).astype(np.float32)
+        return CalibStats(h, (self.sq_mean / (s * s)).astype(np.float32))
 
 
-def _gptq(name: str, weight: np.ndarray, target: T, stats: CalibStats | None) -> QuantizedTensor:
+def _gptq(name: str, weight: np.ndarray, target: Target, stats: CalibStats | None) -> QuantizedTensor:
     from quantizers.gptq import gptq  # imports torch: only when a calibrated run needs it
     return gptq(name, weight, stats.hessian, target)
+
+
+def _imatrix(name: str, weight: np.ndarray, target: Target, stats: CalibStats | None) -> QuantizedTensor:
+    return rtn.quantize(name, weight, target, importance=stats.importance)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    quantize: Callable[[str, np.ndarray, T, CalibStats | None], QuantizedTensor]
+    quantize: Callable[[str, np.ndarray, Target, CalibStats | None], QuantizedTensor]
     needs_calibration: bool
     help: str
+    hessian: bool = False   # needs the full input Hessian x x^T (GPTQ), not only its diagonal
+    awq: bool = False       # search and fold AWQ scales before quantizing
 
 
 QUANTIZERS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", lambda n, w, t, s: rtn.quantize(n, w, t), False,
            "round to nearest with ggml's own scale search (= llama-quantize)"),
-    Method("imatrix", lambda n, w, t, s: rtn.quantize(n, w, t, importance=s.importance), True,
+    Method("imatrix", _imatrix, True,
            "round to nearest, scales weighted by calibration activations (= llama-quantize --imatrix)"),
-    Method("gptq", _gptq, True,
-           "GPTQ error compensation on the exact target grid"),
+    Method("gptq", _gptq, True, "GPTQ error compensation on the exact target grid", hessian=True),
+    Method("awq", _imatrix, True, "AWQ channel scales folded into the model, then imatrix-weighted rounding",
+           awq=True),
+    Method("awq+gptq", _gptq, True, "AWQ channel scales, then GPTQ on the exact target grid",
+           hessian=True, awq=True),
 )}
 
 

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as T
 
-from quantizers import ggml
-from quantizers.grids import BlockFields, Grid, grid, unpack
+from quantizers import ggml, intgrid
+from quantizers.grids import BlockFields, Grid, IntType, Target, grid, unpack
 from quantizers.tensor import QuantizedTensor
 
 
 def _fit_block(g: Grid, w: torch.Tensor, importance: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Scales/offsets [rows, block/sub] and raw params that ggml chooses for ``w`` [rows, block]."""
-    f = unpack(g, ggml.quantize_rows(int(g.type), w.numpy(), importance, threads=1), w.shape[1])
+    """Scales/offsets [rows, block/sub] and raw params that the grid's own RTN search (ggml's for GGUF
+    types) chooses for ``w`` [rows, block]."""
+    if isinstance(g.type, IntType):
+        f = intgrid.fit(g.type, w.numpy(), importance)
+    else:
+        f = unpack(g, ggml.quantize_rows(int(g.type), w.numpy(), importance, threads=1), w.shape[1])
     scale, offset = f.scale_offset()
     return torch.from_numpy(scale), torch.from_numpy(offset), f.params
 
@@ -35,9 +38,10 @@ def _round(g: Grid, w: torch.Tensor, s: torch.Tensor, o: torch.Tensor, levels: t
     return code, s * levels[code] - o  # float32, the runtime's own arithmetic
 
 
-def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: T, *, block_size: int = 128,
+def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: Target, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False) -> QuantizedTensor:
-    """Quantize ``weight`` [out, in] onto GGUF block type ``target`` with GPTQ; ``hessian`` is [in, in]."""
+    """Quantize ``weight`` [out, in] onto ``target`` (a GGUF block type or an integer grid) with GPTQ;
+    ``hessian`` is [in, in]."""
     g = grid(target)
     rows, cols = weight.shape
     if cols % g.block:

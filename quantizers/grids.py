@@ -13,7 +13,13 @@ Q4_K/Q5_K   256   32    d * sc_j     (6-bit sc_j, packed in 12 bytes)     dmin *
 Q6_K        256   16    d * sc_j     (int8 sc_j; levels q-32)             0
 IQ4_NL      32    32    d            (levels: the non-linear iq4 table)   0
 IQ4_XS      256   32    d * (ls_j-32)                                     0
+INTb_Gg      g     g    d            (levels 0..2^b-1; value (q - z) * d)  d * z
 =========  =====  ====  ================================================  ==========================
+
+``INTb_Gg[_SYM]`` (:class:`IntType`) is the plain grouped integer format of onnxruntime's
+``MatMulNBits`` and OpenVINO's compressed weights: per group of ``g`` input columns a float32 scale
+``d`` and a ``b``-bit zero point ``z`` (fixed at ``2^(b-1)`` when symmetric). Its block layout is
+``(d, z, qs)`` with the codes packed as MatMulNBits stores them (two per byte, low nibble first).
 
 The float arithmetic follows ggml's ``dequantize_row_*`` operation for operation (float32 products in
 the same order), so :func:`dequantize_fields` is bit-identical to what llama.cpp computes. Byte layouts
@@ -24,7 +30,10 @@ Calibrated quantizers (GPTQ/AWQ) keep a block's parameters fixed and choose code
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Union
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -34,9 +43,48 @@ _F16 = np.dtype("<f2")
 
 
 @dataclass(frozen=True)
+class IntType:
+    """Grouped integer quantization (the ONNX / OpenVINO weight format): ``bits``, ``group`` columns per
+    scale, asymmetric (per-group zero point) unless ``sym``."""
+    bits: int
+    group: int
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"integer grids are 4- or 8-bit, not {self.bits}")
+        if self.group < 16 or self.group > 256 or self.group & (self.group - 1):
+            raise ValueError(f"group size must be a power of two in 16..256, not {self.group}")
+
+    @property
+    def name(self) -> str:
+        return f"INT{self.bits}_G{self.group}{'_SYM' if self.sym else ''}"
+
+    @property
+    def zero(self) -> int:
+        """The fixed zero point of the symmetric form (MatMulNBits' default when none is stored)."""
+        return 1 << (self.bits - 1)
+
+    @classmethod
+    def parse(cls, name: str) -> "IntType":
+        m = re.fullmatch(r"INT([48])_G(\d+)(_SYM)?", name.upper())
+        if not m:
+            raise KeyError(f"not an integer grid name: {name!r} (expected e.g. INT4_G128 or INT8_G32_SYM)")
+        return cls(int(m.group(1)), int(m.group(2)), bool(m.group(3)))
+
+
+Target = Union[T, IntType]
+
+
+def parse_type(name: str) -> Target:
+    """A target type by name: a GGML type (``Q4_K``) or an integer grid (``INT4_G128``)."""
+    return IntType.parse(name) if name.upper().startswith("INT") else T[name.upper()]
+
+
+@dataclass(frozen=True)
 class Grid:
     """A block quantization format: geometry, the level table, and its byte layout."""
-    type: T
+    type: Target
     block: int                 # values per block (row length must be a multiple)
     sub: int                   # values per scale
     levels: np.ndarray = field(repr=False)  # float32 value of each code
@@ -81,6 +129,8 @@ class BlockFields:
 
     def scale_offset(self) -> tuple[np.ndarray, np.ndarray]:
         """Float32 (scale, offset) per sub-block, [rows, cols // sub]."""
+        if isinstance(self.grid.type, IntType):
+            return _so_int(self.params)
         return _SCALE_OFFSET[self.grid.type](self.params)
 
 
@@ -112,9 +162,19 @@ GRIDS: dict[T, Grid] = {
 }
 
 
-def grid(t: T | str) -> Grid:
-    """Look up a block grid by GGML type or name (``"Q4_K"``)."""
-    key = T[t] if isinstance(t, str) else T(t)
+@lru_cache(maxsize=None)
+def _int_grid(t: IntType) -> Grid:
+    layout = _dt(("d", "<f4"), ("z", "u1"), ("qs", *_u(t.group * t.bits // 8)))
+    return Grid(t, t.group, t.group, np.arange(1 << t.bits, dtype=np.float32), layout)
+
+
+def grid(t: Target | str) -> Grid:
+    """Look up a block grid by type or name (``"Q4_K"``, ``"INT4_G128"``)."""
+    if isinstance(t, str):
+        t = parse_type(t)
+    if isinstance(t, IntType):
+        return _int_grid(t)
+    key = T(t)
     if key not in GRIDS:
         raise KeyError(f"no block grid for {key.name}; known: {', '.join(g.name for g in GRIDS.values())}")
     return GRIDS[key]
@@ -267,6 +327,19 @@ def _encode_iq4_xs(b, q, p):
     b["qs"] = ((q8[:, :, :16] & 0xF) | ((q8[:, :, 16:] & 0xF) << 4)).reshape(-1, 128)
 
 
+def _int_codec(t: IntType):
+    """(decode, encode) for an integer grid; 4-bit codes pack two per byte, element 2i in the low nibble."""
+    def decode(b):
+        qs = b["qs"]
+        q = np.stack([qs & 0xF, qs >> 4], axis=2).reshape(qs.shape[0], -1) if t.bits == 4 else qs
+        return q, {"d": b["d"], "z": b["z"]}
+
+    def encode(b, q, p):
+        b["d"], b["z"] = p["d"], p["z"]
+        b["qs"] = (q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4) if t.bits == 4 else q
+    return decode, encode
+
+
 _CODECS = {
     T.Q8_0: (_codec_q8_0, _encode_q8_0),
     T.Q4_0: (_codec_q4, _encode_q4), T.Q4_1: (_codec_q4, _encode_q4), T.IQ4_NL: (_codec_q4, _encode_q4),
@@ -304,11 +377,20 @@ def _so_iq4_xs(p):
     return s, np.zeros_like(s)
 
 
+def _so_int(p):
+    d = _f32(p["d"])
+    return d, d * _f32(p["z"])
+
+
 _SCALE_OFFSET = {T.Q8_0: _so_plain, T.Q4_0: _so_plain, T.Q4_1: _so_plain, T.Q5_0: _so_plain, T.Q5_1: _so_plain,
                  T.IQ4_NL: _so_plain, T.Q4_K: _so_k, T.Q5_K: _so_k, T.Q6_K: _so_q6_k, T.IQ4_XS: _so_iq4_xs}
 
 
 # ---- public API ----------------------------------------------------------------------------------
+
+def _codec(g: Grid):
+    return _int_codec(g.type) if isinstance(g.type, IntType) else _CODECS[g.type]
+
 
 def unpack(g: Grid, data: np.ndarray, ncols: int) -> BlockFields:
     """Raw GGUF block bytes ([rows, row_bytes] or flat) of a [rows, ncols] matrix -> :class:`BlockFields`."""
@@ -318,7 +400,7 @@ def unpack(g: Grid, data: np.ndarray, ncols: int) -> BlockFields:
     nb = ncols // g.block
     blocks = raw.view(g.layout)
     rows = blocks.size // nb
-    codes, params = _CODECS[g.type][0](blocks)
+    codes, params = _codec(g)[0](blocks)
     codes = codes.astype(np.uint8).reshape(rows, ncols)
     params = {k: np.ascontiguousarray(v).reshape(rows, -1) if v.ndim > 1 else v.reshape(rows, nb)
               for k, v in params.items()}
@@ -332,7 +414,7 @@ def pack(f: BlockFields) -> np.ndarray:
     nb = ncols // g.block
     blocks = np.zeros(rows * nb, dtype=g.layout)
     params = {k: v.reshape(rows * nb, -1) if v.shape[1] != nb else v.reshape(-1) for k, v in f.params.items()}
-    _CODECS[g.type][1](blocks, f.codes.reshape(rows * nb, g.block).astype(np.uint8), params)
+    _codec(g)[1](blocks, f.codes.reshape(rows * nb, g.block).astype(np.uint8), params)
     return blocks.view(np.uint8).reshape(rows, nb * g.bytes_per_block)
 
 
@@ -341,6 +423,10 @@ def dequantize_fields(f: BlockFields) -> np.ndarray:
     scale, offset = f.scale_offset()
     g = f.grid
     rows, ncols = f.codes.shape
+    if isinstance(g.type, IntType):
+        # MatMulNBits / OpenVINO decompression: (q - zero_point) * scale
+        q = f.codes.astype(np.float32).reshape(rows, -1, g.sub)
+        return ((q - _f32(f.params["z"])[..., None]) * _f32(f.params["d"])[..., None]).reshape(rows, ncols)
     lv = g.levels[f.codes].reshape(rows, -1, g.sub)
     if g.type in (T.Q4_1, T.Q5_1):
         # ggml: x*d + m  (same value as scale*level - (-m), kept literal for clarity)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from quantizers import ggml
+from quantizers import ggml, intgrid
+from quantizers.grids import IntType, Target
 from quantizers.tensor import FLOAT_TYPES, QuantizedTensor, f32_to_bf16
 
 
-def quantize(name: str, weight: np.ndarray, target: T, importance: np.ndarray | None = None,
+def quantize(name: str, weight: np.ndarray, target: Target, importance: np.ndarray | None = None,
              row0: int = 0, threads: int | None = None) -> QuantizedTensor:
     """Quantize float32 rows ``weight`` ([rows, cols]; 1-D is one row) onto ``target``."""
     w = np.ascontiguousarray(weight, dtype=np.float32)
@@ -27,6 +28,8 @@ def quantize(name: str, weight: np.ndarray, target: T, importance: np.ndarray | 
         else:
             data = f32_to_bf16(w2)
         return QuantizedTensor(name, target, shape, data, row0)
+    if isinstance(target, IntType):
+        return QuantizedTensor.from_fields(name, intgrid.fit(target, w2, importance), row0)
     if ggml.requires_imatrix(int(target)) and importance is None:
         raise ValueError(f"{target.name} needs an importance matrix (imatrix)")
     return QuantizedTensor(name, target, shape, ggml.quantize_rows(int(target), w2, importance, threads), row0)

@@ -11,8 +11,10 @@ from quantizers import ggml, grids
 FLOAT_TYPES = {T.F32: np.dtype("<f4"), T.F16: np.dtype("<f2"), T.BF16: np.dtype("<u2")}
 
 
-def row_bytes(t: T, ncols: int) -> int:
-    """Bytes per row of ``ncols`` values in type ``t`` (ggml's own arithmetic)."""
+def row_bytes(t: grids.Target, ncols: int) -> int:
+    """Bytes per row of ``ncols`` values in type ``t`` (ggml's own arithmetic for GGML types)."""
+    if isinstance(t, grids.IntType):
+        return ncols // t.group * grids.grid(t).bytes_per_block
     return ggml.row_size(int(t), ncols)
 
 
@@ -28,12 +30,12 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
 class QuantizedTensor:
     """Rows ``[row0, row0 + rows)`` of a weight, stored exactly as the runtime reads them.
 
-    ``data`` is the canonical form: ggml block bytes ([rows, row_bytes] uint8) for block types, or the
+    ``data`` is the canonical form: block bytes ([rows, row_bytes] uint8; ggml's for GGML types) or the
     typed array for F32/F16/BF16. :meth:`fields` unpacks codes and per-block scales/offsets,
     :meth:`dequantize` returns the float32 values the runtime computes from those bytes.
     """
     name: str
-    type: T
+    type: grids.Target          # a GGML type, or an integer grid (grids.IntType) for ONNX / OpenVINO
     shape: tuple[int, int]      # logical [rows, cols] of this piece (PyTorch [out, in] order)
     data: np.ndarray
     row0: int = 0
@@ -60,4 +62,6 @@ class QuantizedTensor:
             return self.data.astype(np.float32).reshape(self.shape)
         if self.type == T.BF16:
             return (self.data.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
+        if isinstance(self.type, grids.IntType):
+            return grids.dequantize_fields(self.fields())
         return ggml.dequantize_rows(int(self.type), self.data, self.shape[1]).reshape(self.shape)

@@ -5,13 +5,17 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 
 from conftest import run_cli
 from calibration import capture, sources
+from qcompile import tiny
 from qcompile.errors import QCompileError
 from quantizers import CalibStats, QUANTIZERS
+from quantizers import awq
 from quantizers.gptq import gptq
+from quantizers.grids import IntType
 from quantizers.rtn import quantize as rtn
 
 
@@ -28,7 +32,8 @@ def out_err(x, w, q):
     return float(np.linalg.norm(x @ (q.dequantize() - w).T) / np.linalg.norm(x @ w.T))
 
 
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q4_0, T.Q5_K, T.Q6_K, T.IQ4_XS])
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q4_0, T.Q5_K, T.Q6_K, T.IQ4_XS, IntType(4, 128), IntType(4, 128, sym=True),
+                               IntType(8, 32)], ids=lambda t: t.name)
 def test_gptq_beats_rtn_by_20_percent_on_the_same_grid(t):
     w, x = correlated_problem()
     h = x.T @ x / len(x)
@@ -50,8 +55,72 @@ def test_gptq_output_is_exactly_on_the_grid():
 
 def test_imatrix_rtn_beats_plain_rtn():
     w, x = correlated_problem(2)
-    st = CalibStats(x.T @ x / len(x))
+    h = x.T @ x / len(x)
+    st = CalibStats(h, np.diag(h).copy())
     assert out_err(x, w, QUANTIZERS["imatrix"].quantize("w", w, T.Q4_K, st)) < out_err(x, w, rtn("w", w, T.Q4_K))
+
+
+@pytest.mark.parametrize("t", [T.Q4_0, IntType(4, 128)], ids=lambda t: t.name)
+def test_awq_scales_cut_the_output_error_of_rounding(t):
+    """With a few high-magnitude input channels (as real LLM activations have), AWQ's scales reduce the
+    output error of the same rounding; alpha=0 is in the grid, so it never does worse."""
+    w, x = correlated_problem(3)
+    x[:, :8] *= 25
+    imp = (x * x).mean(0)
+    quant = lambda w_, imp_: rtn("w", w_, t, importance=imp_).dequantize()
+    s, gain = awq.search_scales(torch.from_numpy(x[::4]), np.abs(x).mean(0), [(w, t)])
+    err = lambda wq: float(np.linalg.norm(x @ (wq - w).T))
+    e_awq, e_rtn = err(quant(w * s, imp / s**2) / s), err(quant(w, imp))
+    assert gain > 0.05 and e_awq < 0.95 * e_rtn, (gain, e_awq, e_rtn)
+
+
+@pytest.mark.parametrize("arch,over", [("qwen2", dict(num_key_value_heads=4)), ("qwen3", dict(head_dim=64))],
+                         ids=["qwen2-mha-bias", "qwen3-gqa"])
+def test_awq_folding_leaves_the_fp_layer_unchanged(tmp_path, arch, over):
+    """Folding arbitrary positive scales into norms / v / up rows and the consumers' columns: same outputs."""
+    from qcompile.arch import read_config
+    from qcompile.checkpoint import Checkpoint
+    from qcompile.evaluate import CheckpointSource, StreamedDecoder
+    tiny.build_tokenizer(tmp_path)
+    tiny.build_model(tmp_path, arch=arch, seed=5, **over)
+    cfg = read_config(tmp_path)
+    src = CheckpointSource(Checkpoint(tmp_path, cfg))
+    dec = StreamedDecoder(cfg)
+    layer = dec.build_layer(1, src).float()
+    prefix = "model.layers.1."
+    weights = {lin: src.full(prefix + lin + ".weight") for lin in capture.LINEARS}
+    rng = np.random.default_rng(0)
+    scales = {p: np.exp(rng.normal(0, 1, weights[c[0]].shape[1])).astype(np.float32)
+              for p, _, c in capture.SCALE_GROUPS}
+    params = {rel: src.full(prefix + rel) for rel in capture.producer_params(scales) if prefix + rel in
+              cfg.layer_tensor_names(1)}
+    capture.fold(scales, weights, params)
+    gqa = cfg.num_kv_heads != cfg.num_heads
+    assert ("self_attn.v_proj.bias" in params) == (arch == "qwen2") and (weights["self_attn.o_proj"].shape[1] ==
+                                                                         weights["self_attn.v_proj"].shape[0]) != gqa
+    h = torch.from_numpy(rng.standard_normal((2, 24, cfg.hidden_size)).astype(np.float32))
+    with torch.no_grad():
+        ref = dec.run_layer(layer, h)
+        for name, v in [*((k + ".weight", w) for k, w in weights.items()), *params.items()]:
+            p = layer.get_parameter(name)
+            p.copy_(torch.from_numpy(np.asarray(v, np.float32)).reshape(p.shape))
+        got = dec.run_layer(layer, h)
+    assert float((got - ref).norm() / (ref - h).norm()) <= 1e-5
+
+
+def test_awq_run_folds_scales_into_the_artifact(tiny_models, tmp_path):
+    """End to end: the GGUF carries folded norms (differ from the checkpoint's) and still matches the fp
+    model as well as plain rounding does (a wrong fold would blow the KLD up by orders of magnitude)."""
+    from gguf import GGUFReader
+    calib = _calib_file(tmp_path)
+    args = ["--quant", "Q4_0", "--calib", calib, "--calib-samples", "8", "--calib-seqlen", "128", "-q"]
+    for m in ("awq", "rtn"):
+        assert run_cli(tiny_models["qwen2"], *args, "--method", m, "--out", tmp_path / m) == 0
+    kld = lambda d: json.loads((tmp_path / d / "report.json").read_text())["metrics"]["reference"]["kld_mean"]
+    assert kld("awq") <= 1.2 * kld("rtn"), (kld("awq"), kld("rtn"))
+    norm = lambda d: next(t for t in GGUFReader(tmp_path / d / "qwen2-Q4_0.gguf").tensors
+                          if t.name == "blk.0.ffn_norm.weight").data
+    assert not np.allclose(norm("awq"), norm("rtn"))
 
 
 def test_token_windows_deterministic_and_too_short():
@@ -98,9 +167,10 @@ def test_gptq_run_is_deterministic_and_better_than_rtn(tiny_models, tmp_path):
     assert kld("a") < kld("r")
 
 
-def test_interrupted_gptq_resumes_to_the_identical_file(tiny_models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_interrupted_run_resumes_to_the_identical_file(tiny_models, tmp_path, monkeypatch, method):
     calib = _calib_file(tmp_path)
-    args = [tiny_models["qwen3"], "--quant", "Q4_K_M", "--method", "gptq", "--calib", calib, "--calib-samples", "8",
+    args = [tiny_models["qwen3"], "--quant", "Q4_K_M", "--method", method, "--calib", calib, "--calib-samples", "8",
             "--calib-seqlen", "128", "-q", "--no-verify"]
     assert run_cli(*args, "--out", tmp_path / "clean") == 0
     real_layer = capture.LayerwiseEngine.layer

@@ -64,11 +64,34 @@ def test_online_softmax_metrics_equal_direct_computation(tiny_models, monkeypatc
     kl = (lf.exp() * (lf - lq)).sum(-1)
     tgt = torch.from_numpy(windows[:, 1:])
     nll = lambda lp: float(-lp[:, :-1].gather(2, tgt[..., None]).mean())
-    assert m.kld_mean == pytest.approx(float(kl.mean()), rel=1e-4)
+    # every position that has a next token counts
+    assert m.kld_mean == pytest.approx(float(kl[:, :-1].mean()), rel=1e-4)
     assert m.ppl_fp == pytest.approx(np.exp(nll(lf)), rel=1e-5)
     assert m.ppl_quant == pytest.approx(np.exp(nll(lq)), rel=1e-5)
-    assert m.top1 == pytest.approx(float((lf.argmax(-1) == lq.argmax(-1)).double().mean()))
+    assert m.top1 == pytest.approx(float((lf.argmax(-1) == lq.argmax(-1))[:, :-1].double().mean()))
+    # the runtime path (logits from a runtime, one window at a time) gives the same numbers
+    by_window = {tuple(w): logits[1][k].numpy() for k, w in enumerate(windows)}
+    r = evaluate.runtime_eval(cfg, fp, windows, None, lambda w: by_window[tuple(w)])
+    for key in ("kld_mean", "ppl_fp", "ppl_quant", "top1"):
+        assert getattr(r, key) == pytest.approx(getattr(m, key), rel=1e-5), key
     assert np.allclose(kept, logits[1][0, :16].numpy(), atol=1e-5)
+
+
+def test_sliding_windows_score_every_token_once():
+    ids = list(range(1000, 1100))
+    for ctx, stride in [(32, 32), (32, 16), (40, 7), (200, None)]:
+        w, score = evaluate.make_windows(ids, ctx, 10_000, stride)
+        assert w.shape[1] == min(ctx, 100)
+        nxt = np.concatenate([w[:, 1:], np.full((len(w), 1), -1)], axis=1)
+        predicted = nxt[score].tolist()      # the token each scored position predicts
+        assert len(set(predicted)) == len(predicted) and -1 not in predicted
+        if stride and stride < ctx:          # overlapping windows: every token after the first, once
+            assert sorted(predicted) == ids[1:]
+        else:                                # disjoint windows: all but (at most) each window's first token
+            assert set(predicted) <= set(ids[1:]) and len(predicted) >= len(ids) - len(w)
+        # each scored prediction sees at least ctx - stride tokens of context (except in the first window)
+        pos = np.nonzero(score)[1][np.nonzero(score)[0] > 0]
+        assert pos.size == 0 or pos.min() >= min(ctx, 100) - (stride or ctx) - 1
 
 
 def test_compile_writes_artifact_and_report(tiny_models, tmp_path, capsys):

@@ -1,0 +1,137 @@
+"""``qcompile eval MODEL [--artifact FILE.gguf] --text FILE``: perplexity, KLD and top-1 vs the fp model.
+
+Two paths, as in a compile's verification: ``pytorch`` runs the artifact's dequantized weights in the
+reference decoder (isolates weight quantization), ``llama.cpp`` runs the artifact itself through
+llama-cpp-python (adds the runtime's own arithmetic: activation rounding, kernels). Without
+``--artifact`` only the full-precision perplexity is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qcompile.errors import EXIT_FAILURE, EXIT_OK, QCompileError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qcompile eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure perplexity (sliding window), mean KL divergence and top-1 agreement of a quantized "
+                    "artifact against its full-precision model.",
+        epilog="example:\n  qcompile eval ./Qwen2.5-0.5B-Instruct --artifact out/Qwen2.5-0.5B-Instruct-Q4_K_M.gguf "
+               "--text wiki.txt --ctx 512 --stride 256\n\nexit status: 0 success, 1 error, 2 usage error.")
+    p.add_argument("model", metavar="MODEL", help="the full-precision checkpoint (directory, hub id, alias, 'tiny')")
+    p.add_argument("--artifact", type=Path, metavar="FILE", help="a GGUF file written by qcompile (or any GGUF of "
+                                                                 "this model)")
+    p.add_argument("--text", type=Path, required=True, metavar="FILE", help="evaluation text (held out from "
+                                                                            "calibration)")
+    p.add_argument("--ctx", type=int, default=512, metavar="N", help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=int, metavar="N", help="window step; each token is scored once, with at least "
+                                                           "ctx - stride tokens of context (default: ctx)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="evaluate at most N tokens of the "
+                                                                             "text (default 4096)")
+    p.add_argument("--runtime", choices=["auto", "pytorch", "llama.cpp", "all"], default="auto",
+                   help="pytorch: dequantized weights in the reference decoder; llama.cpp: the artifact in "
+                        "llama-cpp-python; auto (default): both when llama-cpp-python is installed")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--family", default="instruct", help="model family for size aliases (default: instruct)")
+    p.add_argument("--offline", action="store_true", help="never download")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def evaluate_artifact(args: argparse.Namespace) -> dict:
+    """Run the evaluation; return ``{"model", "artifact", "text", "ctx", "stride", "results": {path: metrics}}``."""
+    from tqdm import tqdm
+
+    from qcompile import evaluate, llama_worker
+    from qcompile.arch import read_config
+    from qcompile.checkpoint import Checkpoint
+    from qcompile.resolve import resolve
+    if args.ctx < 8 or args.max_tokens < 16 or (args.stride is not None and args.stride < 1):
+        raise QCompileError("--ctx must be >= 8, --max-tokens >= 16 and --stride >= 1")
+    res = resolve(args.model, family=args.family, offline=args.offline)
+    cfg = read_config(res.path)
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except OSError as e:
+        raise QCompileError(f"--text {args.text}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise QCompileError(f"--text {args.text}: not UTF-8 text") from None
+    ids = evaluate.tokenize(res.path, text)
+    if len(ids) < 16:
+        raise QCompileError(f"--text {args.text}: only {len(ids)} tokens; need at least 16")
+    windows, score = evaluate.make_windows(ids, args.ctx, args.max_tokens, args.stride)
+    fp = evaluate.CheckpointSource(Checkpoint(res.path, cfg))
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    paths = []
+    if args.artifact is not None:
+        if not args.artifact.is_file():
+            raise QCompileError(f"--artifact {args.artifact}: no such file")
+        if args.artifact.suffix.lower() != ".gguf":
+            raise QCompileError(f"--artifact {args.artifact}: only GGUF files can be evaluated so far")
+        want = {"auto": ["pytorch"] + (["llama.cpp"] if llama_worker.available() else []), "all": ["pytorch", "llama.cpp"],
+                "pytorch": ["pytorch"], "llama.cpp": ["llama.cpp"]}[args.runtime]
+        if "llama.cpp" in want and not llama_worker.available():
+            raise QCompileError("--runtime llama.cpp needs llama-cpp-python (pip install 'qcompile[llama]')")
+        paths = want
+    results: dict[str, dict] = {}
+    bar = lambda n, desc: tqdm(total=n, desc=desc, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    if not paths:  # the fp model alone: compare it with itself for its perplexity
+        with bar(cfg.num_layers, "eval (fp)") as b:
+            m, _ = evaluate.reference_eval(cfg, fp, fp, windows, score=score, progress=lambda s: b.update(1))
+        results["fp"] = {"tokens": m.tokens, "windows": m.windows, "ctx": m.ctx, "ppl": m.ppl_fp}
+    if "pytorch" in paths:
+        q = evaluate.GGUFSource(args.artifact, cfg)
+        with bar(cfg.num_layers, "eval (PyTorch, dequantized)") as b:
+            m, _ = evaluate.reference_eval(cfg, fp, q, windows, score=score, progress=lambda s: b.update(1))
+        results["pytorch"] = m.as_dict()
+    if "llama.cpp" in paths:
+        def runtime_logits(window):
+            try:
+                return llama_worker.logits(args.artifact, window.tolist(), args.threads)
+            except RuntimeError as e:
+                raise QCompileError(f"llama.cpp could not run {args.artifact} ({e})") from None
+        with bar(cfg.num_layers + len(windows), "eval (llama.cpp)") as b:
+            m = evaluate.runtime_eval(cfg, fp, windows, score, runtime_logits, progress=lambda s: b.update(1))
+        results["llama.cpp"] = m.as_dict()
+    return {"model": str(res.path), "artifact": str(args.artifact) if args.artifact else None,
+            "text": str(args.text), "ctx": int(windows.shape[1]), "stride": args.stride or int(windows.shape[1]),
+            "results": results}
+
+
+def format_results(out: dict) -> str:
+    lines = [f"{'path':<10} {'tokens':>7} {'ppl fp':>9} {'ppl quant':>10} {'mean KLD':>10} {'p99 KLD':>9} {'top-1':>7}"]
+    for path, m in out["results"].items():
+        if path == "fp":
+            lines.append(f"{'fp':<10} {m['tokens']:>7} {m['ppl']:>9.4f}")
+        else:
+            lines.append(f"{path:<10} {m['tokens']:>7} {m['ppl_fp']:>9.4f} {m['ppl_quant']:>10.4f} "
+                         f"{m['kld_mean']:>10.5f} {m['kld_p99']:>9.4f} {100 * m['top1']:>6.2f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = evaluate_artifact(args)
+        if args.json:
+            from qcompile.report import atomic_write_text
+            atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")
+    except QCompileError as e:
+        print(f"qcompile eval: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qcompile eval: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        print(f"qcompile eval: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(format_results(out))
+    return EXIT_OK
+
