@@ -143,10 +143,16 @@ def main() -> None:
                     return {"label": f"qcompile {method}", "bytes": None, "bpw_linears": bpw, "seconds": secs,
                             "llama": None, "torch": m}
                 out_dir = work / f"qcompile-{method}-{typ}"
-                r = measure(["qcompile", model, "--to", "gguf", "--quant", typ, "--method", method, "--calib", calib,
-                             "--calib-samples", args.samples, "--calib-seqlen", args.seqlen, "--out", out_dir,
-                             "--force", "-q", "--no-verify"])
-                return gguf_row(f"qcompile {method}", out_dir / f"{model.name}-{typ}.gguf", r.seconds)
+                cmd = ["qcompile", model, "--to", "gguf", "--quant", typ, "--method", method, "--calib", calib,
+                       "--calib-samples", args.samples, "--calib-seqlen", args.seqlen, "--out", out_dir, "--force",
+                       "-q", "--no-verify"]
+                artifact = out_dir / f"{model.name}-{typ}.gguf"
+                rep = out_dir / "report.json"
+                if rep.exists() and json.loads(rep.read_text())["tool"]["command"][1:] == [str(c) for c in cmd[1:]]:
+                    seconds = json.loads(rep.read_text())["timings_s"]["total"]  # that very command ran before
+                else:
+                    seconds = measure(cmd).seconds
+                return gguf_row(f"qcompile {method}", artifact, seconds)
             rows.append((typ, cached(f"{typ}-{method}-{calib_tag}", ours)))
     ref = {typ: r["llama"]["kld"] for typ, r in rows if r["label"] == "llama-quantize --imatrix"}
     rtn_torch = {typ: r["torch"]["kld_mean"] for typ, r in rows if r["label"] == "qcompile rtn"}

@@ -163,10 +163,7 @@ class LayerwiseEngine:
         fp: dict[str, np.ndarray] = {}     # folded norms/biases, exported instead of the checkpoint's
         if self.method.awq:
             fp = self._awq(prefix, module, stats, weights, calib)
-        out: dict[str, QuantizedTensor] = {}
-        for lin, stat_of in LINEARS.items():
-            name = f"{prefix}{lin}.weight"
-            out[name] = self.method.quantize(name, weights[lin], self.types[name], calib[stat_of])
+        out = self._quantize(prefix, weights, calib)
         for name, v in fp.items():
             out[name] = QuantizedTensor(name, T.F32, (1, v.size), v.reshape(1, -1).astype(np.float32))
         with torch.no_grad():
@@ -178,6 +175,25 @@ class LayerwiseEngine:
         self._save(i, out)
         self.progress(i)
         return out
+
+    def _quantize(self, prefix: str, weights: dict[str, np.ndarray], calib: dict[str, CalibStats]
+                  ) -> dict[str, QuantizedTensor]:
+        """Quantize the layer's linears. Those that share input statistics and target type (q/k/v, gate/up)
+        are stacked into one matrix: every method here treats rows independently given the statistics, so
+        this changes nothing but the cost (GPTQ factors each Hessian once and sweeps its columns once)."""
+        groups: dict[tuple, list[str]] = {}
+        for lin, stat_of in LINEARS.items():
+            groups.setdefault((stat_of, self.types[f"{prefix}{lin}.weight"]), []).append(lin)
+        parts: dict[str, QuantizedTensor] = {}
+        for (stat_of, target), lins in groups.items():
+            w = np.concatenate([weights[lin] for lin in lins]) if len(lins) > 1 else weights[lins[0]]
+            q = self.method.quantize("+".join(f"{prefix}{lin}.weight" for lin in lins), w, target, calib[stat_of])
+            r0 = 0
+            for lin in lins:
+                n = weights[lin].shape[0]
+                parts[lin] = QuantizedTensor(f"{prefix}{lin}.weight", q.type, (n, q.shape[1]), q.data[r0:r0 + n])
+                r0 += n
+        return {f"{prefix}{lin}.weight": parts[lin] for lin in LINEARS}
 
     def _awq(self, prefix: str, module, stats: dict[str, Stats], weights: dict[str, np.ndarray],
              calib: dict[str, CalibStats]) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ def _fit_block(g: Grid, w: torch.Tensor, importance: np.ndarray) -> tuple[torch.
     if isinstance(g.type, IntType):
         f = intgrid.fit(g.type, w.numpy(), importance)
     else:
-        f = unpack(g, ggml.quantize_rows(int(g.type), w.numpy(), importance, threads=1), w.shape[1])
+        f = unpack(g, ggml.quantize_rows(int(g.type), w.numpy(), importance), w.shape[1])
     scale, offset = f.scale_offset()
     return torch.from_numpy(scale), torch.from_numpy(offset), f.params
 
@@ -36,6 +36,18 @@ def _round(g: Grid, w: torch.Tensor, s: torch.Tensor, o: torch.Tensor, levels: t
     t = torch.where(s != 0, (w + o) / torch.where(s != 0, s, 1), torch.zeros_like(w))
     code = torch.bucketize(t, mids)
     return code, s * levels[code] - o  # float32, the runtime's own arithmetic
+
+
+def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), which GPTQ's sweep reads row by row.
+
+    Computed as the inverse of ``H``'s "upper-lower" factor ``R`` (``H = R R^T``, from the Cholesky of
+    ``H`` with rows and columns reversed): one factorisation and one triangular inverse, half the work
+    of inverting ``H`` and factoring again, and no explicit inverse of an ill-conditioned matrix.
+    """
+    R = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)      # upper triangular, H = R R^T
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    return torch.linalg.solve_triangular(R, eye, upper=True)  # R^-1: upper, H^-1 = R^-T R^-1
 
 
 def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: Target, *, block_size: int = 128,
@@ -55,8 +67,7 @@ def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: Target, *, 
     W[:, dead] = 0.0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    L = torch.linalg.cholesky(H[perm][:, perm])
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+    Hinv = inverse_cholesky(H[perm][:, perm]).to(torch.float32)
 
     levels = torch.from_numpy(g.levels)
     mids = (levels[1:] + levels[:-1]) / 2

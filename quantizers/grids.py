@@ -17,8 +17,9 @@ INTb_Gg      g     g    d            (levels 0..2^b-1; value (q - z) * d)  d * z
 =========  =====  ====  ================================================  ==========================
 
 ``INTb_Gg[_SYM]`` (:class:`IntType`) is the plain grouped integer format of onnxruntime's
-``MatMulNBits`` and OpenVINO's compressed weights: per group of ``g`` input columns a float32 scale
-``d`` and a ``b``-bit zero point ``z`` (fixed at ``2^(b-1)`` when symmetric). Its block layout is
+``MatMulNBits`` and OpenVINO's compressed weights: per group of ``g`` input columns a float16 scale
+``d`` (what AWQ/GPTQ checkpoints and OpenVINO store; exact in a float32 graph too) and a ``b``-bit zero
+point ``z`` (fixed at ``2^(b-1)`` when symmetric). Its block layout is
 ``(d, z, qs)`` with the codes packed as MatMulNBits stores them (two per byte, low nibble first).
 
 The float arithmetic follows ggml's ``dequantize_row_*`` operation for operation (float32 products in
@@ -164,7 +165,7 @@ GRIDS: dict[T, Grid] = {
 
 @lru_cache(maxsize=None)
 def _int_grid(t: IntType) -> Grid:
-    layout = _dt(("d", "<f4"), ("z", "u1"), ("qs", *_u(t.group * t.bits // 8)))
+    layout = _dt(("d", _F16), ("z", "u1"), ("qs", *_u(t.group * t.bits // 8)))
     return Grid(t, t.group, t.group, np.arange(1 << t.bits, dtype=np.float32), layout)
 
 

@@ -38,7 +38,7 @@ def fit(t: IntType, w: np.ndarray, importance: np.ndarray | None = None) -> Bloc
         else:
             d = (hi - lo) * c / qmax
             z = np.clip(np.round(-lo * c / np.where(d > 0, d, 1)), 0, qmax)
-        d = d.astype(np.float32)
+        d = d.astype(np.float16).astype(np.float32)  # the stored scale is float16: choose codes for it
         inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
         q = np.clip(np.round(x * inv[..., None]) + z[..., None], 0, qmax)
         err = (imp * ((q - z[..., None]) * d[..., None] - x) ** 2).sum(axis=2)
@@ -48,4 +48,4 @@ def fit(t: IntType, w: np.ndarray, importance: np.ndarray | None = None) -> Bloc
         best_z = np.where(better, z, best_z).astype(np.uint8)
     inv = np.where(best_d > 0, 1 / np.where(best_d > 0, best_d, 1), 0).astype(np.float32)
     codes = np.clip(np.round(x * inv[..., None]) + best_z[..., None], 0, qmax).astype(np.uint8)
-    return BlockFields(g, codes.reshape(rows, cols), {"d": best_d, "z": best_z})
+    return BlockFields(g, codes.reshape(rows, cols), {"d": best_d.astype(np.float16), "z": best_z})

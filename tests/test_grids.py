@@ -117,17 +117,18 @@ INT_TYPES = [grids.IntType(4, 32), grids.IntType(4, 128), grids.IntType(4, 64, s
 @given(w=matrices)
 def test_int_grid_roundtrip_and_error_bound(t, w):
     q = rtn.quantize("w", w, t)
-    assert q.data.shape == (w.shape[0], w.shape[1] // t.group * (4 + 1 + t.group * t.bits // 8))
+    assert q.data.shape == (w.shape[0], w.shape[1] // t.group * (2 + 1 + t.group * t.bits // 8))
     f = q.fields()
     assert np.array_equal(QuantizedTensor.from_fields("w", f).data, q.data)
     d, z = f.params["d"], f.params["z"]
     if t.sym:
         assert np.all(z == t.zero)
     # the value is MatMulNBits' (q - zero_point) * scale, computed in float32
-    expect = (f.codes.reshape(*d.shape, -1).astype(np.float32) - z[..., None]) * d[..., None]
+    assert d.dtype == np.float16
+    expect = (f.codes.reshape(*d.shape, -1).astype(np.float32) - z[..., None]) * d.astype(np.float32)[..., None]
     assert np.array_equal(q.dequantize(), expect.reshape(w.shape))
     # every value lies within half a step of a grid point, except where the clip search clipped it
-    step = np.repeat(d, t.group, axis=1)
+    step = np.repeat(d.astype(np.float32), t.group, axis=1)
     lo, hi = (0 - np.repeat(z, t.group, axis=1)) * step, ((1 << t.bits) - 1 - np.repeat(z, t.group, axis=1)) * step
     inside = (w >= lo) & (w <= hi)
     assert np.all(np.abs(q.dequantize() - w)[inside] <= 0.5001 * step[inside] + 1e-7)
@@ -137,12 +138,12 @@ def test_int4_packing_is_matmulnbits_order():
     """Two codes per byte, element 2i in the low nibble; blocks laid out [rows, n_blocks, blob]."""
     t = grids.IntType(4, 32)
     codes = np.arange(64, dtype=np.uint8).reshape(1, 64) % 16
-    f = BlockFields(grids.grid(t), codes, {"d": np.array([[1.0, 2.0]], np.float32),
+    f = BlockFields(grids.grid(t), codes, {"d": np.array([[1.0, 2.0]], np.float16),
                                            "z": np.array([[8, 3]], np.uint8)})
     raw = pack(f).reshape(2, -1)
-    assert raw.shape == (2, 4 + 1 + 16)
-    assert raw[0, 5] == (0 | 1 << 4) and raw[0, 6] == (2 | 3 << 4) and raw[1, 4] == 3
-    assert np.array_equal(raw[1, :4].view(np.float32), [2.0])
+    assert raw.shape == (2, 2 + 1 + 16)
+    assert raw[0, 3] == (0 | 1 << 4) and raw[0, 4] == (2 | 3 << 4) and raw[1, 2] == 3
+    assert np.array_equal(raw[1, :2].view(np.float16), [2.0])
     assert np.array_equal(unpack(f.grid, pack(f), 64).codes, codes)
 
 

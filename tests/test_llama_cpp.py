@@ -127,3 +127,23 @@ def test_yarn_rope_scaling_metadata(tmp_path):
     assert f["qwen2.rope.scaling.original_context_length"].contents() == 1024
     err = rel_error(llama_worker.logits(gguf, _tokens()), hf_logits(d, _tokens()))
     assert err < 1e-3, err
+
+
+def test_eval_command_pytorch_and_llama_cpp_paths_agree(tiny_models, tmp_path, capsys):
+    """`qcompile eval` scores a GGUF on both paths; the runtime's own arithmetic adds little on Q8_0, and
+    the numbers it prints are the ones it writes to --json."""
+    model = tiny_models["qwen2.5"]
+    gguf_path = _compile(model, tmp_path, "Q8_0")
+    text = tmp_path / "eval.txt"
+    text.write_text(tiny.builtin_text())
+    assert run_cli("eval", model, "--artifact", gguf_path, "--text", text, "--ctx", "64", "--stride", "32",
+                   "--max-tokens", "300", "--json", tmp_path / "e.json", "-q") == 0
+    out = json.loads((tmp_path / "e.json").read_text())
+    pt, lc = out["results"]["pytorch"], out["results"]["llama.cpp"]
+    assert out["stride"] == 32 and pt["tokens"] == lc["tokens"] == 299
+    assert pt["ppl_fp"] == lc["ppl_fp"] and pt["kld_mean"] < 0.01 and lc["kld_mean"] < 0.01
+    assert abs(pt["ppl_quant"] - lc["ppl_quant"]) / pt["ppl_quant"] < 0.01 and lc["top1"] > 0.9
+    assert f"{lc['kld_mean']:.5f}" in capsys.readouterr().out
+    # bad input: one line, exit 1
+    assert run_cli("eval", model, "--artifact", tmp_path / "missing.gguf", "--text", text) == 1
+    assert run_cli("eval", model, "--text", tmp_path / "missing.txt") == 1
