@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq", "awq", "awq+gptq"])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--imatrix-samples", type=int, help="llama-imatrix chunks for the peer (default: --samples)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--fresh", action="store_true", help="recompute rows cached from earlier runs")
@@ -105,7 +106,8 @@ def main() -> None:
     text, calib = eval_text(work), calib_text(work)
     tokens = args.ctx * args.chunks
     f16, base = f16_baseline(t, model, work, text, args.ctx, args.chunks)
-    imatrix, im_time = work / f"imatrix-{args.samples}x{args.seqlen}.gguf", work / f"imatrix-{args.samples}x{args.seqlen}.seconds"
+    im_samples = args.imatrix_samples or args.samples
+    imatrix, im_time = work / f"imatrix-{im_samples}x{args.seqlen}.gguf", work / f"imatrix-{im_samples}x{args.seqlen}.seconds"
     calib_tag = f"{args.samples}x{args.seqlen}"
 
     def cached(key: str, compute) -> dict:
@@ -127,14 +129,14 @@ def main() -> None:
         if gguf:
             if not imatrix.exists():  # computed once per calibration setting, reused across runs
                 im = measure([t["imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seqlen, "--chunks",
-                              args.samples, "-t", os.cpu_count()])
+                              im_samples, "-t", os.cpu_count()])
                 im_time.write_text(f"{im.seconds}")
             for label, extra in (("llama-quantize", []), ("llama-quantize --imatrix", ["--imatrix", imatrix])):
                 def peer(extra=extra, label=label):
                     out = work / f"peer-{typ}{'-imatrix' if extra else ''}.gguf"
                     q = measure([t["quantize"], *extra, f16, out, typ, os.cpu_count()])
                     return gguf_row(label, out, q.seconds + (float(im_time.read_text()) if extra else 0.0))
-                rows.append((typ, cached(f"{typ}-peer{'-imatrix-' + calib_tag if extra else ''}", peer)))
+                rows.append((typ, cached(f"{typ}-peer{f'-imatrix-{im_samples}x{args.seqlen}' if extra else ''}", peer)))
         for method in args.methods:
             def ours(method=method):
                 if not gguf:
@@ -156,7 +158,8 @@ def main() -> None:
             rows.append((typ, cached(f"{typ}-{method}-{calib_tag}", ours)))
     ref = {typ: r["llama"]["kld"] for typ, r in rows if r["label"] == "llama-quantize --imatrix"}
     rtn_torch = {typ: r["torch"]["kld_mean"] for typ, r in rows if r["label"] == "qcompile rtn"}
-    print(f"model {model.name}; calibration {calib_tag} tokens of {calib.name}; eval {args.chunks} x {args.ctx} "
+    print(f"model {model.name}; calibration {calib_tag} tokens of {calib.name} (llama-imatrix: {im_samples}x"
+          f"{args.seqlen}); eval {args.chunks} x {args.ctx} "
           f"tokens (held out). llama.cpp: llama-perplexity --kl-divergence vs convert_hf_to_gguf F16; "
           f"PyTorch: qcompile eval (dequantized weights vs the bf16 checkpoint)")
     fmt = lambda x, f: "-" if x is None else format(x, f)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from exporters.gguf import write_gguf
+from exporters.onnx import write_onnx
 
-EXPORTERS = {"gguf": write_gguf}
+EXPORTERS = {"gguf": write_gguf, "onnx": write_onnx}
 
-__all__ = ["EXPORTERS", "write_gguf"]
+__all__ = ["EXPORTERS", "write_gguf", "write_onnx"]

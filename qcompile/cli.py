@@ -18,6 +18,7 @@ examples:
   qcompile 7B --family coder --to gguf --bits 8 --out out/       # Qwen2.5-Coder-7B-Instruct -> Q8_0
   qcompile Qwen/Qwen3-8B --to gguf --quant Q5_K_M --out out/     # any mix or type by name
   qcompile 0.5B --to gguf --quant Q4_0 --out out/ --eval-text wiki.txt
+  qcompile 0.5B --to onnx --bits 4 --out onnx/       # onnxruntime folder, int4 g128 MatMulNBits (GPTQ)
 
 MODEL is a checkpoint directory, a Hugging Face repo id (cache first, download when online;
 --offline or HF_HUB_OFFLINE=1 forbids downloads), a size alias (0.5B 1.5B 3B 7B 14B 32B 72B with
@@ -26,6 +27,7 @@ names and renamed only once complete and verified.
 
 other commands:
   qcompile eval MODEL --artifact FILE.gguf --text FILE [--ctx N --stride N]   # ppl / KLD / top-1
+  qcompile run ARTIFACT "prompt"     # greedy generation in the artifact's runtime (GGUF or ONNX folder)
 
 exit status: 0 success, 1 error (bad input, I/O, interrupted), 2 usage error.
 """
@@ -37,12 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a Qwen checkpoint (Qwen2, Qwen2.5 incl. Coder/Math, Qwen3) and compile it for "
                     "llama.cpp / Ollama / LM Studio (GGUF), with verification against the PyTorch reference.")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory, hub repo id, size alias, or 'tiny'")
-    p.add_argument("--to", default="gguf", choices=["gguf"], help="target format (default: gguf)")
+    p.add_argument("--to", default="gguf", choices=["gguf", "onnx"],
+                   help="target format (default: gguf). onnx: a model folder for onnxruntime (optimum's "
+                        "ORTModelForCausalLM layout) with int4/int8 MatMulNBits weights")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--bits", type=int, choices=[4, 8], help="preset: 4 -> Q4_K_M (llama.cpp's mix), 8 -> Q8_0 "
-                                                              "(default: 4)")
+    g.add_argument("--bits", type=int, choices=[4, 8], help="preset (default 4): gguf 4 -> Q4_K_M (llama.cpp's "
+                                                              "mix), 8 -> Q8_0; onnx 4 -> INT4_G128, 8 -> INT8_G128")
     g.add_argument("--quant", metavar="TYPE", type=str.upper,
-                   help=f"a llama.cpp mix or one GGUF type: {', '.join(available())}")
+                   help=f"gguf: a llama.cpp mix or one GGUF type: {', '.join(available())}; onnx: an integer "
+                        "grid INT{4,8}_G{16..256}[_SYM] (asymmetric unless _SYM)")
     p.add_argument("--pure", action="store_true", help="one type for every weight matrix (no per-tensor mix)")
     p.add_argument("--method", default="auto", choices=["auto", *QUANTIZERS],
                    help="auto (default): gptq for --bits 4 or when --calib is given, rtn otherwise. "
@@ -93,7 +98,7 @@ def _summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"eval": "qcompile.eval_command"}
+COMMANDS = {"eval": "qcompile.eval_command", "run": "qcompile.run_command"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,21 @@ def _quantize(req: dict) -> None:
         raise SystemExit(f"llama_model_quantize failed with {rc}")
 
 
-OPS = {"logits": _logits, "tokenize": _tokenize, "quantize": _quantize}
+def _generate(req: dict) -> None:
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=req["model"], n_ctx=2048, verbose=False, n_threads=req.get("threads"),
+                          n_gpu_layers=0, seed=0)
+    if req.get("chat"):
+        out = llm.create_chat_completion([{"role": "user", "content": req["prompt"]}], max_tokens=req["max_tokens"],
+                                         temperature=0.0)
+        text = out["choices"][0]["message"]["content"]
+    else:
+        text = llm.create_completion(req["prompt"], max_tokens=req["max_tokens"], temperature=0.0)["choices"][0]["text"]
+    Path(req["out"]).write_text(text, encoding="utf-8")
+    llm.close()
+
+
+OPS = {"logits": _logits, "tokenize": _tokenize, "quantize": _quantize, "generate": _generate}
 
 
 def call(op: str, timeout: float = 1800, **req: Any) -> None:
@@ -79,6 +93,15 @@ def tokenize(model: Path, texts: list[str], special: bool = True) -> list[list[i
 def quantize(src: Path, dst: Path, ftype: int, threads: int | None = None, pure: bool = False) -> None:
     """llama.cpp's own ``llama_model_quantize`` (what the llama-quantize tool runs)."""
     call("quantize", model=str(src), out=str(dst), ftype=int(ftype), threads=threads, pure=pure)
+
+
+def generate(model: Path, prompt: str, max_tokens: int, chat: bool = True, threads: int | None = None) -> str:
+    """Greedy completion (or chat reply, with the GGUF's chat template) from llama.cpp."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "text.txt"
+        call("generate", model=str(model), prompt=prompt, max_tokens=max_tokens, chat=chat, threads=threads,
+             out=str(out))
+        return out.read_text(encoding="utf-8")
 
 
 def available() -> bool:

@@ -26,6 +26,7 @@ import quantizers
 from calibration.capture import LayerwiseEngine, fingerprint
 from quantizers import rtn
 from quantizers.schemes import BITS_PRESET, Scheme, scheme
+from quantizers.grids import IntType, parse_type
 from quantizers.tensor import QuantizedTensor
 
 
@@ -63,12 +64,11 @@ def choose_scheme(opts: Options) -> Scheme:
     return scheme(BITS_PRESET[opts.bits or 4], pure=opts.pure)
 
 
-def choose_method(opts: Options, sch: Scheme) -> quantizers.Method:
-    """``auto``: GPTQ for 4-bit presets (``--bits 4``) or whenever calibration data is given; RTN otherwise
+def choose_method(opts: Options, low_bit: bool) -> quantizers.Method:
+    """``auto``: GPTQ for 4-bit targets (``--bits 4``) or whenever calibration data is given; RTN otherwise
     (8-bit and float types gain nothing measurable from calibration)."""
     name = opts.method
     if name == "auto":
-        low_bit = sch.quantized and sch.base not in (T.Q8_0, T.Q6_K)
         name = "gptq" if low_bit and (opts.calib or opts.bits == 4) else "rtn"
     return quantizers.get(name)
 
@@ -156,10 +156,15 @@ def check_output(out: Path, artifact: Path, force: bool) -> None:
         raise QCompileError(f"{artifact} already exists (use --force to overwrite)")
 
 
+TARGETS = ("gguf", "onnx")
+
+
 def compile_model(opts: Options) -> dict:
     """Run the whole pipeline; return the report written beside the artifact."""
-    if opts.to != "gguf":
-        raise QCompileError(f"--to {opts.to}: not available yet; supported targets: gguf")
+    if opts.to not in TARGETS:
+        raise QCompileError(f"--to {opts.to}: not available yet; supported targets: {', '.join(TARGETS)}")
+    if opts.to == "onnx":
+        return compile_onnx(opts)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # resolve
@@ -167,7 +172,7 @@ def compile_model(opts: Options) -> dict:
     cfg = read_config(res.path)
     vocab = load_vocab(res.path, cfg.vocab_size)
     sch = choose_scheme(opts)
-    method = choose_method(opts, sch)
+    method = choose_method(opts, sch.quantized and sch.base not in (T.Q8_0, T.Q6_K))
     # load (lazily: headers only; tensors stream during quantization)
     ckpt = Checkpoint(res.path, cfg, allow_pickle=opts.allow_pickle)
     plan = make_plan(cfg, ckpt, sch)
@@ -245,6 +250,148 @@ def compile_model(opts: Options) -> dict:
     report.write_report(out / "report.json", rep)
     rep["artifact"]["full_path"] = str(artifact)
     return rep
+
+
+# ---- ONNX: integer grids, whole-graph export ------------------------------------------------------
+
+ONNX_PRESET = {4: "INT4_G128", 8: "INT8_G128"}
+
+
+def choose_int_type(opts: Options) -> IntType:
+    name = opts.quant or ONNX_PRESET[opts.bits or 4]
+    try:
+        t = parse_type(name)
+    except (KeyError, ValueError) as e:
+        raise QCompileError(f"--quant {name}: {e.args[0] if isinstance(e, ValueError) else 'not an integer grid'}"
+                            " (ONNX takes INT4_G128, INT8_G32_SYM, ...: bits 4|8, group 16..256)") from None
+    if not isinstance(t, IntType):
+        raise QCompileError(f"--quant {name}: ONNX weights use integer grids (INT4_G128, INT8_G32_SYM, ...), "
+                            "not GGUF types")
+    return t
+
+
+def compile_onnx(opts: Options) -> dict:
+    """resolve -> load -> [calibrate] -> quantize (integer grid) -> export (ONNX graph + MatMulNBits) ->
+    verify (PyTorch reference; onnxruntime vs the dequantized model) -> report."""
+    from exporters.onnx import ONNX_FILE, write_onnx
+    from calibration.capture import LINEARS
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    res = resolve(opts.model, family=opts.family, offline=opts.offline)
+    cfg = read_config(res.path)
+    target = choose_int_type(opts)
+    method = choose_method(opts, target.bits < 8)
+    ckpt = Checkpoint(res.path, cfg, allow_pickle=opts.allow_pickle)
+    for i in range(cfg.num_layers):
+        for lin in LINEARS:
+            cols = ckpt.entry(f"model.layers.{i}.{lin}.weight").shape[1]
+            if cols % target.group:
+                raise QCompileError(f"{target.name}: layer {i} {lin} has {cols} input columns, not a multiple of "
+                                    f"the group size {target.group}")
+    out = opts.out
+    check_output(out, out / ONNX_FILE, opts.force)
+    eval_text = _eval_text(opts) if opts.verify else None
+    timings["resolve"] = time.perf_counter() - t0
+    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
+    source = evaluate.CheckpointSource(ckpt)
+    calib_info = None
+    t1 = time.perf_counter()
+    engine = None
+    if method.needs_calibration:
+        device = resolve_device(opts.device)
+        tokens, calib_info = calibration_tokens(opts, res.path, device)
+        _log(opts, f"calibration: {calib_info}")
+        engine = LayerwiseEngine(
+            cfg, source, tokens, {n: target for n in names}, method, device=device,
+            work_dir=out / ".onnx.resume", resume=opts.resume,
+            fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, target.name, "onnx"))
+    tensors: dict[str, QuantizedTensor] = {}
+    with _progress(opts, total=cfg.num_layers, unit="layer", desc=f"{method.name} {target.name}") as bar:
+        for i in range(cfg.num_layers):
+            if engine is not None:
+                tensors.update(engine.layer(i))
+            else:
+                for lin in LINEARS:
+                    n = f"model.layers.{i}.{lin}.weight"
+                    tensors[n] = rtn.quantize(n, ckpt.read(n), target, threads=opts.threads)
+            bar.update(1)
+    timings["quantize"] = time.perf_counter() - t1
+    # AWQ folds scales into norms/biases: those go into the float graph before the linears are swapped
+    t2 = time.perf_counter()
+    linears = {n: q for n, q in tensors.items() if n in names}
+    folded = {n: q.dequantize().reshape(-1) for n, q in tensors.items() if n not in names}
+    files = write_onnx(out, res.path, cfg, linears, folded)
+    timings["export"] = time.perf_counter() - t2
+    if engine is not None:
+        engine.finish()
+    metrics: dict = {}
+    try:
+        if opts.verify:
+            t3 = time.perf_counter()
+            metrics = verify_onnx(opts, cfg, ckpt, res.path, out / ONNX_FILE, tensors, eval_text or "")
+            timings["verify"] = time.perf_counter() - t3
+    except BaseException:
+        for f in files:
+            f.unlink(missing_ok=True)
+        raise
+    timings["total"] = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in files)
+    n_params = sum(int(np.prod(ckpt.entry(n).shape)) for n in cfg.expected_tensor_names())
+    rep = {
+        "tool": {"name": "qcompile", "command": opts.argv},
+        "model": {"source": res.source, "path": str(res.path), "name": res.name,
+                  "architecture": cfg.arch.hf_name, "parameters": n_params, "layers": cfg.num_layers,
+                  "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+                  "tied_embeddings": cfg.tie_word_embeddings},
+        "target": {"format": "onnx", "scheme": target.name, "bits": target.bits, "group_size": target.group,
+                   "symmetric": target.sym, "method": method.name, "opset": "ai.onnx 17 + com.microsoft 1"},
+        "calibration": calib_info,
+        "artifact": {"path": ONNX_FILE, "bytes": size,
+                     "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": report.sha256_file(f)}
+                               for f in files],
+                     "bits_per_weight": 8.0 * size / n_params},
+        "tensors": [{"name": n, "type": q.type.name, "shape": list(q.shape), "bytes": q.nbytes}
+                    for n, q in tensors.items()],
+        "metrics": metrics,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": report.versions(),
+    }
+    report.write_report(out / "report.json", rep)
+    rep["artifact"]["full_path"] = str(out / ONNX_FILE)
+    return rep
+
+
+def _eval_text(opts: Options) -> str:
+    from qcompile.tiny import builtin_text
+    if not opts.eval_text:
+        return builtin_text()
+    try:
+        return opts.eval_text.read_text(encoding="utf-8")
+    except OSError as e:
+        raise QCompileError(f"--eval-text {opts.eval_text}: {e.strerror}") from None
+
+
+def verify_onnx(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, onnx_path: Path,
+                tensors: dict[str, QuantizedTensor], text: str) -> dict:
+    """Reference-path metrics (fp vs dequantized, PyTorch) and onnxruntime's logits vs the dequantized model."""
+    import torch
+    from exporters.onnx import run_logits
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    ids = evaluate.tokenize(model_dir, text)
+    if len(ids) < 16:
+        raise QCompileError(f"evaluation text has only {len(ids)} tokens; need at least 16")
+    windows, score = evaluate.make_windows(ids, opts.eval_ctx, opts.eval_tokens)
+    keep = min(128, windows.shape[1])
+    fp = evaluate.CheckpointSource(ckpt)
+    with _progress(opts, total=cfg.num_layers, desc="verify (PyTorch)", unit="layer") as bar:
+        ref, q_logits = evaluate.reference_eval(cfg, fp, evaluate.QuantizedSource(fp, tensors), windows,
+                                                keep_logits=keep, progress=lambda s: bar.update(1), score=score)
+    try:
+        got = run_logits(onnx_path, windows[0, :keep], opts.threads)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise QCompileError(f"verification failed: onnxruntime could not run the model ({e})") from None
+    return {"reference": ref.as_dict(), "artifact": evaluate.compare_logits("onnxruntime", got, q_logits).as_dict()}
 
 
 def verify(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, gguf_path: Path,

@@ -44,6 +44,15 @@ def test_gptq_beats_rtn_by_20_percent_on_the_same_grid(t):
     assert e_act <= 0.8 * e_rtn, (e_act, e_rtn)
 
 
+def test_inverse_cholesky_is_the_upper_factor_of_the_inverse():
+    from quantizers.gptq import inverse_cholesky
+    _, x = correlated_problem(4, cols=128, n=512)
+    h = torch.from_numpy(x.T @ x).double() + torch.eye(128, dtype=torch.float64)
+    u = inverse_cholesky(h)
+    assert torch.equal(u, torch.triu(u))
+    assert torch.allclose(u.T @ u, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
+
+
 def test_gptq_output_is_exactly_on_the_grid():
     """The packed bytes decode (ggml) to the values GPTQ chose; re-rounding them changes nothing."""
     w, x = correlated_problem(1, rows=64)

@@ -1,0 +1,223 @@
+"""ONNX exporter: a Qwen2/Qwen3 decoder with KV cache for onnxruntime, its linears as ``MatMulNBits``.
+
+The full-precision graph comes from ``torch.onnx.export`` of the transformers model behind a wrapper
+with a flat signature, so inputs and outputs carry optimum's names (``input_ids``, ``attention_mask``,
+``position_ids``, ``past_key_values.N.key/value`` -> ``logits``, ``present.N.key/value``) and
+``ORTModelForCausalLM`` loads the folder. (optimum's own exporter would do this, but optimum-onnx
+pins transformers < 4.58; the graph it writes is the same TorchScript export.)
+
+Then graph surgery, by hand because no library swaps in *given* quantized weights (onnxruntime's
+``MatMulNBitsQuantizer`` quantizes by itself): every linear's ``MatMul`` whose weight we quantized
+becomes ``com.microsoft::MatMulNBits`` fed with our packed codes, float scales and zero points, the
+very bytes of :class:`~quantizers.tensor.QuantizedTensor` on an :class:`~quantizers.grids.IntType`
+grid. Nothing is re-quantized here.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.arch import ModelConfig
+from quantizers.grids import IntType
+from quantizers.tensor import QuantizedTensor
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+OPSET = 17
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+              "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, as optimum's ORTModelForCausalLM expects them."""
+    ins, outs = ["input_ids", "attention_mask", "position_ids"], ["logits"]
+    for i in range(n_layers):
+        ins += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outs += [f"present.{i}.key", f"present.{i}.value"]
+    return ins, outs
+
+
+def _wrapper(model):
+    import torch
+    from transformers import DynamicCache
+
+    class Flat(torch.nn.Module):
+        """(input_ids, attention_mask, position_ids, k0, v0, k1, v1, ...) -> (logits, k0', v0', ...)."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+            try:  # transformers >= 5
+                cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+            except TypeError:  # transformers 4.x
+                cache = DynamicCache.from_legacy_cache(tuple(pairs))
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            cache = getattr(out, "past_key_values", None) or getattr(out, "cache")
+            present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+    return Flat().eval()
+
+
+def export_fp(model_dir: Path, cfg: ModelConfig, path: Path, params: dict[str, np.ndarray] | None = None) -> None:
+    """The full-precision (float32) decoder graph with KV cache, weights inline, to ``path``; ``params``
+    replaces checkpoint tensors by HF name first (norms and biases that AWQ folded scales into)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    # The tracer needs the whole float32 model; the quantized weights are swapped in afterwards.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, value in (params or {}).items():
+            p = model.get_parameter(name)
+            p.copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(p.shape))
+    n, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    b, p, s = 2, 3, 4   # a sample with a non-empty past, so every dimension is traced as dynamic
+    past = [torch.zeros(b, kvh, p, hd) for _ in range(2 * n)]
+    args = (torch.randint(0, cfg.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s).expand(b, s).contiguous(), *past)
+    ins, outs = io_names(n)
+    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+           "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+           "position_ids": {0: "batch_size", 1: "sequence_length"},
+           "logits": {0: "batch_size", 1: "sequence_length"}}
+    for name in ins[3:]:
+        dyn[name] = {0: "batch_size", 2: "past_sequence_length"}
+    for name in outs[1:]:
+        dyn[name] = {0: "batch_size", 2: "total_sequence_length"}
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes: mask is always given
+        torch.onnx.export(_wrapper(model), args, str(path), dynamo=False, input_names=ins, output_names=outs,
+                          dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True)
+
+
+def linear_of(node) -> str | None:
+    """HF module name of a traced linear's MatMul (``/model/model/layers.0/self_attn/q_proj/MatMul``)."""
+    if node.op_type != "MatMul" or not node.name.endswith("/MatMul"):
+        return None
+    path = node.name.strip("/").rsplit("/", 1)[0].split("/")
+    if path[:1] == ["model"]:     # the wrapper's attribute
+        path = path[1:]
+    return ".".join(path) or None
+
+
+def matmulnbits_arrays(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(B, scales, zero_points)`` for MatMulNBits from a tensor on an integer grid; no zero points when
+    symmetric (the operator's default, 2^(bits-1), is the grid's fixed zero point)."""
+    t = qt.type
+    if not isinstance(t, IntType):
+        raise ValueError(f"{qt.name}: {getattr(t, 'name', t)} is not an integer grid")
+    n, k = qt.shape
+    nb = k // t.group
+    blocks = qt.data.reshape(n, nb, -1)              # per block: d (f16), z (u8), packed codes
+    f = qt.fields()
+    b = np.ascontiguousarray(blocks[:, :, 3:])
+    scales = f.params["d"].astype(np.float32).reshape(-1)
+    if t.sym:
+        return b, scales, None
+    z = f.params["z"].astype(np.uint8)
+    if t.bits == 4:  # two blocks per byte, even block in the low nibble, each row padded to whole bytes
+        if nb % 2:
+            z = np.concatenate([z, np.full((n, 1), t.zero, np.uint8)], axis=1)
+        z = z[:, 0::2] | (z[:, 1::2] << 4)
+    return b, scales, np.ascontiguousarray(z.reshape(-1))
+
+
+def swap_in(model, tensors: dict[str, QuantizedTensor]) -> list[str]:
+    """Replace the MatMul of every linear in ``tensors`` (HF weight names) by MatMulNBits; return the
+    names swapped. Initializers and nodes left unused (the fp weights) are dropped."""
+    from onnx import helper, numpy_helper
+    g = model.graph
+    nodes, added, swapped = [], [], []
+    for node in g.node:
+        lin = linear_of(node)
+        qt = tensors.get(f"{lin}.weight") if lin else None
+        if qt is None:
+            nodes.append(node)
+            continue
+        b, scales, zp = matmulnbits_arrays(qt)
+        prefix = lin.replace(".", "_")
+        names = [f"{prefix}.qweight", f"{prefix}.scales"] + ([f"{prefix}.zero_points"] if zp is not None else [])
+        added += [numpy_helper.from_array(a, nm) for a, nm in zip((b, scales, zp), names)]
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
+                                      name=f"/{lin.replace('.', '/')}/MatMulNBits", domain="com.microsoft",
+                                      K=qt.shape[1], N=qt.shape[0], bits=qt.type.bits, block_size=qt.type.group))
+        swapped.append(f"{lin}.weight")
+    missing = sorted(set(tensors) - set(swapped))
+    if missing:
+        raise RuntimeError(f"no MatMul found in the exported graph for {missing[:3]}")
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(added)
+    _prune(model)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return swapped
+
+
+def _prune(model) -> None:
+    """Drop nodes whose outputs nobody reads, then initializers nobody reads."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in g.node for i in n.input} | outputs
+        dead = [n for n in g.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, QuantizedTensor],
+               params: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """Write the model folder into ``out``: ``model.onnx`` + ``model.onnx_data`` (external weights), the
+    checkpoint's config/generation config/tokenizer files. ``tensors``: quantized linears (HF weight
+    names); ``params``: float tensors that replace the checkpoint's (AWQ-folded norms/biases).
+    Everything goes to temp names first and is renamed at the end, the graph last. Returns the paths."""
+    import onnx
+    tmp = out / f".onnx.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fp = tmp / "fp.onnx"
+        export_fp(model_dir, cfg, fp, params)
+        model = onnx.load(str(fp))
+        fp.unlink()
+        swap_in(model, tensors)
+        onnx.save_model(model, str(tmp / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
+        final = []
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == ONNX_FILE):  # the graph last
+            os.replace(p, out / p.name)
+            final.append(out / p.name)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_logits(path: Path, tokens: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """onnxruntime's logits [n, vocab] for one sequence, from an empty KV cache."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ids = np.asarray(tokens, dtype=np.int64)[None]
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    return sess.run(["logits"], feed)[0][0]

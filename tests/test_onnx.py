@@ -1,0 +1,137 @@
+"""The ONNX exporter: graphs onnxruntime runs, carrying exactly our quantized weights."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from calibration.capture import LINEARS
+from exporters import onnx as ox
+from qcompile.arch import read_config
+from qcompile.checkpoint import Checkpoint
+from qcompile.evaluate import CheckpointSource
+from quantizers import rtn
+from quantizers.grids import IntType
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _hf(model_dir, tensors=None):
+    """The transformers model in float32, its linears replaced by the dequantized ``tensors``."""
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, q in (tensors or {}).items():
+            m.get_parameter(n).copy_(torch.from_numpy(q.dequantize()))
+    return m
+
+
+def _quantize(model_dir, t):
+    cfg = read_config(model_dir)
+    src = CheckpointSource(Checkpoint(model_dir, cfg))
+    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
+    return cfg, {n: rtn.quantize(n, src.full(n), t) for n in names}
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _feed(sess, ids, past=None, start=0):
+    b, s = ids.shape
+    feed = {"input_ids": ids, "attention_mask": np.ones((b, start + s), np.int64),
+            "position_ids": np.tile(np.arange(start, start + s), (b, 1))}
+    for k, i in enumerate(x for x in sess.get_inputs() if x.name.startswith("past")):
+        feed[i.name] = past[k] if past is not None else np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
+    return feed
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("t,bound", [(None, 1e-4), (IntType(8, 128), 3e-2)], ids=["fp32", "int8"])
+def test_logits_match_transformers(tiny_model, tmp_path, t, bound):
+    """fp32 graph vs transformers <= 1e-4; int8 g128 vs the full-precision model <= 3e-2."""
+    cfg, tensors = _quantize(tiny_model, t) if t else (read_config(tiny_model), {})
+    ox.write_onnx(tmp_path, tiny_model, cfg, tensors)
+    ids = np.random.default_rng(0).integers(0, 700, (2, 24))
+    got = _session(tmp_path / "model.onnx").run(["logits"], _feed(_session(tmp_path / "model.onnx"), ids))[0]
+    with torch.no_grad():
+        ref = _hf(tiny_model)(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert _rel(got, ref) <= bound
+
+
+@pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 32, sym=True), IntType(8, 64)], ids=lambda t: t.name)
+def test_quantized_graph_equals_dequantized_pytorch_and_generates(tiny_model, tmp_path, t):
+    """Same weights: logits equal the dequantized PyTorch model (<= 1e-3), and greedy decoding with the KV
+    cache gives PyTorch's 32 tokens."""
+    cfg, tensors = _quantize(tiny_model, t)
+    files = ox.write_onnx(tmp_path, tiny_model, cfg, tensors)
+    assert {f.name for f in files} >= {"model.onnx", "model.onnx_data", "config.json", "tokenizer.json"}
+    sess = _session(tmp_path / "model.onnx")
+    nbits = [n for n in __import__("onnx").load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(tensors) and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {t.bits}
+    ref_model = _hf(tiny_model, tensors)
+    ids = np.random.default_rng(1).integers(0, 700, (1, 12))
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert _rel(sess.run(["logits"], _feed(sess, ids))[0], ref) <= 1e-3
+    with torch.no_grad():
+        want = ref_model.generate(torch.from_numpy(ids), max_new_tokens=32, do_sample=False,
+                                  pad_token_id=0)[0, 12:].tolist()
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, _feed(sess, ids))))
+    got = []
+    for step in range(32):
+        nxt = int(out["logits"][0, -1].argmax())
+        got.append(nxt)
+        past = [out[n] for n in names[1:]]
+        out = dict(zip(names, sess.run(None, _feed(sess, np.array([[nxt]]), past, start=12 + step))))
+    assert got == want
+
+
+def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
+    assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--bits", "4", "--method", "rtn", "--out", tmp_path,
+                   "-q") == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["target"]["format"] == "onnx" and rep["target"]["scheme"] == "INT4_G128"
+    assert rep["metrics"]["artifact"]["rel_error"] <= 1e-3 and rep["metrics"]["artifact"]["top1"] == 1.0
+    assert {f["path"] for f in rep["artifact"]["files"]} >= {"model.onnx", "model.onnx_data"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # exists without --force; GGUF types are no ONNX grid; group size must divide the rows
+    assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--out", tmp_path, "-q") == 1
+    assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--quant", "Q4_K", "--out", tmp_path / "x", "-q") == 1
+
+
+def test_optimum_loads_the_folder(tiny_models, tmp_path):
+    """ORTModelForCausalLM (optimum-onnx) loads and generates; optimum-onnx needs transformers < 4.58."""
+    optimum_ort = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed "
+                                      "(it pins transformers < 4.58)")
+    cfg, tensors = _quantize(tiny_models["qwen2.5"], IntType(4, 128))
+    ox.write_onnx(tmp_path, tiny_models["qwen2.5"], cfg, tensors)
+    m = optimum_ort.ORTModelForCausalLM.from_pretrained(tmp_path, use_cache=True)
+    out = m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 11)
+
+
+def test_run_command_generates_what_pytorch_generates(tiny_models, tmp_path, capsys):
+    from tokenizers import Tokenizer
+    model = tiny_models["qwen2"]
+    cfg, tensors = _quantize(model, IntType(4, 64))
+    ox.write_onnx(tmp_path, model, cfg, tensors)
+    assert run_cli("run", tmp_path, "the cat sat on", "--max-tokens", "12", "--raw") == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    ids = tok.encode("the cat sat on", add_special_tokens=False).ids
+    with torch.no_grad():
+        new = _hf(model, tensors).generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                           pad_token_id=0)[0, len(ids):].tolist()
+    stop = {cfg.raw.get("eos_token_id")}
+    new = new[:next((k for k, t in enumerate(new) if t in stop), len(new))]
+    assert printed == tok.decode(new, skip_special_tokens=True)
+    assert run_cli("run", tmp_path / "nope", "x") == 1
