@@ -208,16 +208,26 @@ def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class Runner:
+    """An onnxruntime session over an exported folder's ``model.onnx``."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.pasts = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Logits [n, vocab] for one sequence, from an empty KV cache."""
+        ids = np.asarray(tokens, dtype=np.int64)[None]
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+        for i in self.pasts:
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        return self.sess.run(["logits"], feed)[0][0]
+
+
 def run_logits(path: Path, tokens: np.ndarray, threads: int | None = None) -> np.ndarray:
     """onnxruntime's logits [n, vocab] for one sequence, from an empty KV cache."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    ids = np.asarray(tokens, dtype=np.int64)[None]
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
-    for i in sess.get_inputs():
-        if i.name.startswith("past_key_values."):
-            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-    return sess.run(["logits"], feed)[0][0]
+    return Runner(path, threads).logits(tokens)

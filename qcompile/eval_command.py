@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  qcompile eval ./Qwen2.5-0.5B-Instruct --artifact out/Qwen2.5-0.5B-Instruct-Q4_K_M.gguf "
                "--text wiki.txt --ctx 512 --stride 256\n\nexit status: 0 success, 1 error, 2 usage error.")
     p.add_argument("model", metavar="MODEL", help="the full-precision checkpoint (directory, hub id, alias, 'tiny')")
-    p.add_argument("--artifact", type=Path, metavar="FILE", help="a GGUF file written by qcompile (or any GGUF of "
-                                                                 "this model)")
+    p.add_argument("--artifact", type=Path, metavar="PATH", help="a GGUF file (any GGUF of this model), or an ONNX "
+                                                                 "folder written by qcompile --to onnx")
     p.add_argument("--text", type=Path, required=True, metavar="FILE", help="evaluation text (held out from "
                                                                             "calibration)")
     p.add_argument("--ctx", type=int, default=512, metavar="N", help="window length in tokens (default 512)")
@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "ctx - stride tokens of context (default: ctx)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="evaluate at most N tokens of the "
                                                                              "text (default 4096)")
-    p.add_argument("--runtime", choices=["auto", "pytorch", "llama.cpp", "all"], default="auto",
-                   help="pytorch: dequantized weights in the reference decoder; llama.cpp: the artifact in "
-                        "llama-cpp-python; auto (default): both when llama-cpp-python is installed")
+    p.add_argument("--runtime", choices=["auto", "pytorch", "llama.cpp", "onnxruntime", "all"], default="auto",
+                   help="pytorch: a GGUF's dequantized weights in the reference decoder; llama.cpp: the GGUF in "
+                        "llama-cpp-python; onnxruntime: an ONNX folder; auto (default): every path that applies")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--family", default="instruct", help="model family for size aliases (default: instruct)")
     p.add_argument("--offline", action="store_true", help="never download")
@@ -71,15 +71,24 @@ def evaluate_artifact(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     paths = []
     if args.artifact is not None:
-        if not args.artifact.is_file():
-            raise QCompileError(f"--artifact {args.artifact}: no such file")
-        if args.artifact.suffix.lower() != ".gguf":
-            raise QCompileError(f"--artifact {args.artifact}: only GGUF files can be evaluated so far")
-        want = {"auto": ["pytorch"] + (["llama.cpp"] if llama_worker.available() else []), "all": ["pytorch", "llama.cpp"],
-                "pytorch": ["pytorch"], "llama.cpp": ["llama.cpp"]}[args.runtime]
-        if "llama.cpp" in want and not llama_worker.available():
-            raise QCompileError("--runtime llama.cpp needs llama-cpp-python (pip install 'qcompile[llama]')")
-        paths = want
+        onnx_dir = args.artifact.is_dir() and (args.artifact / "model.onnx").is_file()
+        if not onnx_dir and not args.artifact.is_file():
+            raise QCompileError(f"--artifact {args.artifact}: no such file (or folder with model.onnx)")
+        if onnx_dir:
+            if args.runtime not in ("auto", "all", "onnxruntime"):
+                raise QCompileError(f"--runtime {args.runtime}: an ONNX folder runs in onnxruntime")
+            paths = ["onnxruntime"]
+        elif args.artifact.suffix.lower() != ".gguf":
+            raise QCompileError(f"--artifact {args.artifact}: not a .gguf file or a folder with model.onnx")
+        else:
+            want = {"auto": ["pytorch"] + (["llama.cpp"] if llama_worker.available() else []),
+                    "all": ["pytorch", "llama.cpp"], "pytorch": ["pytorch"], "llama.cpp": ["llama.cpp"],
+                    "onnxruntime": []}[args.runtime]
+            if not want:
+                raise QCompileError("--runtime onnxruntime: the artifact is a GGUF file")
+            if "llama.cpp" in want and not llama_worker.available():
+                raise QCompileError("--runtime llama.cpp needs llama-cpp-python (pip install 'qcompile[llama]')")
+            paths = want
     results: dict[str, dict] = {}
     bar = lambda n, desc: tqdm(total=n, desc=desc, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
     if not paths:  # the fp model alone: compare it with itself for its perplexity
@@ -100,18 +109,27 @@ def evaluate_artifact(args: argparse.Namespace) -> dict:
         with bar(cfg.num_layers + len(windows), "eval (llama.cpp)") as b:
             m = evaluate.runtime_eval(cfg, fp, windows, score, runtime_logits, progress=lambda s: b.update(1))
         results["llama.cpp"] = m.as_dict()
+    if "onnxruntime" in paths:
+        from exporters.onnx import Runner
+        try:
+            runner = Runner(args.artifact / "model.onnx", args.threads)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise QCompileError(f"onnxruntime could not load {args.artifact} ({e})") from None
+        with bar(cfg.num_layers + len(windows), "eval (onnxruntime)") as b:
+            m = evaluate.runtime_eval(cfg, fp, windows, score, runner.logits, progress=lambda s: b.update(1))
+        results["onnxruntime"] = m.as_dict()
     return {"model": str(res.path), "artifact": str(args.artifact) if args.artifact else None,
             "text": str(args.text), "ctx": int(windows.shape[1]), "stride": args.stride or int(windows.shape[1]),
             "results": results}
 
 
 def format_results(out: dict) -> str:
-    lines = [f"{'path':<10} {'tokens':>7} {'ppl fp':>9} {'ppl quant':>10} {'mean KLD':>10} {'p99 KLD':>9} {'top-1':>7}"]
+    lines = [f"{'path':<12} {'tokens':>7} {'ppl fp':>9} {'ppl quant':>10} {'mean KLD':>10} {'p99 KLD':>9} {'top-1':>7}"]
     for path, m in out["results"].items():
         if path == "fp":
-            lines.append(f"{'fp':<10} {m['tokens']:>7} {m['ppl']:>9.4f}")
+            lines.append(f"{'fp':<12} {m['tokens']:>7} {m['ppl']:>9.4f}")
         else:
-            lines.append(f"{path:<10} {m['tokens']:>7} {m['ppl_fp']:>9.4f} {m['ppl_quant']:>10.4f} "
+            lines.append(f"{path:<12} {m['tokens']:>7} {m['ppl_fp']:>9.4f} {m['ppl_quant']:>10.4f} "
                          f"{m['kld_mean']:>10.5f} {m['kld_p99']:>9.4f} {100 * m['top1']:>6.2f}%")
     return "\n".join(lines)
 

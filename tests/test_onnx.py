@@ -103,6 +103,15 @@ def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
     assert rep["metrics"]["artifact"]["rel_error"] <= 1e-3 and rep["metrics"]["artifact"]["top1"] == 1.0
     assert {f["path"] for f in rep["artifact"]["files"]} >= {"model.onnx", "model.onnx_data"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # qcompile eval on the folder (onnxruntime) reproduces the reference-path numbers of the same weights
+    from qcompile.tiny import builtin_text
+    (tmp_path.parent / "eval.txt").write_text(builtin_text())
+    assert run_cli("eval", tiny_models["qwen3"], "--artifact", tmp_path, "--text", tmp_path.parent / "eval.txt",
+                   "--ctx", "256", "--max-tokens", "1024", "--json", tmp_path.parent / "e.json", "-q") == 0
+    got = json.loads((tmp_path.parent / "e.json").read_text())["results"]["onnxruntime"]
+    ref = rep["metrics"]["reference"]
+    assert got["tokens"] == ref["tokens"] and got["kld_mean"] == pytest.approx(ref["kld_mean"], rel=1e-3)
+    assert got["ppl_quant"] == pytest.approx(ref["ppl_quant"], rel=1e-4)
     # exists without --force; GGUF types are no ONNX grid; group size must divide the rows
     assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--out", tmp_path, "-q") == 1
     assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--quant", "Q4_K", "--out", tmp_path / "x", "-q") == 1
