@@ -3,7 +3,10 @@
 The full-precision graph comes from ``torch.onnx.export`` of the transformers model behind a wrapper
 with a flat signature, so inputs and outputs carry optimum's names (``input_ids``, ``attention_mask``,
 ``position_ids``, ``past_key_values.N.key/value`` -> ``logits``, ``present.N.key/value``) and
-``ORTModelForCausalLM`` loads the folder. (optimum's own exporter would do this, but optimum-onnx
+``ORTModelForCausalLM`` loads the folder.
+
+``lm_head`` is quantized like a linear when ``tensors`` holds ``lm_head.weight``; a tied matrix left in
+float is stored once (the head reads the embedding table through a Transpose). (optimum's own exporter would do this, but optimum-onnx
 pins transformers < 4.58; the graph it writes is the same TorchScript export.)
 
 Then graph surgery, by hand because no library swaps in *given* quantized weights (onnxruntime's
@@ -161,6 +164,26 @@ def swap_in(model, tensors: dict[str, QuantizedTensor]) -> list[str]:
     return swapped
 
 
+def share_tied_head(model) -> bool:
+    """For tied embeddings kept in float: feed lm_head's MatMul from the embedding table through a Transpose
+    instead of the transposed copy the tracer stored, so the matrix is on disk once. True if rewired."""
+    from onnx import helper
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    head = next((n for n in g.node if linear_of(n) == "lm_head"), None)
+    table = next((n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in inits
+                  and len(inits[n.input[0]].dims) == 2), None)
+    if head is None or table is None or head.input[1] not in inits:
+        return False
+    if list(inits[head.input[1]].dims) != list(reversed(inits[table].dims)):
+        return False
+    transpose = helper.make_node("Transpose", [table], ["lm_head.weight_T"], name="/lm_head/Transpose", perm=[1, 0])
+    head.input[1] = "lm_head.weight_T"
+    g.node.insert(list(g.node).index(head), transpose)
+    _prune(model)
+    return True
+
+
 def _prune(model) -> None:
     """Drop nodes whose outputs nobody reads, then initializers nobody reads."""
     g = model.graph
@@ -194,6 +217,8 @@ def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, 
         model = onnx.load(str(fp))
         fp.unlink()
         swap_in(model, tensors)
+        if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+            share_tied_head(model)
         onnx.save_model(model, str(tmp / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         for name in SIDE_FILES:

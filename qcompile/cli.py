@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="never download; use local files and the hub cache only")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True)); trusted files only")
+    p.add_argument("--keep-embeddings-fp", action="store_true",
+                   help="onnx: keep lm_head in float32 (default: 8-bit, same group size; the input embeddings stay "
+                        "float32 either way, and a tied matrix is stored once)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--version", action="version", version=f"qcompile {__version__}")
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                    seed=args.seed, device=args.device, resume=args.resume,
                    force=args.force, verify=args.verify, eval_text=args.eval_text, eval_ctx=args.eval_ctx,
                    eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, allow_pickle=args.allow_pickle,
+                   keep_embeddings_fp=args.keep_embeddings_fp,
                    threads=args.threads,
                    quiet=args.quiet, argv=["qcompile", *argv])
     try:

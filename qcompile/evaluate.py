@@ -63,8 +63,12 @@ class QuantizedSource:
 
     def __init__(self, base: WeightSource, tensors: dict[str, QuantizedTensor]):
         self.base, self.tensors = base, tensors
+        # a quantized output matrix, also when the checkpoint ties it to the (float) embeddings
+        self.head = "lm_head.weight" if "lm_head.weight" in tensors else None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.tensors:
+            return tuple(self.tensors[name].shape)
         return self.base.shape(name)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -244,10 +248,11 @@ class StreamedDecoder:
 
     def logits_chunks(self, source: WeightSource, hidden):
         """Yield (first vocab id, logits [tokens, chunk]) over the vocabulary, one chunk of lm_head at a time."""
-        vocab = source.shape(self.head_name)[0]
+        head = getattr(source, "head", None) or self.head_name  # a source may carry its own output matrix
+        vocab = source.shape(head)[0]
         step = max(256, HEAD_CHUNK_BYTES // (4 * max(1, hidden.shape[0])))
         for v0 in range(0, vocab, step):
-            w = self._t(source.rows(self.head_name, v0, min(v0 + step, vocab)))
+            w = self._t(source.rows(head, v0, min(v0 + step, vocab)))
             with self.torch.no_grad():
                 yield v0, hidden @ w.T
 

@@ -53,6 +53,7 @@ class Options:
     family: str = "instruct"
     offline: bool = False
     allow_pickle: bool = False
+    keep_embeddings_fp: bool = False
     threads: int | None = None
     quiet: bool = False
     argv: list[str] = field(default_factory=list)
@@ -315,11 +316,13 @@ def compile_onnx(opts: Options) -> dict:
                     n = f"model.layers.{i}.{lin}.weight"
                     tensors[n] = rtn.quantize(n, ckpt.read(n), target, threads=opts.threads)
             bar.update(1)
+    if not opts.keep_embeddings_fp:
+        tensors["lm_head.weight"] = quantize_head(ckpt, cfg, head_type(target), opts.threads)
     timings["quantize"] = time.perf_counter() - t1
     # AWQ folds scales into norms/biases: those go into the float graph before the linears are swapped
     t2 = time.perf_counter()
-    linears = {n: q for n, q in tensors.items() if n in names}
-    folded = {n: q.dequantize().reshape(-1) for n, q in tensors.items() if n not in names}
+    linears = {n: q for n, q in tensors.items() if n in names or n == "lm_head.weight"}
+    folded = {n: q.dequantize().reshape(-1) for n, q in tensors.items() if n not in linears}
     files = write_onnx(out, res.path, cfg, linears, folded)
     timings["export"] = time.perf_counter() - t2
     if engine is not None:
@@ -344,7 +347,8 @@ def compile_onnx(opts: Options) -> dict:
                   "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
                   "tied_embeddings": cfg.tie_word_embeddings},
         "target": {"format": "onnx", "scheme": target.name, "bits": target.bits, "group_size": target.group,
-                   "symmetric": target.sym, "method": method.name, "opset": "ai.onnx 17 + com.microsoft 1"},
+                   "symmetric": target.sym, "method": method.name,
+                   "lm_head": "float32" if opts.keep_embeddings_fp else head_type(target).name, "opset": "ai.onnx 17 + com.microsoft 1"},
         "calibration": calib_info,
         "artifact": {"path": ONNX_FILE, "bytes": size,
                      "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": report.sha256_file(f)}
@@ -359,6 +363,21 @@ def compile_onnx(opts: Options) -> dict:
     report.write_report(out / "report.json", rep)
     rep["artifact"]["full_path"] = str(out / ONNX_FILE)
     return rep
+
+
+def head_type(target: IntType) -> IntType:
+    """The output matrix's grid: 8-bit (llama.cpp keeps it at Q6_K/Q8_0 too: it is the most sensitive
+    matrix), same group size."""
+    return IntType(8, target.group)
+
+
+def quantize_head(ckpt: Checkpoint, cfg: ModelConfig, t: IntType, threads: int | None) -> QuantizedTensor:
+    """RTN of lm_head (the embeddings when tied), row chunk by row chunk. The float embeddings stay for the
+    input lookup, so a tied matrix is stored once in float and once in 8 bits, never twice in float."""
+    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    parts = [rtn.quantize("lm_head.weight", rows, t, threads=threads) for _, rows in ckpt.iter_rows(name)]
+    data = np.concatenate([q.data for q in parts])
+    return QuantizedTensor("lm_head.weight", t, (data.shape[0], parts[0].shape[1]), data)
 
 
 def _eval_text(opts: Options) -> str:

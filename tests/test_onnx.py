@@ -144,3 +144,22 @@ def test_run_command_generates_what_pytorch_generates(tiny_models, tmp_path, cap
     new = new[:next((k for k, t in enumerate(new) if t in stop), len(new))]
     assert printed == tok.decode(new, skip_special_tokens=True)
     assert run_cli("run", tmp_path / "nope", "x") == 1
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["int8-head", "fp-head"])
+def test_lm_head_policy_and_tied_matrix_stored_once(tiny_models, tmp_path, keep):
+    import onnx
+    model = tiny_models["qwen2.5"]  # tied embeddings
+    args = ["--keep-embeddings-fp"] if keep else []
+    assert run_cli(model, "--to", "onnx", "--bits", "4", "--method", "rtn", "--out", tmp_path, "-q", *args) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["metrics"]["artifact"]["rel_error"] <= 1e-3
+    g = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    cfg = read_config(model)
+    tables = [i for i in g.initializer if sorted(i.dims) == sorted([cfg.vocab_size, cfg.hidden_size])]
+    assert len(tables) == 1  # the float embedding table, once
+    head = [n for n in g.node if "/lm_head/" in n.name]
+    if keep:
+        assert rep["target"]["lm_head"] == "float32" and {n.op_type for n in head} == {"Transpose", "MatMul"}
+    else:
+        assert rep["target"]["lm_head"] == "INT8_G128" and [n.op_type for n in head] == ["MatMulNBits"]
