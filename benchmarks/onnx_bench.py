@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""ONNX on the CPU: our int4 folder vs the float32 graph and onnxruntime's own int4 quantizer.
+
+Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Three folders:
+
+* **fp32** — the float graph from our exporter (``torch.onnx.export``, the graph optimum writes; optimum's
+  own exporter needs transformers < 4.58), lm_head float;
+* **ORT int4** — onnxruntime's ``MatMulNBitsQuantizer`` (block 128, asymmetric, round to nearest) applied
+  to that fp32 graph, the peer;
+* **qcompile int4** — ``qcompile --to onnx --bits 4`` (INT4_G128, GPTQ on held-out calibration text).
+
+For each: size on disk, session load time, prompt (prefill) and decode tokens/s on ``--threads`` threads
+with the KV cache, and mean KLD / top-1 / perplexity against the bf16 checkpoint on held-out text
+(``qcompile eval --artifact DIR``, in onnxruntime).
+
+    python benchmarks/onnx_bench.py [--threads 2] [--samples 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tools import measure, table  # noqa: E402
+from kld_bench import REAL, eval_text, real_model  # noqa: E402
+from quality import calib_text  # noqa: E402
+
+
+def fp32_folder(model: Path, out: Path) -> Path:
+    from exporters.onnx import write_onnx
+    from qcompile.arch import read_config
+    if not (out / "model.onnx").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_onnx(out, model, read_config(model), {})
+    return out
+
+
+def ort_int4_folder(fp32: Path, out: Path) -> Path:
+    """onnxruntime's own quantizer over the fp32 graph (the peer)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    if not (out / "model.onnx").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), bits=4, block_size=128, is_symmetric=False)
+        q.process()
+        q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
+        for f in fp32.iterdir():
+            if not f.name.startswith("model.onnx"):
+                shutil.copyfile(f, out / f.name)
+    return out
+
+
+def speed(folder: Path, threads: int, prompt: int, decode: int) -> dict:
+    """Load time, prefill tokens/s (``prompt`` tokens) and decode tokens/s (``decode`` steps, KV cache)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    load = time.perf_counter() - t0
+    outs = [o.name for o in sess.get_outputs()]
+    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    ids = np.random.default_rng(0).integers(0, 10000, (1, prompt))
+
+    def step(cur, past, start):
+        n = start + cur.shape[1]
+        feed = {"input_ids": cur, "attention_mask": np.ones((1, n), np.int64),
+                "position_ids": np.arange(start, n, dtype=np.int64)[None], **dict(zip([i.name for i in pasts], past))}
+        return dict(zip(outs, sess.run(None, feed)))
+    empty = [np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in pasts]
+    step(ids[:, :16], empty, 0)  # warm-up
+    t1 = time.perf_counter()
+    res = step(ids, empty, 0)
+    prefill = prompt / (time.perf_counter() - t1)
+    past, cur = [res[o] for o in outs[1:]], np.array([[int(res["logits"][0, -1].argmax())]])
+    t2 = time.perf_counter()
+    for k in range(decode):
+        res = step(cur, past, prompt + k)
+        past, cur = [res[o] for o in outs[1:]], np.array([[int(res["logits"][0, -1].argmax())]])
+    return {"load_s": load, "prefill_tps": prefill, "decode_tps": decode / (time.perf_counter() - t2)}
+
+
+def quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
+    out = folder / "eval.json"
+    measure(["qcompile", "eval", model, "--artifact", folder, "--text", text, "--ctx", 512, "--max-tokens", 3072,
+             "--threads", threads, "--json", out, "-q"])
+    return json.loads(out.read_text())["results"]["onnxruntime"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=REAL)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "onnx")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=128, help="GPTQ calibration samples (x 512 tokens)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=64)
+    args = ap.parse_args()
+    model = real_model(args.model)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    text, calib = eval_text(work), calib_text(work)
+    fp32 = fp32_folder(model, work / "fp32")
+    peer = ort_int4_folder(fp32, work / "ort-int4")
+    ours = work / "qcompile-int4"
+    if not (ours / "model.onnx").exists():
+        measure(["qcompile", model, "--to", "onnx", "--bits", "4", "--calib", calib, "--calib-samples", args.samples,
+                 "--out", ours, "--force", "-q", "--no-verify"])
+    rows = []
+    for label, folder in (("fp32 (torch.onnx.export)", fp32), ("ORT MatMulNBitsQuantizer int4 RTN", peer),
+                          ("qcompile int4 GPTQ", ours)):
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+        rows.append((label, size, speed(folder, args.threads, args.prompt, args.decode),
+                     quality(model, folder, text, args.threads)))
+    base_decode = rows[0][2]["decode_tps"]
+    peer_kld = rows[1][3]["kld_mean"]
+    print(f"model {model.name}; {args.threads} threads; prompt {args.prompt} tokens, decode {args.decode} tokens; "
+          f"KLD vs the bf16 checkpoint on 6 x 512 held-out tokens")
+    print(table(["model", "size MiB", "load s", "prefill tok/s", "decode tok/s", "decode x fp32", "PPL",
+                 "mean KLD", "KLD / ORT int4", "top-1 %"],
+                [[label, f"{size / 2**20:.0f}", f"{s['load_s']:.2f}", f"{s['prefill_tps']:.0f}",
+                  f"{s['decode_tps']:.1f}", f"{s['decode_tps'] / base_decode:.2f}", f"{q['ppl_quant']:.3f}",
+                  f"{q['kld_mean']:.5f}", f"{q['kld_mean'] / peer_kld:.2f}", f"{100 * q['top1']:.1f}"]
+                 for label, size, s, q in rows]))
+
+
+if __name__ == "__main__":
+    main()
