@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--fresh", action="store_true", help="recompute rows cached from earlier runs")
+    ap.add_argument("--llama-only", action="store_true", help="score GGUF rows with llama-perplexity only (skip the "
+                                                               "PyTorch path)")
     args = ap.parse_args()
     t = tools()
     model = real_model(args.model)
@@ -121,7 +123,7 @@ def main() -> None:
     def gguf_row(label: str, path: Path, seconds: float) -> dict:
         return {"label": label, "bytes": path.stat().st_size, "seconds": seconds,
                 "llama": llama_score(t["perplexity"], path, base, text, args.ctx, args.chunks),
-                "torch": torch_score(model, path, text, args.ctx, tokens)}
+                "torch": None if args.llama_only else torch_score(model, path, text, args.ctx, tokens)}
 
     rows = []
     for typ in args.types:
@@ -157,7 +159,7 @@ def main() -> None:
                 return gguf_row(f"qcompile {method}", artifact, seconds)
             rows.append((typ, cached(f"{typ}-{method}-{calib_tag}", ours)))
     ref = {typ: r["llama"]["kld"] for typ, r in rows if r["label"] == "llama-quantize --imatrix"}
-    rtn_torch = {typ: r["torch"]["kld_mean"] for typ, r in rows if r["label"] == "qcompile rtn"}
+    rtn_torch = {typ: r["torch"]["kld_mean"] for typ, r in rows if r["label"] == "qcompile rtn" and r["torch"]}
     print(f"model {model.name}; calibration {calib_tag} tokens of {calib.name} (llama-imatrix: {im_samples}x"
           f"{args.seqlen}); eval {args.chunks} x {args.ctx} "
           f"tokens (held out). llama.cpp: llama-perplexity --kl-divergence vs convert_hf_to_gguf F16; "
@@ -170,8 +172,8 @@ def main() -> None:
                   fmt(r["llama"] and r["llama"]["ppl"], ".3f"), fmt(r["llama"] and r["llama"]["kld"], ".5f"),
                   fmt(r["llama"] and r["llama"]["top1"], ".2f"),
                   fmt(r["llama"] and typ in ref and r["llama"]["kld"] / ref[typ], ".2f"),
-                  f"{r['torch']['kld_mean']:.5f}",
-                  fmt(rtn_torch.get(typ) and r["torch"]["kld_mean"] / rtn_torch[typ], ".2f"),
+                  fmt(r["torch"] and r["torch"]["kld_mean"], ".5f"),
+                  fmt(rtn_torch.get(typ) and r["torch"] and r["torch"]["kld_mean"] / rtn_torch[typ], ".2f"),
                   f"{r['seconds']:.0f}"] for typ, r in rows]))
 
 
