@@ -60,24 +60,22 @@ def int_grid_run(model: Path, typ: str, method: str, calib: Path, samples: int, 
                  ctx: int, tokens: int) -> tuple[dict, float, float]:
     """Quantize every decoder linear onto an integer grid in memory (the calibration engine, or RTN) and
     score the dequantized model on the PyTorch path: (metrics, seconds, bits per linear weight)."""
-    from calibration.capture import LINEARS, LayerwiseEngine
+    from calibration.capture import LayerwiseEngine
     from calibration.sources import calibration_tokens
     from qcompile import evaluate
     from qcompile.arch import read_config
     from qcompile.checkpoint import Checkpoint
-    from quantizers import QUANTIZERS, rtn
+    from qcompile.pipeline import decoder_linears, quantize_decoder
+    from quantizers import QUANTIZERS
     from quantizers.grids import parse_type
     cfg = read_config(model)
     src = evaluate.CheckpointSource(Checkpoint(model, cfg))
     t, m = parse_type(typ), QUANTIZERS[method]
-    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
+    names = decoder_linears(cfg)
     t0 = time.perf_counter()
-    if m.needs_calibration:
-        eng = LayerwiseEngine(cfg, src, calibration_tokens(str(calib), model, samples, seqlen, 0),
-                              {n: t for n in names}, m)
-        tensors = {k: v for i in range(cfg.num_layers) for k, v in eng.layer(i).items()}
-    else:
-        tensors = {n: rtn.quantize(n, src.full(n), t) for n in names}
+    eng = LayerwiseEngine(cfg, src, calibration_tokens(str(calib), model, samples, seqlen, 0), {n: t for n in names},
+                          m) if m.needs_calibration else None
+    tensors = quantize_decoder(cfg, src, t, eng)
     seconds = time.perf_counter() - t0
     bpw = 8 * sum(tensors[n].nbytes for n in names) / sum(int(src.shape(n)[0] * src.shape(n)[1]) for n in names)
     ids = evaluate.tokenize(model, text.read_text(encoding="utf-8"))

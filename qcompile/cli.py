@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from qcompile import __version__
-from qcompile.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, QCompileError
+from qcompile.errors import EXIT_OK, EXIT_USAGE, guarded
 from quantizers import QUANTIZERS
 from quantizers.schemes import available
 
@@ -122,20 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                    keep_embeddings_fp=args.keep_embeddings_fp,
                    threads=args.threads,
                    quiet=args.quiet, argv=["qcompile", *argv])
-    try:
-        rep = compile_model(opts)
-    except QCompileError as e:
-        print(f"qcompile: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyError as e:  # unknown type names from the registries
-        print(f"qcompile: error: {e.args[0]}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("qcompile: interrupted; no output written", file=sys.stderr)
-        return EXIT_FAILURE
-    except OSError as e:
-        print(f"qcompile: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_FAILURE
+    code, rep = guarded("qcompile", lambda: compile_model(opts), "interrupted; no output written")
+    if code != EXIT_OK:
+        return code
     if not args.quiet:
         print(_summary(rep))
     return EXIT_OK

@@ -1,6 +1,11 @@
 """User-facing errors: each carries a one-line message and the process exit code."""
 from __future__ import annotations
 
+import sys
+from typing import Callable, TypeVar
+
+R = TypeVar("R")
+
 EXIT_OK = 0
 EXIT_FAILURE = 1   # bad input, I/O problems, verification failures, interruption
 EXIT_USAGE = 2     # command-line usage errors (argparse uses 2 too)
@@ -13,3 +18,25 @@ class QCompileError(Exception):
 
 class UsageError(QCompileError):
     exit_code = EXIT_USAGE
+
+
+def guarded(prog: str, work: Callable[[], R], interrupted: str = "interrupted") -> tuple[int, R | None]:
+    """Run a command's work; on a user-facing failure print one line to stderr and return its exit code.
+
+    Returns ``(EXIT_OK, result)`` or ``(code, None)``. Unknown names from the registries (``KeyError``)
+    are usage errors; I/O errors and Ctrl-C are failures.
+    """
+    try:
+        return EXIT_OK, work()
+    except QCompileError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code, None
+    except KeyError as e:
+        print(f"{prog}: error: {e.args[0]}", file=sys.stderr)
+        return EXIT_USAGE, None
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return EXIT_FAILURE, None
+    except OSError as e:
+        print(f"{prog}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILURE, None

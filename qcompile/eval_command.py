@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from qcompile.errors import EXIT_FAILURE, EXIT_OK, QCompileError
+from qcompile.errors import EXIT_OK, QCompileError, guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,20 +136,17 @@ def format_results(out: dict) -> str:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> dict:
         out = evaluate_artifact(args)
         if args.json:
             from qcompile.report import atomic_write_text
             atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")
-    except QCompileError as e:
-        print(f"qcompile eval: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("qcompile eval: interrupted", file=sys.stderr)
-        return EXIT_FAILURE
-    except OSError as e:
-        print(f"qcompile eval: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return out
+
+    code, out = guarded("qcompile eval", work)
+    if code != EXIT_OK:
+        return code
     print(format_results(out))
     return EXIT_OK
 

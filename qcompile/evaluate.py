@@ -334,13 +334,15 @@ def reference_eval(cfg: ModelConfig, fp: WeightSource, quant: WeightSource, wind
     """
     dec = StreamedDecoder(cfg)
     n_win, ctx = windows.shape
-    h_fp, h_q = dec.embed(fp, windows), dec.embed(quant, windows)
+    same = quant is fp  # the fp model against itself (its perplexity alone): run it once
+    h_fp = dec.embed(fp, windows)
+    h_q = h_fp if same else dec.embed(quant, windows)
     for i in range(cfg.num_layers):
         h_fp = dec.layer(i, fp, h_fp)
-        h_q = dec.layer(i, quant, h_q)
+        h_q = h_fp if same else dec.layer(i, quant, h_q)
         progress(f"layer {i + 1}/{cfg.num_layers}")
     h_fp = dec.final_norm(fp, h_fp).reshape(n_win * ctx, -1)
-    h_q = dec.final_norm(quant, h_q).reshape(n_win * ctx, -1)
+    h_q = h_fp if same else dec.final_norm(quant, h_q).reshape(n_win * ctx, -1)
     targets, mask = _targets(windows, score)
     per_token, kept = _compare(((v, x.numpy()) for v, x in dec.logits_chunks(fp, h_fp)),
                                ((v, x.numpy()) for v, x in dec.logits_chunks(quant, h_q)), targets, keep_logits)

@@ -160,6 +160,13 @@ def check_output(out: Path, artifact: Path, force: bool) -> None:
 TARGETS = ("gguf", "onnx")
 
 
+def model_info(res, cfg: ModelConfig, n_params: int) -> dict:
+    """report.json's ``model`` section (the same for every target)."""
+    return {"source": res.source, "path": str(res.path), "name": res.name, "architecture": cfg.arch.hf_name,
+            "parameters": n_params, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "tied_embeddings": cfg.tie_word_embeddings}
+
+
 def compile_model(opts: Options) -> dict:
     """Run the whole pipeline; return the report written beside the artifact."""
     if opts.to not in TARGETS:
@@ -181,16 +188,7 @@ def compile_model(opts: Options) -> dict:
     artifact = out / f"{res.name}-{sch.name}.gguf"
     check_output(out, artifact, opts.force)
     timings["resolve"] = time.perf_counter() - t0
-    eval_text = None
-    if opts.verify:
-        from qcompile.tiny import builtin_text
-        if opts.eval_text:
-            try:
-                eval_text = opts.eval_text.read_text(encoding="utf-8")
-            except OSError as e:
-                raise QCompileError(f"--eval-text {opts.eval_text}: {e.strerror}") from None
-        else:
-            eval_text = builtin_text()
+    eval_text = _eval_text(opts) if opts.verify else None
     n_params = sum(int(np.prod(p.shape)) for p in plan)
     tmp = out / f".{artifact.name}.{os.getpid()}.tmp"
     try:
@@ -233,10 +231,7 @@ def compile_model(opts: Options) -> dict:
         types[p.type.name] = types.get(p.type.name, 0) + 1
     rep = {
         "tool": {"name": "qcompile", "command": opts.argv},
-        "model": {"source": res.source, "path": str(res.path), "name": res.name,
-                  "architecture": cfg.arch.hf_name, "parameters": n_params, "layers": cfg.num_layers,
-                  "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-                  "tied_embeddings": cfg.tie_word_embeddings},
+        "model": model_info(res, cfg, n_params),
         "target": {"format": "gguf", "scheme": sch.name, "pure": sch.pure, "method": method.name,
                    "file_type": int(sch.file_type)},
         "calibration": calib_info,
@@ -293,7 +288,7 @@ def compile_onnx(opts: Options) -> dict:
     check_output(out, out / ONNX_FILE, opts.force)
     eval_text = _eval_text(opts) if opts.verify else None
     timings["resolve"] = time.perf_counter() - t0
-    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
+    names = decoder_linears(cfg)
     source = evaluate.CheckpointSource(ckpt)
     calib_info = None
     t1 = time.perf_counter()
@@ -306,16 +301,8 @@ def compile_onnx(opts: Options) -> dict:
             cfg, source, tokens, {n: target for n in names}, method, device=device,
             work_dir=out / ".onnx.resume", resume=opts.resume,
             fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, target.name, "onnx"))
-    tensors: dict[str, QuantizedTensor] = {}
     with _progress(opts, total=cfg.num_layers, unit="layer", desc=f"{method.name} {target.name}") as bar:
-        for i in range(cfg.num_layers):
-            if engine is not None:
-                tensors.update(engine.layer(i))
-            else:
-                for lin in LINEARS:
-                    n = f"model.layers.{i}.{lin}.weight"
-                    tensors[n] = rtn.quantize(n, ckpt.read(n), target, threads=opts.threads)
-            bar.update(1)
+        tensors = quantize_decoder(cfg, source, target, engine, opts.threads, on_layer=lambda i: bar.update(1))
     if not opts.keep_embeddings_fp:
         tensors["lm_head.weight"] = quantize_head(ckpt, cfg, head_type(target), opts.threads)
     timings["quantize"] = time.perf_counter() - t1
@@ -342,10 +329,7 @@ def compile_onnx(opts: Options) -> dict:
     n_params = sum(int(np.prod(ckpt.entry(n).shape)) for n in cfg.expected_tensor_names())
     rep = {
         "tool": {"name": "qcompile", "command": opts.argv},
-        "model": {"source": res.source, "path": str(res.path), "name": res.name,
-                  "architecture": cfg.arch.hf_name, "parameters": n_params, "layers": cfg.num_layers,
-                  "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-                  "tied_embeddings": cfg.tie_word_embeddings},
+        "model": model_info(res, cfg, n_params),
         "target": {"format": "onnx", "scheme": target.name, "bits": target.bits, "group_size": target.group,
                    "symmetric": target.sym, "method": method.name,
                    "lm_head": "float32" if opts.keep_embeddings_fp else head_type(target).name, "opset": "ai.onnx 17 + com.microsoft 1"},
@@ -363,6 +347,29 @@ def compile_onnx(opts: Options) -> dict:
     report.write_report(out / "report.json", rep)
     rep["artifact"]["full_path"] = str(out / ONNX_FILE)
     return rep
+
+
+def decoder_linears(cfg: ModelConfig) -> list[str]:
+    """HF names of every decoder linear's weight, layer by layer."""
+    from calibration.capture import LINEARS
+    return [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
+
+
+def quantize_decoder(cfg: ModelConfig, source: evaluate.WeightSource, target: IntType, engine=None,
+                     threads: int | None = None, on_layer=lambda i: None) -> dict[str, QuantizedTensor]:
+    """Every decoder linear on ``target``, in memory: from the calibration engine (with any norms/biases
+    it folded scales into) or, without one, by RTN straight from ``source``."""
+    from calibration.capture import LINEARS
+    tensors: dict[str, QuantizedTensor] = {}
+    for i in range(cfg.num_layers):
+        if engine is not None:
+            tensors.update(engine.layer(i))
+        else:
+            for lin in LINEARS:
+                n = f"model.layers.{i}.{lin}.weight"
+                tensors[n] = rtn.quantize(n, source.full(n), target, threads=threads)
+        on_layer(i)
+    return tensors
 
 
 def head_type(target: IntType) -> IntType:
@@ -390,32 +397,10 @@ def _eval_text(opts: Options) -> str:
         raise QCompileError(f"--eval-text {opts.eval_text}: {e.strerror}") from None
 
 
-def verify_onnx(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, onnx_path: Path,
-                tensors: dict[str, QuantizedTensor], text: str) -> dict:
-    """Reference-path metrics (fp vs dequantized, PyTorch) and onnxruntime's logits vs the dequantized model."""
-    import torch
-    from exporters.onnx import run_logits
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    ids = evaluate.tokenize(model_dir, text)
-    if len(ids) < 16:
-        raise QCompileError(f"evaluation text has only {len(ids)} tokens; need at least 16")
-    windows, score = evaluate.make_windows(ids, opts.eval_ctx, opts.eval_tokens)
-    keep = min(128, windows.shape[1])
-    fp = evaluate.CheckpointSource(ckpt)
-    with _progress(opts, total=cfg.num_layers, desc="verify (PyTorch)", unit="layer") as bar:
-        ref, q_logits = evaluate.reference_eval(cfg, fp, evaluate.QuantizedSource(fp, tensors), windows,
-                                                keep_logits=keep, progress=lambda s: bar.update(1), score=score)
-    try:
-        got = run_logits(onnx_path, windows[0, :keep], opts.threads)
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise QCompileError(f"verification failed: onnxruntime could not run the model ({e})") from None
-    return {"reference": ref.as_dict(), "artifact": evaluate.compare_logits("onnxruntime", got, q_logits).as_dict()}
-
-
-def verify(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, gguf_path: Path,
-           text: str) -> dict:
-    """Reference-path metrics (PyTorch) and, when llama-cpp-python is installed, artifact-path metrics."""
+def _reference_check(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path,
+                     quant: evaluate.WeightSource, text: str) -> tuple[evaluate.ReferenceMetrics, np.ndarray, np.ndarray]:
+    """The reference path of verification: fp vs ``quant`` in PyTorch on the evaluation text. Returns the
+    metrics, the quantized logits of the first window's first tokens and those tokens (for the runtime check)."""
     try:
         import torch
     except ImportError:
@@ -428,14 +413,32 @@ def verify(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, g
     windows, score = evaluate.make_windows(ids, opts.eval_ctx, opts.eval_tokens)
     keep = min(128, windows.shape[1])
     with _progress(opts, total=cfg.num_layers, desc="verify (PyTorch)", unit="layer") as bar:
-        ref, q_logits = evaluate.reference_eval(cfg, evaluate.CheckpointSource(ckpt),
-                                                evaluate.GGUFSource(gguf_path, cfg),
-                                                windows, keep_logits=keep, progress=lambda s: bar.update(1),
-                                                score=score)
+        ref, q_logits = evaluate.reference_eval(cfg, evaluate.CheckpointSource(ckpt), quant, windows,
+                                                keep_logits=keep, progress=lambda s: bar.update(1), score=score)
+    return ref, q_logits, windows[0, :keep]
+
+
+def verify_onnx(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, onnx_path: Path,
+                tensors: dict[str, QuantizedTensor], text: str) -> dict:
+    """Reference-path metrics (fp vs dequantized, PyTorch) and onnxruntime's logits vs the dequantized model."""
+    from exporters.onnx import run_logits
+    quant = evaluate.QuantizedSource(evaluate.CheckpointSource(ckpt), tensors)
+    ref, q_logits, tokens = _reference_check(opts, cfg, ckpt, model_dir, quant, text)
+    try:
+        got = run_logits(onnx_path, tokens, opts.threads)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise QCompileError(f"verification failed: onnxruntime could not run the model ({e})") from None
+    return {"reference": ref.as_dict(), "artifact": evaluate.compare_logits("onnxruntime", got, q_logits).as_dict()}
+
+
+def verify(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, gguf_path: Path,
+           text: str) -> dict:
+    """Reference-path metrics (PyTorch) and, when llama-cpp-python is installed, artifact-path metrics."""
+    ref, q_logits, tokens = _reference_check(opts, cfg, ckpt, model_dir, evaluate.GGUFSource(gguf_path, cfg), text)
     out: dict = {"reference": ref.as_dict()}
     if llama_worker.available():
         try:
-            got = llama_worker.logits(gguf_path, windows[0, :keep].tolist(), opts.threads)
+            got = llama_worker.logits(gguf_path, tokens.tolist(), opts.threads)
         except RuntimeError as e:
             raise QCompileError(f"verification failed: llama.cpp could not run the GGUF ({e})") from None
         out["artifact"] = evaluate.compare_logits("llama.cpp", got, q_logits).as_dict()

@@ -6,12 +6,11 @@ the KV cache the graph carries. Greedy decoding, so the same artifact always say
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from qcompile.errors import EXIT_FAILURE, EXIT_OK, QCompileError
+from qcompile.errors import EXIT_OK, QCompileError, guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,24 +74,22 @@ def generate_onnx(folder: Path, prompt: str, max_tokens: int, raw: bool, threads
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from qcompile import llama_worker
-    try:
+
+    def work() -> str:
         a = args.artifact
         if a.is_dir() and (a / "model.onnx").is_file():
-            text = generate_onnx(a, args.prompt, args.max_tokens, args.raw, args.threads)
-        elif a.is_file() and a.suffix.lower() == ".gguf":
+            return generate_onnx(a, args.prompt, args.max_tokens, args.raw, args.threads)
+        if a.is_file() and a.suffix.lower() == ".gguf":
             if not llama_worker.available():
                 raise QCompileError("running a GGUF needs llama-cpp-python (pip install 'qcompile[llama]')")
             try:
-                text = llama_worker.generate(a, args.prompt, args.max_tokens, chat=not args.raw, threads=args.threads)
+                return llama_worker.generate(a, args.prompt, args.max_tokens, chat=not args.raw, threads=args.threads)
             except RuntimeError as e:
                 raise QCompileError(f"llama.cpp could not run {a} ({e})") from None
-        else:
-            raise QCompileError(f"{a}: not a .gguf file or a folder with model.onnx")
-    except QCompileError as e:
-        print(f"qcompile run: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("qcompile run: interrupted", file=sys.stderr)
-        return EXIT_FAILURE
+        raise QCompileError(f"{a}: not a .gguf file or a folder with model.onnx")
+
+    code, text = guarded("qcompile run", work)
+    if code != EXIT_OK:
+        return code
     print(text)
     return EXIT_OK

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from conftest import run_cli
-from calibration.capture import LINEARS
 from exporters import onnx as ox
 from qcompile.arch import read_config
 from qcompile.checkpoint import Checkpoint
 from qcompile.evaluate import CheckpointSource
-from quantizers import rtn
+from qcompile.pipeline import quantize_decoder
 from quantizers.grids import IntType
 
 ort = pytest.importorskip("onnxruntime")
@@ -31,9 +30,7 @@ def _hf(model_dir, tensors=None):
 
 def _quantize(model_dir, t):
     cfg = read_config(model_dir)
-    src = CheckpointSource(Checkpoint(model_dir, cfg))
-    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
-    return cfg, {n: rtn.quantize(n, src.full(n), t) for n in names}
+    return cfg, quantize_decoder(cfg, CheckpointSource(Checkpoint(model_dir, cfg)), t)
 
 
 def _session(path):
@@ -115,6 +112,11 @@ def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
     # exists without --force; GGUF types are no ONNX grid; group size must divide the rows
     assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--out", tmp_path, "-q") == 1
     assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--quant", "Q4_K", "--out", tmp_path / "x", "-q") == 1
+    assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--quant", "INT4_G100", "--out", tmp_path / "x", "-q") == 1
+    assert not (tmp_path / "x" / "model.onnx").exists()
+    # an ONNX folder runs in onnxruntime only
+    assert run_cli("eval", tiny_models["qwen3"], "--artifact", tmp_path, "--text", tmp_path.parent / "eval.txt",
+                   "--runtime", "pytorch", "-q") == 1
 
 
 def test_optimum_loads_the_folder(tiny_models, tmp_path):
