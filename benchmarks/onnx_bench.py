@@ -3,10 +3,11 @@
 
 Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Three folders:
 
-* **fp32** — the float graph from our exporter (``torch.onnx.export``, the graph optimum writes; optimum's
-  own exporter needs transformers < 4.58), lm_head float;
+* **fp32 (optimum)** — ``optimum.exporters.onnx`` (text-generation-with-past), the float graph users get
+  today; optimum-onnx pins transformers < 4.58, so it runs over ``qcompile.optimum_overlay``;
+* **fp32 (qcompile)** — the float graph from our own exporter (``torch.onnx.export``, same I/O);
 * **ORT int4** — onnxruntime's ``MatMulNBitsQuantizer`` (block 128, asymmetric, round to nearest) applied
-  to that fp32 graph, the peer;
+  to optimum's fp32 graph, the peer;
 * **qcompile int4** — ``qcompile --to onnx --bits 4`` (INT4_G128, GPTQ on held-out calibration text).
 
 For each: size on disk, session load time, prompt (prefill) and decode tokens/s on ``--threads`` threads
@@ -38,6 +39,27 @@ def fp32_folder(model: Path, out: Path) -> Path:
     if not (out / "model.onnx").exists():
         out.mkdir(parents=True, exist_ok=True)
         write_onnx(out, model, read_config(model), {})
+    return out
+
+
+_OPTIMUM_EXPORT = """
+import sys
+from optimum.exporters.onnx import main_export
+main_export(sys.argv[1], output=sys.argv[2], task="text-generation-with-past", do_validation=False)
+"""
+
+
+def optimum_folder(model: Path, out: Path) -> Path:
+    """optimum's own fp32 export (in the transformers-4.57 overlay), plus our tokenizer files for eval."""
+    from qcompile import optimum_overlay
+    if not (out / "model.onnx").exists():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        optimum_overlay.run(_OPTIMUM_EXPORT, str(model), str(tmp))
+        for f in model.iterdir():
+            if f.name.startswith("tokenizer") and not (tmp / f.name).exists():
+                shutil.copyfile(f, tmp / f.name)
+        tmp.rename(out)
     return out
 
 
@@ -106,20 +128,21 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     text, calib = eval_text(work), calib_text(work)
+    fp32_opt = optimum_folder(model, work / "fp32-optimum")
     fp32 = fp32_folder(model, work / "fp32")
-    peer = ort_int4_folder(fp32, work / "ort-int4")
+    peer = ort_int4_folder(fp32_opt, work / "ort-int4")
     ours = work / "qcompile-int4"
     if not (ours / "model.onnx").exists():
         measure(["qcompile", model, "--to", "onnx", "--bits", "4", "--calib", calib, "--calib-samples", args.samples,
                  "--out", ours, "--force", "-q", "--no-verify"])
     rows = []
-    for label, folder in (("fp32 (torch.onnx.export)", fp32), ("ORT MatMulNBitsQuantizer int4 RTN", peer),
+    for label, folder in (("fp32 (optimum export)", fp32_opt), ("fp32 (qcompile export)", fp32), ("ORT MatMulNBitsQuantizer int4 RTN", peer),
                           ("qcompile int4 GPTQ", ours)):
         size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
         rows.append((label, size, speed(folder, args.threads, args.prompt, args.decode),
                      quality(model, folder, text, args.threads)))
     base_decode = rows[0][2]["decode_tps"]
-    peer_kld = rows[1][3]["kld_mean"]
+    peer_kld = rows[2][3]["kld_mean"]
     print(f"model {model.name}; {args.threads} threads; prompt {args.prompt} tokens, decode {args.decode} tokens; "
           f"KLD vs the bf16 checkpoint on 6 x 512 held-out tokens")
     print(table(["model", "size MiB", "load s", "prefill tok/s", "decode tok/s", "decode x fp32", "PPL",

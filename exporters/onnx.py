@@ -17,6 +17,7 @@ grid. Nothing is re-quantized here.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -224,6 +225,7 @@ def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, 
         for name in SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
+        _portable_config(tmp / "config.json")
         final = []
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == ONNX_FILE):  # the graph last
             os.replace(p, out / p.name)
@@ -231,6 +233,21 @@ def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, 
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _portable_config(path: Path) -> None:
+    """Give a transformers-5 ``config.json`` the top-level ``rope_theta`` older readers look for.
+
+    transformers 5 moved it into ``rope_parameters``; transformers 4.x (which optimum-onnx requires) then
+    silently assumes 10000. The graph has RoPE baked in, but anything that rebuilds the model from the
+    config (optimum re-exports, evaluation harnesses) must see the real base."""
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" not in cfg and "rope_theta" in rope and rope.get("rope_type", "default") == "default":
+        cfg["rope_theta"] = rope["rope_theta"]
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 class Runner:

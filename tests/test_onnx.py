@@ -9,6 +9,7 @@ import torch
 
 from conftest import run_cli
 from exporters import onnx as ox
+from qcompile import tiny
 from qcompile.arch import read_config
 from qcompile.checkpoint import Checkpoint
 from qcompile.evaluate import CheckpointSource
@@ -119,15 +120,51 @@ def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
                    "--runtime", "pytorch", "-q") == 1
 
 
-def test_optimum_loads_the_folder(tiny_models, tmp_path):
-    """ORTModelForCausalLM (optimum-onnx) loads and generates; optimum-onnx needs transformers < 4.58."""
-    optimum_ort = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed "
-                                      "(it pins transformers < 4.58)")
-    cfg, tensors = _quantize(tiny_models["qwen2.5"], IntType(4, 128))
-    ox.write_onnx(tmp_path, tiny_models["qwen2.5"], cfg, tensors)
-    m = optimum_ort.ORTModelForCausalLM.from_pretrained(tmp_path, use_cache=True)
-    out = m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False)
-    assert out.shape == (1, 11)
+_OPTIMUM_GENERATE = """
+import json, sys, torch
+from optimum.onnxruntime import ORTModelForCausalLM
+m = ORTModelForCausalLM.from_pretrained(sys.argv[1], use_cache=True)
+out = m.generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+print(json.dumps({"tokens": out[0].tolist(), "rope_theta": m.config.rope_theta}))
+"""
+
+
+@pytest.fixture(scope="session")
+def optimum_overlay():
+    """optimum-onnx pins transformers < 4.58, so it runs in a child process over a pinned overlay
+    (``qcompile.optimum_overlay``), installed once from the package index."""
+    from qcompile import optimum_overlay
+    try:
+        return optimum_overlay.ensure()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2.5", "qwen3-64",
+                                  pytest.param("qwen3", marks=pytest.mark.xfail(
+                                      strict=True, reason="optimum-onnx 0.1 sizes the empty KV cache with "
+                                      "hidden_size / num_heads, not Qwen3's head_dim (huggingface/optimum#2379)"))])
+def test_optimum_loads_and_generates(tiny_models, tmp_path, optimum_overlay, name):
+    """``ORTModelForCausalLM.from_pretrained(DIR)`` (optimum-onnx, in its own transformers 4.57 process) loads
+    our int4 folder and greedy-generates the tokens of the dequantized PyTorch model."""
+    from qcompile import optimum_overlay as ov
+    if name == "qwen3-64":  # Qwen3 with head_dim == hidden / heads, the case optimum sizes right
+        model = tmp_path / "m"
+        model.mkdir()
+        tiny.build_tokenizer(model)
+        tiny.build_model(model, arch="qwen3", seed=20, tie_word_embeddings=False, head_dim=64)
+    else:
+        model = tiny_models[name]
+    cfg, tensors = _quantize(model, IntType(4, 128))
+    ox.write_onnx(tmp_path / "onnx", model, cfg, tensors)
+    prompt = [5, 6, 7]
+    got = json.loads(ov.run(_OPTIMUM_GENERATE, str(tmp_path / "onnx"), json.dumps(prompt), overlay=optimum_overlay))
+    assert got["rope_theta"] == cfg.rope_theta  # transformers 4.x reads the real RoPE base from our config.json
+    got = got["tokens"]
+    with torch.no_grad():
+        want = _hf(model, tensors).generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                            pad_token_id=0)[0].tolist()
+    assert got == want and len(set(got[3:])) > 1
 
 
 def test_run_command_generates_what_pytorch_generates(tiny_models, tmp_path, capsys):
