@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompile.arch import ModelConfig
+from qcompile.checkpoint import Checkpoint
 from quantizers.grids import IntType
 from quantizers.tensor import QuantizedTensor
 
@@ -69,17 +70,37 @@ def _wrapper(model):
     return Flat().eval()
 
 
-def export_fp(model_dir: Path, cfg: ModelConfig, path: Path, params: dict[str, np.ndarray] | None = None) -> None:
-    """The full-precision (float32) decoder graph with KV cache, weights inline, to ``path``; ``params``
-    replaces checkpoint tensors by HF name first (norms and biases that AWQ folded scales into)."""
+def _weightless(model_dir: Path):
+    """The transformers model with no weights in memory: built on the meta device, every parameter then a
+    zero-strided view of one float32 zero (shape right, ~0 bytes), the rotary buffers rebuilt on the CPU.
+
+    The tracer only needs shapes and a forward pass that runs; the weights enter the graph later, one
+    tensor at a time from the checkpoint (``bind_weights``). Tied parameters stay one object."""
     import torch
-    from transformers import AutoModelForCausalLM
-    # The tracer needs the whole float32 model; the quantized weights are swapped in afterwards.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, value in (params or {}).items():
-            p = model.get_parameter(name)
-            p.copy_(torch.from_numpy(np.asarray(value, np.float32)).reshape(p.shape))
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    zero, done = torch.zeros((), dtype=torch.float32), {}
+    for mod in model.modules():
+        for key, p in list(mod._parameters.items()):
+            if p is not None:
+                done.setdefault(id(p), torch.nn.Parameter(zero.expand(p.shape), requires_grad=False))
+                mod._parameters[key] = done[id(p)]
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config)
+    meta = [n for n, b in model.named_buffers() if b.is_meta]
+    if meta:
+        raise RuntimeError(f"cannot rebuild buffers {meta} outside the meta device")
+    return model.eval()
+
+
+def export_fp(model_dir: Path, cfg: ModelConfig, path: Path) -> None:
+    """The float32 decoder graph with KV cache to ``path``, its parameters left as graph inputs named by
+    their HF names (``export_params=False``): the model is traced without its weights in memory, so a 7B
+    export costs a trace, not 28 GB. ``bind_weights`` turns those inputs into initializers."""
+    import torch
+    model = _weightless(model_dir)
     n, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     b, p, s = 2, 3, 4   # a sample with a non-empty past, so every dimension is traced as dynamic
     past = [torch.zeros(b, kvh, p, hd) for _ in range(2 * n)]
@@ -98,7 +119,43 @@ def export_fp(model_dir: Path, cfg: ModelConfig, path: Path, params: dict[str, n
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes: mask is always given
         torch.onnx.export(_wrapper(model), args, str(path), dynamo=False, input_names=ins, output_names=outs,
-                          dynamic_axes=dyn, opset_version=OPSET, do_constant_folding=True)
+                          dynamic_axes=dyn, opset_version=OPSET, export_params=False, do_constant_folding=False,
+                          keep_initializers_as_inputs=True)  # no dedup of the (all-zero) placeholders
+
+
+def bind_weights(model, read, params: dict[str, np.ndarray] | None = None) -> None:
+    """Replace every parameter input still read by the graph with an initializer: ``params[name]`` when
+    given (AWQ-folded norms/biases), else ``read(name)`` (float32, straight from the checkpoint); inputs
+    nobody reads (weights of swapped linears) are dropped. A ``Transpose`` that is a weight's only reader
+    is folded into a transposed initializer, as constant folding would have done; one with other readers
+    (a tied table that is also the float head) stays, so the matrix is stored once."""
+    from onnx import numpy_helper
+    g = model.graph
+    ins = set(io_names(0)[0]) | {i.name for i in g.input if i.name.startswith("past_key_values.")}
+    readers: dict[str, list] = {}
+    for node in g.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    keep, params = [], params or {}
+    for inp in list(g.input):
+        if inp.name in ins:
+            keep.append(inp)
+            continue
+        users = readers.get(inp.name, [])
+        if not users:
+            continue
+        hf = inp.name.removeprefix("model.")   # the wrapper's attribute
+        value = np.asarray(params[hf], np.float32) if hf in params else read(hf)
+        value = value.reshape([d.dim_value for d in inp.type.tensor_type.shape.dim])
+        if len(users) == 1 and users[0].op_type == "Transpose":
+            t = users[0]
+            perm = list(next(a.ints for a in t.attribute if a.name == "perm"))
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.transpose(perm)), t.output[0]))
+            g.node.remove(t)
+        else:
+            g.initializer.append(numpy_helper.from_array(value, inp.name))
+    del g.input[:]
+    g.input.extend(keep)
 
 
 def linear_of(node) -> str | None:
@@ -165,26 +222,6 @@ def swap_in(model, tensors: dict[str, QuantizedTensor]) -> list[str]:
     return swapped
 
 
-def share_tied_head(model) -> bool:
-    """For tied embeddings kept in float: feed lm_head's MatMul from the embedding table through a Transpose
-    instead of the transposed copy the tracer stored, so the matrix is on disk once. True if rewired."""
-    from onnx import helper
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    head = next((n for n in g.node if linear_of(n) == "lm_head"), None)
-    table = next((n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in inits
-                  and len(inits[n.input[0]].dims) == 2), None)
-    if head is None or table is None or head.input[1] not in inits:
-        return False
-    if list(inits[head.input[1]].dims) != list(reversed(inits[table].dims)):
-        return False
-    transpose = helper.make_node("Transpose", [table], ["lm_head.weight_T"], name="/lm_head/Transpose", perm=[1, 0])
-    head.input[1] = "lm_head.weight_T"
-    g.node.insert(list(g.node).index(head), transpose)
-    _prune(model)
-    return True
-
-
 def _prune(model) -> None:
     """Drop nodes whose outputs nobody reads, then initializers nobody reads."""
     g = model.graph
@@ -214,12 +251,11 @@ def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, 
     tmp.mkdir(parents=True)
     try:
         fp = tmp / "fp.onnx"
-        export_fp(model_dir, cfg, fp, params)
+        export_fp(model_dir, cfg, fp)
         model = onnx.load(str(fp))
         fp.unlink()
         swap_in(model, tensors)
-        if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
-            share_tied_head(model)
+        bind_weights(model, Checkpoint(model_dir, cfg).read, params)
         onnx.save_model(model, str(tmp / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         for name in SIDE_FILES:

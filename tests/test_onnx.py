@@ -202,3 +202,13 @@ def test_lm_head_policy_and_tied_matrix_stored_once(tiny_models, tmp_path, keep)
         assert rep["target"]["lm_head"] == "float32" and {n.op_type for n in head} == {"Transpose", "MatMul"}
     else:
         assert rep["target"]["lm_head"] == "INT8_G128" and [n.op_type for n in head] == ["MatMulNBits"]
+
+
+def test_export_traces_without_the_weights(tiny_models):
+    """The traced model holds no weights (a 7B export must not need 28 GB of float32): every parameter is a
+    zero-strided view, shapes and tying intact; the weights enter the graph one tensor at a time."""
+    model = ox._weightless(tiny_models["qwen2.5"])
+    params = list(model.parameters())
+    assert sum(p.numel() for p in params) > 500_000
+    assert sum(p.untyped_storage().nbytes() for p in params) <= 4 * len(params)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
