@@ -45,25 +45,46 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def _wrapper(model):
+def _wrapper(model, weights: list[str]):
+    """A flat-signature module for the tracer: (input_ids, attention_mask, position_ids, k0, v0, ..., then one
+    tensor per name in ``weights``) -> (logits, k0', v0', ...). The weights are forward *inputs*, not
+    parameters, so the exporter never treats them as constants (its shape inference would otherwise
+    evaluate every Transpose of a weight: a second copy of the model). They are slotted into the modules'
+    parameter tables for the call by hand, because ``torch.func.functional_call`` refuses to run under
+    the tracer."""
     import torch
     from transformers import DynamicCache
+    slots: dict[int, list] = {}   # parameter -> every (module, key) holding it (tied ones: two)
+    for mod in model.modules():
+        for key, prm in mod._parameters.items():
+            if prm is not None:
+                slots.setdefault(id(prm), []).append((mod, key))
+    params = dict(model.named_parameters())
+    where = [slots[id(params[w])] for w in weights]
 
     class Flat(torch.nn.Module):
-        """(input_ids, attention_mask, position_ids, k0, v0, k1, v1, ...) -> (logits, k0', v0', ...)."""
-
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, position_ids, *past):
-            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        def forward(self, input_ids, attention_mask, position_ids, *rest):
+            n = 2 * self.model.config.num_hidden_layers
+            past, values = rest[:n], rest[n:]
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(n // 2)]
             try:  # transformers >= 5
                 cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
             except TypeError:  # transformers 4.x
                 cache = DynamicCache.from_legacy_cache(tuple(pairs))
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+            for held, value in zip(where, values):
+                for mod, key in held:
+                    mod._parameters[key] = value
+            try:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True)
+            finally:
+                for held, w in zip(where, weights):
+                    for mod, key in held:
+                        mod._parameters[key] = params[w]
             cache = getattr(out, "past_key_values", None) or getattr(out, "cache")
             present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
@@ -96,16 +117,17 @@ def _weightless(model_dir: Path):
 
 
 def export_fp(model_dir: Path, cfg: ModelConfig, path: Path) -> None:
-    """The float32 decoder graph with KV cache to ``path``, its parameters left as graph inputs named by
-    their HF names (``export_params=False``): the model is traced without its weights in memory, so a 7B
-    export costs a trace, not 28 GB. ``bind_weights`` turns those inputs into initializers."""
+    """The float32 decoder graph with KV cache to ``path``, its weights left as graph inputs named by their
+    HF names: the model is traced without its weights in memory, so a 7B export costs a trace, not 28 GB.
+    ``bind_weights`` turns those inputs into initializers."""
     import torch
     model = _weightless(model_dir)
     n, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     b, p, s = 2, 3, 4   # a sample with a non-empty past, so every dimension is traced as dynamic
     past = [torch.zeros(b, kvh, p, hd) for _ in range(2 * n)]
+    weights = dict(model.named_parameters())   # tied parameters once, under their first name
     args = (torch.randint(0, cfg.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
-            torch.arange(p, p + s).expand(b, s).contiguous(), *past)
+            torch.arange(p, p + s).expand(b, s).contiguous(), *past, *weights.values())
     ins, outs = io_names(n)
     dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
@@ -118,12 +140,48 @@ def export_fp(model_dir: Path, cfg: ModelConfig, path: Path) -> None:
     import warnings
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes: mask is always given
-        torch.onnx.export(_wrapper(model), args, str(path), dynamo=False, input_names=ins, output_names=outs,
-                          dynamic_axes=dyn, opset_version=OPSET, export_params=False, do_constant_folding=False,
-                          keep_initializers_as_inputs=True)  # no dedup of the (all-zero) placeholders
+        torch.onnx.export(_wrapper(model, list(weights)), args, str(path), dynamo=False,
+                          input_names=ins + list(weights), output_names=outs, dynamic_axes=dyn,
+                          opset_version=OPSET, do_constant_folding=True)
 
 
-def bind_weights(model, read, params: dict[str, np.ndarray] | None = None) -> None:
+class ExternalData:
+    """Writes initializers straight into the external data file as they are made and returns
+    ``TensorProto``s that point at them, so no weight bytes accumulate in the in-memory graph (onnx's own
+    ``save_model(save_as_external_data=True)`` only moves them out at the end, after all were held).
+    Small tensors stay inline, as onnx's ``size_threshold`` does."""
+
+    ALIGN, INLINE = 64, 1024
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.offset = path, open(path, "wb"), 0
+
+    def __call__(self, array: np.ndarray, name: str):
+        import onnx
+        from onnx import helper, numpy_helper
+        a = np.ascontiguousarray(array)
+        if a.nbytes < self.INLINE:
+            return numpy_helper.from_array(a, name)
+        t = onnx.TensorProto(name=name, dims=a.shape, data_type=helper.np_dtype_to_tensor_dtype(a.dtype),
+                             data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", self.path.name), ("offset", self.offset), ("length", a.nbytes)):
+            t.external_data.add(key=k, value=str(v))
+        self.f.write(memoryview(a).cast("B"))
+        pad = -a.nbytes % self.ALIGN
+        self.f.write(b"\0" * pad)
+        self.offset += a.nbytes + pad
+        return t
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _inline(array: np.ndarray, name: str):
+    from onnx import numpy_helper
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def bind_weights(model, read, params: dict[str, np.ndarray] | None = None, store=_inline) -> None:
     """Replace every parameter input still read by the graph with an initializer: ``params[name]`` when
     given (AWQ-folded norms/biases), else ``read(name)`` (float32, straight from the checkpoint); inputs
     nobody reads (weights of swapped linears) are dropped. A ``Transpose`` that is a weight's only reader
@@ -144,16 +202,16 @@ def bind_weights(model, read, params: dict[str, np.ndarray] | None = None) -> No
         users = readers.get(inp.name, [])
         if not users:
             continue
-        hf = inp.name.removeprefix("model.")   # the wrapper's attribute
+        hf = inp.name
         value = np.asarray(params[hf], np.float32) if hf in params else read(hf)
         value = value.reshape([d.dim_value for d in inp.type.tensor_type.shape.dim])
         if len(users) == 1 and users[0].op_type == "Transpose":
             t = users[0]
             perm = list(next(a.ints for a in t.attribute if a.name == "perm"))
-            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.transpose(perm)), t.output[0]))
+            g.initializer.append(store(value.transpose(perm), t.output[0]))
             g.node.remove(t)
         else:
-            g.initializer.append(numpy_helper.from_array(value, inp.name))
+            g.initializer.append(store(value, inp.name))
     del g.input[:]
     g.input.extend(keep)
 
@@ -190,7 +248,7 @@ def matmulnbits_arrays(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.
     return b, scales, np.ascontiguousarray(z.reshape(-1))
 
 
-def swap_in(model, tensors: dict[str, QuantizedTensor]) -> list[str]:
+def swap_in(model, tensors: dict[str, QuantizedTensor], store=_inline) -> list[str]:
     """Replace the MatMul of every linear in ``tensors`` (HF weight names) by MatMulNBits; return the
     names swapped. Initializers and nodes left unused (the fp weights) are dropped."""
     from onnx import helper, numpy_helper
@@ -205,7 +263,7 @@ def swap_in(model, tensors: dict[str, QuantizedTensor]) -> list[str]:
         b, scales, zp = matmulnbits_arrays(qt)
         prefix = lin.replace(".", "_")
         names = [f"{prefix}.qweight", f"{prefix}.scales"] + ([f"{prefix}.zero_points"] if zp is not None else [])
-        added += [numpy_helper.from_array(a, nm) for a, nm in zip((b, scales, zp), names)]
+        added += [store(a, nm) for a, nm in zip((b, scales, zp), names)]
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output),
                                       name=f"/{lin.replace('.', '/')}/MatMulNBits", domain="com.microsoft",
                                       K=qt.shape[1], N=qt.shape[0], bits=qt.type.bits, block_size=qt.type.group))
@@ -254,10 +312,13 @@ def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, 
         export_fp(model_dir, cfg, fp)
         model = onnx.load(str(fp))
         fp.unlink()
-        swap_in(model, tensors)
-        bind_weights(model, Checkpoint(model_dir, cfg).read, params)
-        onnx.save_model(model, str(tmp / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        store = ExternalData(tmp / DATA_FILE)
+        try:
+            swap_in(model, tensors, store)
+            bind_weights(model, Checkpoint(model_dir, cfg).read, params, store)
+        finally:
+            store.close()
+        onnx.save_model(model, str(tmp / ONNX_FILE))
         for name in SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
