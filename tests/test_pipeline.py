@@ -99,6 +99,8 @@ def test_compile_writes_artifact_and_report(tiny_models, tmp_path, capsys):
     assert run_cli(tiny_models["qwen3"], "--bits", "4", "--out", out, "-q") == 0
     files = sorted(p.name for p in out.iterdir())
     assert files == ["qwen3-Q4_K_M.gguf", "report.json"]
+    # both readable like any file the user makes (a temp file from mkstemp is 0600)
+    assert (out / "report.json").stat().st_mode & 0o777 == (out / "qwen3-Q4_K_M.gguf").stat().st_mode & 0o777
     rep = json.loads((out / "report.json").read_text())
     assert rep["schema_version"] == 1
     assert rep["model"]["architecture"] == "Qwen3ForCausalLM"
