@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128, help="GPTQ calibration samples (x 512 tokens)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--build-only", action="store_true",
+                    help="make the folders and stop (timings want a quiet machine: measure in a second run)")
     args = ap.parse_args()
     model = real_model(args.model)
     work = args.work
@@ -135,6 +137,8 @@ def main() -> None:
     if not (ours / "model.onnx").exists():
         measure(["qcompile", model, "--to", "onnx", "--bits", "4", "--calib", calib, "--calib-samples", args.samples,
                  "--out", ours, "--force", "-q", "--no-verify"])
+    if args.build_only:
+        return
     rows = []
     for label, folder in (("fp32 (optimum export)", fp32_opt), ("fp32 (qcompile export)", fp32), ("ORT MatMulNBitsQuantizer int4 RTN", peer),
                           ("qcompile int4 GPTQ", ours)):

@@ -358,13 +358,32 @@ class Runner:
         self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.pasts = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
 
+    def _run(self, ids: np.ndarray, past: list[np.ndarray] | None, start: int) -> dict[str, np.ndarray]:
+        n = start + ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, n), np.int64),
+                "position_ids": np.arange(start, n, dtype=np.int64)[None]}
+        for k, i in enumerate(self.pasts):
+            feed[i.name] = past[k] if past is not None else np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        outs = [o.name for o in self.sess.get_outputs()]
+        return dict(zip(outs, self.sess.run(None, feed)))
+
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits [n, vocab] for one sequence, from an empty KV cache."""
-        ids = np.asarray(tokens, dtype=np.int64)[None]
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
-        for i in self.pasts:
-            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-        return self.sess.run(["logits"], feed)[0][0]
+        return self._run(np.asarray(tokens, dtype=np.int64)[None], None, 0)["logits"][0]
+
+    def generate(self, ids: list[int], max_tokens: int, stop: set[int]) -> list[int]:
+        """Greedy continuation of ``ids`` with the graph's KV cache, up to ``max_tokens`` or a ``stop`` token."""
+        cur, past, start, new = np.asarray([ids], np.int64), None, 0, []
+        for _ in range(max_tokens):
+            res = self._run(cur, past, start)
+            nxt = int(res["logits"][0, -1].argmax())
+            if nxt in stop:
+                break
+            new.append(nxt)
+            past = [res["present." + i.name.removeprefix("past_key_values.")] for i in self.pasts]
+            start += cur.shape[1]
+            cur = np.asarray([[nxt]], np.int64)
+        return new
 
 
 def run_logits(path: Path, tokens: np.ndarray, threads: int | None = None) -> np.ndarray:

@@ -19,6 +19,7 @@ examples:
   qcompile Qwen/Qwen3-8B --to gguf --quant Q5_K_M --out out/     # any mix or type by name
   qcompile 0.5B --to gguf --quant Q4_0 --out out/ --eval-text wiki.txt
   qcompile 0.5B --to onnx --bits 4 --out onnx/       # onnxruntime folder, int4 g128 MatMulNBits (GPTQ)
+  qcompile 0.5B --to openvino --bits 4 --out ov/      # OpenVINO IR folder, u4 g128 compressed weights (GPTQ)
 
 MODEL is a checkpoint directory, a Hugging Face repo id (cache first, download when online;
 --offline or HF_HUB_OFFLINE=1 forbids downloads), a size alias (0.5B 1.5B 3B 7B 14B 32B 72B with
@@ -39,14 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a Qwen checkpoint (Qwen2, Qwen2.5 incl. Coder/Math, Qwen3) and compile it for "
                     "llama.cpp / Ollama / LM Studio (GGUF), with verification against the PyTorch reference.")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory, hub repo id, size alias, or 'tiny'")
-    p.add_argument("--to", default="gguf", choices=["gguf", "onnx"],
+    p.add_argument("--to", default="gguf", choices=["gguf", "onnx", "openvino"],
                    help="target format (default: gguf). onnx: a model folder for onnxruntime (optimum's "
-                        "ORTModelForCausalLM layout) with int4/int8 MatMulNBits weights")
+                        "ORTModelForCausalLM layout) with int4/int8 MatMulNBits weights; openvino: an IR folder "
+                        "(OVModelForCausalLM / openvino_genai layout, stateful KV cache) with u4/u8 weights")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--bits", type=int, choices=[4, 8], help="preset (default 4): gguf 4 -> Q4_K_M (llama.cpp's "
-                                                              "mix), 8 -> Q8_0; onnx 4 -> INT4_G128, 8 -> INT8_G128")
+                                                              "mix), 8 -> Q8_0; onnx/openvino 4 -> INT4_G128, 8 -> INT8_G128")
     g.add_argument("--quant", metavar="TYPE", type=str.upper,
-                   help=f"gguf: a llama.cpp mix or one GGUF type: {', '.join(available())}; onnx: an integer "
+                   help=f"gguf: a llama.cpp mix or one GGUF type: {', '.join(available())}; onnx/openvino: an integer "
                         "grid INT{4,8}_G{16..256}[_SYM] (asymmetric unless _SYM)")
     p.add_argument("--pure", action="store_true", help="one type for every weight matrix (no per-tensor mix)")
     p.add_argument("--method", default="auto", choices=["auto", *QUANTIZERS],
@@ -78,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True)); trusted files only")
     p.add_argument("--keep-embeddings-fp", action="store_true",
-                   help="onnx: keep lm_head in float32 (default: 8-bit, same group size; the input embeddings stay "
-                        "float32 either way, and a tied matrix is stored once)")
+                   help="onnx/openvino: keep lm_head in float (default: 8-bit, same group size; the input "
+                        "embeddings stay float either way, and a tied matrix is stored once)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--version", action="version", version=f"qcompile {__version__}")

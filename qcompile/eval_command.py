@@ -1,9 +1,9 @@
 """``qcompile eval MODEL [--artifact FILE.gguf] --text FILE``: perplexity, KLD and top-1 vs the fp model.
 
-Two paths, as in a compile's verification: ``pytorch`` runs the artifact's dequantized weights in the
+Paths, as in a compile's verification: ``pytorch`` runs the artifact's dequantized weights in the
 reference decoder (isolates weight quantization), ``llama.cpp`` runs the artifact itself through
-llama-cpp-python (adds the runtime's own arithmetic: activation rounding, kernels). Without
-``--artifact`` only the full-precision perplexity is measured.
+llama-cpp-python (adds the runtime's own arithmetic: activation rounding, kernels); ``onnxruntime`` and
+``openvino`` run an ONNX or IR folder. Without ``--artifact`` only the full-precision perplexity is measured.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--text wiki.txt --ctx 512 --stride 256\n\nexit status: 0 success, 1 error, 2 usage error.")
     p.add_argument("model", metavar="MODEL", help="the full-precision checkpoint (directory, hub id, alias, 'tiny')")
     p.add_argument("--artifact", type=Path, metavar="PATH", help="a GGUF file (any GGUF of this model), or an ONNX "
-                                                                 "folder written by qcompile --to onnx")
+                                                                 "or OpenVINO IR folder written by qcompile")
     p.add_argument("--text", type=Path, required=True, metavar="FILE", help="evaluation text (held out from "
                                                                             "calibration)")
     p.add_argument("--ctx", type=int, default=512, metavar="N", help="window length in tokens (default 512)")
@@ -32,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "ctx - stride tokens of context (default: ctx)")
     p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="evaluate at most N tokens of the "
                                                                              "text (default 4096)")
-    p.add_argument("--runtime", choices=["auto", "pytorch", "llama.cpp", "onnxruntime", "all"], default="auto",
+    p.add_argument("--runtime", choices=["auto", "pytorch", "llama.cpp", "onnxruntime", "openvino", "all"],
+                   default="auto",
                    help="pytorch: a GGUF's dequantized weights in the reference decoder; llama.cpp: the GGUF in "
-                        "llama-cpp-python; onnxruntime: an ONNX folder; auto (default): every path that applies")
+                        "llama-cpp-python; onnxruntime: an ONNX folder; openvino: an IR folder (CPU, f32 inference, "
+                        "no dynamic activation quantization, f32 KV cache); auto (default): every path that applies")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--family", default="instruct", help="model family for size aliases (default: instruct)")
     p.add_argument("--offline", action="store_true", help="never download")
@@ -47,6 +49,7 @@ def evaluate_artifact(args: argparse.Namespace) -> dict:
     """Run the evaluation; return ``{"model", "artifact", "text", "ctx", "stride", "results": {path: metrics}}``."""
     from tqdm import tqdm
 
+    from exporters import folder_runner, folder_runtime
     from qcompile import evaluate, llama_worker
     from qcompile.arch import read_config
     from qcompile.checkpoint import Checkpoint
@@ -71,21 +74,23 @@ def evaluate_artifact(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     paths = []
     if args.artifact is not None:
-        onnx_dir = args.artifact.is_dir() and (args.artifact / "model.onnx").is_file()
-        if not onnx_dir and not args.artifact.is_file():
-            raise QCompileError(f"--artifact {args.artifact}: no such file (or folder with model.onnx)")
-        if onnx_dir:
-            if args.runtime not in ("auto", "all", "onnxruntime"):
-                raise QCompileError(f"--runtime {args.runtime}: an ONNX folder runs in onnxruntime")
-            paths = ["onnxruntime"]
+        folder = folder_runtime(args.artifact) if args.artifact.is_dir() else None
+        if folder is None and not args.artifact.is_file():
+            raise QCompileError(f"--artifact {args.artifact}: no such file (or folder with model.onnx / "
+                                "openvino_model.xml)")
+        if folder:
+            if args.runtime not in ("auto", "all", folder):
+                raise QCompileError(f"--runtime {args.runtime}: this folder runs in {folder}")
+            paths = [folder]
         elif args.artifact.suffix.lower() != ".gguf":
-            raise QCompileError(f"--artifact {args.artifact}: not a .gguf file or a folder with model.onnx")
+            raise QCompileError(f"--artifact {args.artifact}: not a .gguf file or a folder with model.onnx / "
+                                "openvino_model.xml")
         else:
             want = {"auto": ["pytorch"] + (["llama.cpp"] if llama_worker.available() else []),
-                    "all": ["pytorch", "llama.cpp"], "pytorch": ["pytorch"], "llama.cpp": ["llama.cpp"],
-                    "onnxruntime": []}[args.runtime]
+                    "all": ["pytorch", "llama.cpp"], "pytorch": ["pytorch"], "llama.cpp": ["llama.cpp"]
+                    }.get(args.runtime, [])
             if not want:
-                raise QCompileError("--runtime onnxruntime: the artifact is a GGUF file")
+                raise QCompileError(f"--runtime {args.runtime}: the artifact is a GGUF file")
             if "llama.cpp" in want and not llama_worker.available():
                 raise QCompileError("--runtime llama.cpp needs llama-cpp-python (pip install 'qcompile[llama]')")
             paths = want
@@ -109,15 +114,14 @@ def evaluate_artifact(args: argparse.Namespace) -> dict:
         with bar(cfg.num_layers + len(windows), "eval (llama.cpp)") as b:
             m = evaluate.runtime_eval(cfg, fp, windows, score, runtime_logits, progress=lambda s: b.update(1))
         results["llama.cpp"] = m.as_dict()
-    if "onnxruntime" in paths:
-        from exporters.onnx import Runner
+    for runtime in {"onnxruntime", "openvino"} & set(paths):
         try:
-            runner = Runner(args.artifact / "model.onnx", args.threads)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise QCompileError(f"onnxruntime could not load {args.artifact} ({e})") from None
-        with bar(cfg.num_layers + len(windows), "eval (onnxruntime)") as b:
+            runner = folder_runner(args.artifact, args.threads)
+        except Exception as e:  # onnxruntime / openvino raise their own exception types
+            raise QCompileError(f"{runtime} could not load {args.artifact} ({e})") from None
+        with bar(cfg.num_layers + len(windows), f"eval ({runtime})") as b:
             m = evaluate.runtime_eval(cfg, fp, windows, score, runner.logits, progress=lambda s: b.update(1))
-        results["onnxruntime"] = m.as_dict()
+        results[runtime] = m.as_dict()
     return {"model": str(res.path), "artifact": str(args.artifact) if args.artifact else None,
             "text": str(args.text), "ctx": int(windows.shape[1]), "stride": args.stride or int(windows.shape[1]),
             "results": results}

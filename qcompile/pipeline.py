@@ -157,7 +157,7 @@ def check_output(out: Path, artifact: Path, force: bool) -> None:
         raise QCompileError(f"{artifact} already exists (use --force to overwrite)")
 
 
-TARGETS = ("gguf", "onnx")
+TARGETS = ("gguf", "onnx", "openvino")
 
 
 def model_info(res, cfg: ModelConfig, n_params: int) -> dict:
@@ -171,8 +171,8 @@ def compile_model(opts: Options) -> dict:
     """Run the whole pipeline; return the report written beside the artifact."""
     if opts.to not in TARGETS:
         raise QCompileError(f"--to {opts.to}: not available yet; supported targets: {', '.join(TARGETS)}")
-    if opts.to == "onnx":
-        return compile_onnx(opts)
+    if opts.to in ("onnx", "openvino"):
+        return compile_folder(opts)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # resolve
@@ -266,11 +266,27 @@ def choose_int_type(opts: Options) -> IntType:
     return t
 
 
-def compile_onnx(opts: Options) -> dict:
-    """resolve -> load -> [calibrate] -> quantize (integer grid) -> export (ONNX graph + MatMulNBits) ->
-    verify (PyTorch reference; onnxruntime vs the dequantized model) -> report."""
-    from exporters.onnx import ONNX_FILE, write_onnx
+def _folder_format(to: str):
+    """(main file, runtime name, runner factory, report extras) of a folder target."""
+    if to == "onnx":
+        from exporters.onnx import ONNX_FILE, Runner
+        return ONNX_FILE, "onnxruntime", lambda out, threads: Runner(out / ONNX_FILE, threads), \
+            {"opset": "ai.onnx 17 + com.microsoft 1"}
+    import openvino
+    from exporters.openvino import XML_FILE, Runner
+    return XML_FILE, "openvino", lambda out, threads: Runner(out, threads), \
+        {"openvino": openvino.__version__,
+         "verified_with": "CPU plugin, f32 inference, no dynamic activation quantization, f32 KV cache"}
+
+
+def compile_folder(opts: Options) -> dict:
+    """resolve -> load -> [calibrate] -> quantize (integer grid) -> export (ONNX graph + MatMulNBits, or the
+    OpenVINO IR converted from it) -> verify (PyTorch reference; the runtime vs the dequantized model) -> report."""
     from calibration.capture import LINEARS
+    try:
+        main_file, runtime, runner, extras = _folder_format(opts.to)
+    except ImportError as e:
+        raise QCompileError(f"--to {opts.to} needs {e.name} (pip install {e.name})") from None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     res = resolve(opts.model, family=opts.family, offline=opts.offline)
@@ -285,7 +301,7 @@ def compile_onnx(opts: Options) -> dict:
                 raise QCompileError(f"{target.name}: layer {i} {lin} has {cols} input columns, not a multiple of "
                                     f"the group size {target.group}")
     out = opts.out
-    check_output(out, out / ONNX_FILE, opts.force)
+    check_output(out, out / main_file, opts.force)
     eval_text = _eval_text(opts) if opts.verify else None
     timings["resolve"] = time.perf_counter() - t0
     names = decoder_linears(cfg)
@@ -299,8 +315,8 @@ def compile_onnx(opts: Options) -> dict:
         _log(opts, f"calibration: {calib_info}")
         engine = LayerwiseEngine(
             cfg, source, tokens, {n: target for n in names}, method, device=device,
-            work_dir=out / ".onnx.resume", resume=opts.resume,
-            fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, target.name, "onnx"))
+            work_dir=out / f".{opts.to}.resume", resume=opts.resume,
+            fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, target.name, opts.to))
     with _progress(opts, total=cfg.num_layers, unit="layer", desc=f"{method.name} {target.name}") as bar:
         tensors = quantize_decoder(cfg, source, target, engine, opts.threads, on_layer=lambda i: bar.update(1))
     if not opts.keep_embeddings_fp:
@@ -310,7 +326,8 @@ def compile_onnx(opts: Options) -> dict:
     t2 = time.perf_counter()
     linears = {n: q for n, q in tensors.items() if n in names or n == "lm_head.weight"}
     folded = {n: q.dequantize().reshape(-1) for n, q in tensors.items() if n not in linears}
-    files = write_onnx(out, res.path, cfg, linears, folded)
+    from exporters import EXPORTERS
+    files = EXPORTERS[opts.to](out, res.path, cfg, linears, folded)
     timings["export"] = time.perf_counter() - t2
     if engine is not None:
         engine.finish()
@@ -318,7 +335,8 @@ def compile_onnx(opts: Options) -> dict:
     try:
         if opts.verify:
             t3 = time.perf_counter()
-            metrics = verify_onnx(opts, cfg, ckpt, res.path, out / ONNX_FILE, tensors, eval_text or "")
+            metrics = verify_folder(opts, cfg, ckpt, res.path, runtime, lambda: runner(out, opts.threads), tensors,
+                                    eval_text or "")
             timings["verify"] = time.perf_counter() - t3
     except BaseException:
         for f in files:
@@ -330,11 +348,12 @@ def compile_onnx(opts: Options) -> dict:
     rep = {
         "tool": {"name": "qcompile", "command": opts.argv},
         "model": model_info(res, cfg, n_params),
-        "target": {"format": "onnx", "scheme": target.name, "bits": target.bits, "group_size": target.group,
+        "target": {"format": opts.to, "scheme": target.name, "bits": target.bits, "group_size": target.group,
                    "symmetric": target.sym, "method": method.name,
-                   "lm_head": "float32" if opts.keep_embeddings_fp else head_type(target).name, "opset": "ai.onnx 17 + com.microsoft 1"},
+                   "lm_head": ("float32" if opts.to == "onnx" else "float16") if opts.keep_embeddings_fp
+                   else head_type(target).name, **extras},
         "calibration": calib_info,
-        "artifact": {"path": ONNX_FILE, "bytes": size,
+        "artifact": {"path": main_file, "bytes": size,
                      "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": report.sha256_file(f)}
                                for f in files],
                      "bits_per_weight": 8.0 * size / n_params},
@@ -345,7 +364,7 @@ def compile_onnx(opts: Options) -> dict:
         "versions": report.versions(),
     }
     report.write_report(out / "report.json", rep)
-    rep["artifact"]["full_path"] = str(out / ONNX_FILE)
+    rep["artifact"]["full_path"] = str(out / main_file)
     return rep
 
 
@@ -418,17 +437,17 @@ def _reference_check(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_di
     return ref, q_logits, windows[0, :keep]
 
 
-def verify_onnx(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, onnx_path: Path,
-                tensors: dict[str, QuantizedTensor], text: str) -> dict:
-    """Reference-path metrics (fp vs dequantized, PyTorch) and onnxruntime's logits vs the dequantized model."""
-    from exporters.onnx import run_logits
+def verify_folder(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, runtime: str, runner,
+                  tensors: dict[str, QuantizedTensor], text: str) -> dict:
+    """Reference-path metrics (fp vs dequantized, PyTorch) and the runtime's logits (``runner().logits``)
+    vs the dequantized model."""
     quant = evaluate.QuantizedSource(evaluate.CheckpointSource(ckpt), tensors)
     ref, q_logits, tokens = _reference_check(opts, cfg, ckpt, model_dir, quant, text)
     try:
-        got = run_logits(onnx_path, tokens, opts.threads)
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise QCompileError(f"verification failed: onnxruntime could not run the model ({e})") from None
-    return {"reference": ref.as_dict(), "artifact": evaluate.compare_logits("onnxruntime", got, q_logits).as_dict()}
+        got = runner().logits(tokens)
+    except Exception as e:  # onnxruntime and openvino raise their own exception types
+        raise QCompileError(f"verification failed: {runtime} could not run the model ({e})") from None
+    return {"reference": ref.as_dict(), "artifact": evaluate.compare_logits(runtime, got, q_logits).as_dict()}
 
 
 def verify(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, model_dir: Path, gguf_path: Path,

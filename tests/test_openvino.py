@@ -1,0 +1,164 @@
+"""The OpenVINO IR exporter: stateful graphs OpenVINO runs, carrying exactly our quantized integers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from test_onnx import _hf, _quantize
+from qcompile.arch import read_config
+from quantizers.grids import IntType
+
+ov = pytest.importorskip("openvino")
+from exporters import openvino as xo  # noqa: E402
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _weight_constants(folder):
+    """{MatMul name: the Constant at the root of its weight input} (through Convert/Subtract/Multiply/Reshape)."""
+    model = ov.Core().read_model(str(folder / xo.XML_FILE))
+    out = {}
+    for op in model.get_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        node = op.input(1).get_source_output().get_node()
+        while node.get_type_name() != "Constant" and node.get_input_size():
+            node = node.input(0).get_source_output().get_node()
+        if node.get_type_name() == "Constant":
+            out[op.get_friendly_name()] = node
+    return out
+
+
+@pytest.mark.parametrize("t,bound", [(None, 1e-4), (IntType(4, 128), 2e-3), (IntType(4, 32, sym=True), 2e-3),
+                                     (IntType(8, 64), 2e-3)], ids=["fp", "int4", "int4-g32-sym", "int8-g64"])
+def test_logits_and_generation_match_pytorch(tiny_model, tmp_path, t, bound):
+    """fp IR vs transformers <= 1e-4; quantized IR vs the dequantized PyTorch model <= 2e-3 (f32 inference,
+    no dynamic activation quantization); 32 greedy tokens through the stateful KV cache equal PyTorch's."""
+    cfg, tensors = _quantize(tiny_model, t) if t else (read_config(tiny_model), {})
+    xo.write_openvino(tmp_path, tiny_model, cfg, tensors)
+    run = xo.Runner(tmp_path)
+    ids = np.random.default_rng(0).integers(0, 700, 24)
+    hf = _hf(tiny_model, tensors)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+        gen = hf.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, 3:]
+    assert _rel(run.logits(ids), want) <= bound
+    assert run.generate([5, 6, 7], 32, set()) == gen.tolist()
+    assert run.logits(ids[:5]).shape == (5, cfg.vocab_size)  # the state resets between sequences
+    np.testing.assert_allclose(run.logits(ids)[:5], run.logits(ids[:5]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 64, sym=True), IntType(8, 128)], ids=str)
+def test_weights_are_stored_as_our_integers(tiny_models, tmp_path, t):
+    """Every decoder linear's weight is a u4/u8 constant [N, K/g, g] holding our codes, and the bytes in the
+    .bin for them are bits/8 per weight (+ scales, zero points)."""
+    model = tiny_models["qwen2"]
+    cfg, tensors = _quantize(model, t)
+    xo.write_openvino(tmp_path, model, cfg, tensors)
+    consts = _weight_constants(tmp_path)
+    linears = {n: c for n, c in consts.items() if "/layers/" in n and n.endswith("/MatMulNBits")}
+    assert len(linears) == 7 * cfg.num_layers
+    for name, c in linears.items():
+        assert c.get_element_type() == (ov.Type.u4 if t.bits == 4 else ov.Type.u8), name
+        assert list(c.get_output_shape(0))[1:] == [c.get_output_shape(0)[1], t.group]
+    # the codes are ours: the first q_proj's constant unpacks to the quantizer's codes
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    c = next(c for n, c in linears.items() if "/layers/0/self_attn/q_proj/" in n)
+    n, k = q.shape
+    raw = np.frombuffer(c.get_data().tobytes(), np.uint8)
+    codes = np.stack([raw & 15, raw >> 4], -1).reshape(-1) if t.bits == 4 else raw
+    blocks = q.data.reshape(n, k // t.group, -1)[:, :, 3:].reshape(-1)
+    want = np.stack([blocks & 15, blocks >> 4], -1).reshape(-1) if t.bits == 4 else blocks
+    np.testing.assert_array_equal(codes, want)
+    n_lin = sum(int(np.prod(q.shape)) for q in tensors.values())
+    lin_bytes = sum(int(np.prod(c.get_output_shape(0))) * t.bits // 8 for c in linears.values())
+    assert lin_bytes == n_lin * t.bits // 8
+    assert (tmp_path / xo.BIN_FILE).stat().st_size < 4 * n_lin  # far below the float32 size of the linears
+
+
+def test_compile_cli_verifies_reports_evals_and_runs(tiny_models, tmp_path, capsys):
+    """``qcompile MODEL --to openvino --bits 4``: IR folder + report with the runtime check; ``qcompile eval
+    --artifact DIR`` scores it in OpenVINO; ``qcompile run DIR`` generates what PyTorch generates."""
+    model, out = tiny_models["qwen2.5"], tmp_path / "ov"
+    assert run_cli(model, "--to", "openvino", "--bits", "4", "--method", "rtn", "--out", out, "-q") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["target"]["format"] == "openvino" and rep["target"]["scheme"] == "INT4_G128"
+    assert rep["metrics"]["artifact"]["runtime"] == "openvino"
+    assert rep["metrics"]["artifact"]["rel_error"] <= 2e-3 and rep["metrics"]["artifact"]["top1"] == 1.0
+    assert {f["path"] for f in rep["artifact"]["files"]} >= {"openvino_model.xml", "openvino_model.bin",
+                                                             "config.json", "tokenizer.json"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    js = tmp_path / "e.json"
+    assert run_cli("eval", model, "--artifact", out, "--text", text, "--ctx", "64", "--json", js, "-q") == 0
+    ev = json.loads(js.read_text())["results"]["openvino"]
+    assert 0 <= ev["kld_mean"] < 0.5 and ev["tokens"] > 100
+    assert run_cli("eval", model, "--artifact", out, "--text", text, "--runtime", "onnxruntime", "-q") == 1
+    capsys.readouterr()
+    assert run_cli("run", out, "the cat", "--max-tokens", "6", "--raw") == 0
+    assert capsys.readouterr().out.strip()
+    # existing output without --force: refused, nothing touched
+    before = (out / "openvino_model.bin").stat().st_mtime_ns
+    assert run_cli(model, "--to", "openvino", "--bits", "4", "--out", out, "-q") == 1
+    assert (out / "openvino_model.bin").stat().st_mtime_ns == before
+
+
+_OPTIMUM_INTEL_GENERATE = """
+import json, sys, torch
+from optimum.intel import OVModelForCausalLM
+m = OVModelForCausalLM.from_pretrained(sys.argv[1], ov_config=json.loads(sys.argv[3]))
+out = m.generate(torch.tensor([json.loads(sys.argv[2])]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+print(json.dumps(out[0].tolist()))
+"""
+
+
+@pytest.fixture(scope="session")
+def intel_overlay():
+    """optimum-intel 2.2 pins transformers < 5.6: it runs in a child process over a pinned overlay."""
+    from qcompile import optimum_overlay
+    try:
+        return optimum_overlay.ensure("openvino")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2.5", "qwen3"])
+def test_optimum_intel_loads_and_generates(tiny_models, tmp_path, intel_overlay, name):
+    """``OVModelForCausalLM.from_pretrained(DIR)`` loads our int4 IR and greedy-generates PyTorch's tokens."""
+    from qcompile import optimum_overlay as ov_env
+    model = tiny_models[name]
+    cfg, tensors = _quantize(model, IntType(4, 128))
+    xo.write_openvino(tmp_path, model, cfg, tensors)
+    prompt = [5, 6, 7]
+    got = json.loads(ov_env.run(_OPTIMUM_INTEL_GENERATE, str(tmp_path), json.dumps(prompt), json.dumps(xo.PRECISE),
+                                overlay=intel_overlay))
+    with torch.no_grad():
+        want = _hf(model, tensors).generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                            pad_token_id=0)[0].tolist()
+    assert got == want
+
+
+def test_openvino_genai_pipeline_generates_what_we_generate(tiny_models, tmp_path):
+    """``openvino_genai.LLMPipeline(DIR)`` (C++ pipeline, openvino_tokenizer.xml from openvino-tokenizers)
+    greedy-decodes the same text as our own runner over the same folder."""
+    genai = pytest.importorskip("openvino_genai")
+    from tokenizers import Tokenizer
+    model = tiny_models["qwen2"]
+    cfg, tensors = _quantize(model, IntType(4, 64))
+    xo.write_openvino(tmp_path, model, cfg, tensors)
+    assert (tmp_path / "openvino_tokenizer.xml").is_file() and (tmp_path / "openvino_detokenizer.xml").is_file()
+    pipe = genai.LLMPipeline(str(tmp_path), "CPU", **xo.PRECISE)
+    gc = genai.GenerationConfig()
+    gc.max_new_tokens, gc.do_sample, gc.apply_chat_template = 16, False, False
+    got = pipe.generate("the cat sat on", gc)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    ids = tok.encode("the cat sat on", add_special_tokens=False).ids
+    want = tok.decode(xo.Runner(tmp_path).generate(ids, 16, set()), skip_special_tokens=True)
+    assert got == want and len(want) > 4
