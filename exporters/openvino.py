@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,30 +85,36 @@ def _tokenizers(model_dir: Path, out: Path) -> list[str]:
     return ["openvino_tokenizer.xml", "openvino_detokenizer.xml"]
 
 
+def convert_folder(onnx_dir: Path, out: Path, n_layers: int, compress_to_fp16: bool = True) -> None:
+    """An ONNX folder written by :func:`exporters.onnx.write_onnx` -> ``openvino_model.xml/.bin`` (stateful)
+    in ``out`` plus its config and tokenizer files. The same weights, byte for byte: the frontend maps
+    MatMulNBits' packed codes, scales and zero points onto OpenVINO's compressed-weight constants.
+    ``compress_to_fp16``: store the float constants as float16 (next to quantized weights; a
+    full-precision model stays float32, since bf16 weights below float16's normal range would lose bits)."""
+    import openvino as ov
+    model = ov.convert_model(str(onnx_dir / ONNX_FILE))
+    make_stateful(model, n_layers)
+    ov.save_model(model, str(out / XML_FILE), compress_to_fp16=compress_to_fp16)
+    for name in SIDE_FILES:
+        if (onnx_dir / name).is_file():
+            shutil.copyfile(onnx_dir / name, out / name)
+
+
 def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, QuantizedTensor],
                    params: dict[str, np.ndarray] | None = None) -> list[Path]:
     """Write the IR folder into ``out`` (temp names first, ``openvino_model.xml`` renamed last); same
     arguments as :func:`exporters.onnx.write_onnx`. Returns the paths."""
-    import openvino as ov
     tmp = out / f".openvino.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         write_onnx(tmp / "onnx", model_dir, cfg, tensors, params)
-        model = ov.convert_model(str(tmp / "onnx" / ONNX_FILE))
-        make_stateful(model, cfg.num_layers)
-        # float remainder in float16 (OpenVINO's default) next to quantized weights; a full-precision export
-        # stays float32, as asked (bf16 weights below float16's normal range would lose bits)
-        ov.save_model(model, str(tmp / XML_FILE), compress_to_fp16=bool(tensors))
-        del model
-        for name in SIDE_FILES:
-            if (tmp / "onnx" / name).is_file():
-                os.replace(tmp / "onnx" / name, tmp / name)
+        convert_folder(tmp / "onnx", tmp, cfg.num_layers, compress_to_fp16=bool(tensors))
         shutil.rmtree(tmp / "onnx")
         try:
             _tokenizers(model_dir, tmp)
         except Exception as e:  # the tokenizer converter raises its own types; the IR is still usable
-            print(f"note: openvino-tokenizers could not convert the tokenizer ({e}); skipped")
+            print(f"note: openvino-tokenizers could not convert the tokenizer ({e}); skipped", file=sys.stderr)
         final = []
         for p in sorted(tmp.iterdir(), key=lambda p: p.name == XML_FILE):  # the graph last
             os.replace(p, out / p.name)
