@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""OpenVINO on the CPU: our int4 IR vs optimum-intel / NNCF int4, on the real model.
+
+Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Rows:
+
+* **NNCF int4 data-free** — ``optimum-cli export openvino --weight-format int4`` (group 128; NNCF's defaults
+  for everything else, e.g. int8 embeddings / head);
+* **NNCF int4 AWQ + scale estimation** — the same with ``awq=True, scale_estimation=True`` on the calibration
+  text of ``benchmarks/quality.py`` (128 pieces, as optimum-intel takes a list of strings: no hub dataset);
+* **qcompile int4 GPTQ** — the folder ``onnx_bench.py`` built (``qcompile --to onnx --bits 4``, INT4_G128 GPTQ,
+  lm_head int8), converted with ``exporters.openvino.convert_folder`` — the very weights ``--to openvino``
+  writes.
+
+optimum-intel pins transformers < 5.6, so NNCF runs in its own virtual environment (``--nncf-python``; made on
+first use in ``WORK/nncf-venv``). Speed: prompt and decode tokens/s on ``--threads`` threads with the CPU
+plugin's defaults (what users run: dynamic activation quantization, u8 KV cache). Quality: mean KLD / top-1 /
+perplexity against the bf16 checkpoint on held-out text (``qcompile eval --artifact DIR``: OpenVINO with f32
+inference, no activation quantization, f32 KV cache, so the weights are what is measured).
+
+    python benchmarks/openvino_bench.py [--threads 2] [--nncf-python PY]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tools import measure, table  # noqa: E402
+from kld_bench import REAL, eval_text, real_model  # noqa: E402
+from quality import calib_text  # noqa: E402
+
+_NNCF_EXPORT = """
+import json, sys
+from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+from transformers import AutoTokenizer
+model, out, mode, calib = sys.argv[1:5]
+kw = dict(bits=4, group_size=128)
+if mode == "awq":
+    text = open(calib, encoding="utf-8").read()
+    step = len(text) // 128
+    kw.update(awq=True, scale_estimation=True, num_samples=128,
+              dataset=[text[i * step:(i + 1) * step] for i in range(128)])
+tok = AutoTokenizer.from_pretrained(model)
+m = OVModelForCausalLM.from_pretrained(model, export=True, quantization_config=OVWeightQuantizationConfig(
+    tokenizer=model, **kw) if mode == "awq" else OVWeightQuantizationConfig(**kw))
+m.save_pretrained(out)
+tok.save_pretrained(out)
+"""
+
+
+def nncf_python(arg: Path | None, work: Path) -> Path:
+    """A Python with optimum-intel + NNCF (transformers 5.5): ``arg``, or a venv made in ``work``."""
+    if arg:
+        return arg
+    venv = work / "nncf-venv"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "optimum-intel[openvino,nncf]==2.2.0",
+                        "transformers==5.5.4"], check=True)
+    return py
+
+
+def nncf_folder(py: Path, model: Path, out: Path, mode: str, calib: Path) -> tuple[Path, float]:
+    """NNCF's int4 export in its own environment; returns the folder and the seconds it took."""
+    stamp = out / "seconds.txt"
+    if not (out / "openvino_model.xml").exists():
+        t0 = time.perf_counter()
+        subprocess.run([str(py), "-c", _NNCF_EXPORT, str(model), str(out), mode, str(calib)], check=True)
+        stamp.write_text(f"{time.perf_counter() - t0:.1f}")
+    return out, float(stamp.read_text()) if stamp.exists() else float("nan")
+
+
+def ours_folder(onnx_dir: Path, model: Path, out: Path) -> Path:
+    from exporters.openvino import _tokenizers, convert_folder
+    from qcompile.arch import read_config
+    if not (onnx_dir / "model.onnx").exists():
+        raise SystemExit(f"{onnx_dir}: run benchmarks/onnx_bench.py first (it builds qcompile's int4 GPTQ folder)")
+    if not (out / "openvino_model.xml").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        convert_folder(onnx_dir, out, read_config(model).num_layers)
+        _tokenizers(model, out)
+    return out
+
+
+def speed(folder: Path, threads: int, prompt: int, decode: int) -> dict:
+    """Load time, prefill and decode tokens/s (stateful KV cache) with the CPU plugin's default settings."""
+    import openvino as ov
+    t0 = time.perf_counter()
+    req = ov.Core().compile_model(str(folder / "openvino_model.xml"), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads}).create_infer_request()
+    load = time.perf_counter() - t0
+    ids = np.random.default_rng(0).integers(0, 10000, (1, prompt))
+
+    def step(cur, start):
+        n = start + cur.shape[1]
+        req.infer({"input_ids": cur, "attention_mask": np.ones((1, n), np.int64),
+                   "position_ids": np.arange(start, n, dtype=np.int64)[None], "beam_idx": np.zeros(1, np.int32)})
+        return int(req.get_tensor("logits").data[0, -1].argmax())
+    req.reset_state()
+    step(ids[:, :16], 0)  # warm-up
+    req.reset_state()
+    t1 = time.perf_counter()
+    nxt = step(ids, 0)
+    prefill = prompt / (time.perf_counter() - t1)
+    t2 = time.perf_counter()
+    for k in range(decode):
+        nxt = step(np.array([[nxt]]), prompt + k)
+    return {"load_s": load, "prefill_tps": prefill, "decode_tps": decode / (time.perf_counter() - t2)}
+
+
+def quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
+    out = folder / "eval.json"
+    if not out.exists():
+        measure(["qcompile", "eval", model, "--artifact", folder, "--text", text, "--ctx", 512, "--max-tokens",
+                 3072, "--threads", threads, "--json", out, "-q"])
+    return json.loads(out.read_text())["results"]["openvino"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=REAL)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "openvino")
+    ap.add_argument("--onnx-work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "onnx",
+                    help="onnx_bench.py's work folder (qcompile's int4 GPTQ folder is taken from there)")
+    ap.add_argument("--nncf-python", type=Path, help="a Python with optimum-intel[openvino,nncf] (transformers<5.6)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--build-only", action="store_true")
+    args = ap.parse_args()
+    model = real_model(args.model)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    text, calib = eval_text(work), calib_text(work)
+    py = nncf_python(args.nncf_python, work)
+    folders = [("NNCF int4 data-free", *nncf_folder(py, model, work / "nncf-int4", "data-free", calib)),
+               ("NNCF int4 AWQ + scale estimation", *nncf_folder(py, model, work / "nncf-int4-awq", "awq", calib)),
+               ("qcompile int4 GPTQ (lm_head int8)", ours_folder(args.onnx_work / "qcompile-int4", model,
+                                                                 work / "qcompile-int4"), float("nan"))]
+    if args.build_only:
+        return
+    rows = []
+    for label, folder, secs in folders:
+        size = (folder / "openvino_model.bin").stat().st_size
+        rows.append((label, size, secs, speed(folder, args.threads, args.prompt, args.decode),
+                     quality(model, folder, text, args.threads)))
+    peer_tps = rows[0][3]["decode_tps"]
+    best_kld = min(r[4]["kld_mean"] for r in rows[:2])
+    print(f"model {model.name}; {args.threads} threads; prompt {args.prompt} tokens, decode {args.decode} tokens "
+          f"(CPU plugin defaults); KLD vs the bf16 checkpoint on 6 x 512 held-out tokens (f32 inference)")
+    print(table(["model", ".bin MiB", "export s", "load s", "prefill tok/s", "decode tok/s", "decode / NNCF",
+                 "PPL", "mean KLD", "KLD / NNCF best", "top-1 %"],
+                [[label, f"{size / 2**20:.0f}", f"{secs:.0f}", f"{s['load_s']:.2f}", f"{s['prefill_tps']:.0f}",
+                  f"{s['decode_tps']:.1f}", f"{s['decode_tps'] / peer_tps:.2f}", f"{q['ppl_quant']:.3f}",
+                  f"{q['kld_mean']:.5f}", f"{q['kld_mean'] / best_kld:.2f}", f"{100 * q['top1']:.1f}"]
+                 for label, size, secs, s, q in rows]))
+
+
+if __name__ == "__main__":
+    main()
