@@ -85,7 +85,44 @@ def _tokenizers(model_dir: Path, out: Path) -> list[str]:
     return ["openvino_tokenizer.xml", "openvino_detokenizer.xml"]
 
 
-def convert_folder(onnx_dir: Path, out: Path, n_layers: int, compress_to_fp16: bool = True) -> None:
+EMBEDDINGS = "model.embed_tokens.weight"
+
+
+def compress_embeddings(model, qt: QuantizedTensor) -> None:
+    """Feed the embedding lookup from our 8-bit table: the float ``[vocab, hidden]`` constant under the
+    Gather becomes ``u8 [vocab, hidden/g, g] -> Convert -> Subtract(zero point) -> Multiply(scale) ->
+    Reshape``, the decompression pattern NNCF writes for embeddings (ONNX has no such lookup that
+    OpenVINO's frontend reads, so this one piece of surgery happens on the OpenVINO graph)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    from exporters.onnx import matmulnbits_arrays
+    t = qt.type
+    n, k = qt.shape
+    table = None
+    for op in model.get_ops():
+        if op.get_type_name() != "Gather":
+            continue
+        src = op.input(0).get_source_output().get_node()
+        if src.get_type_name() == "Constant" and list(src.get_output_shape(0)) == [n, k]:
+            table = op.input(0)
+            break
+    if table is None:
+        raise RuntimeError(f"no embedding Gather over a [{n}, {k}] constant in the graph")
+    if t.bits != 8:
+        raise ValueError(f"embeddings are stored 8-bit, not {t.name}")
+    b, scales, _ = matmulnbits_arrays(qt)
+    nb = k // t.group
+    w = ops.convert(ops.constant(b.reshape(n, nb, t.group), ov.Type.u8), ov.Type.f32)
+    z = np.float32(t.zero) if t.sym else qt.fields().params["z"].astype(np.uint8).reshape(n, nb, 1)
+    w = ops.subtract(w, ops.constant(z) if t.sym else ops.convert(ops.constant(z, ov.Type.u8), ov.Type.f32))
+    d = ops.convert(ops.constant(scales.reshape(n, nb, 1).astype(np.float16)), ov.Type.f32)
+    w = ops.reshape(ops.multiply(w, d), ops.constant(np.array([n, k], np.int64)), False)
+    table.replace_source_output(w.output(0))
+    model.validate_nodes_and_infer_types()
+
+
+def convert_folder(onnx_dir: Path, out: Path, n_layers: int, compress_to_fp16: bool = True,
+                   embeddings: QuantizedTensor | None = None) -> None:
     """An ONNX folder written by :func:`exporters.onnx.write_onnx` -> ``openvino_model.xml/.bin`` (stateful)
     in ``out`` plus its config and tokenizer files. The same weights, byte for byte: the frontend maps
     MatMulNBits' packed codes, scales and zero points onto OpenVINO's compressed-weight constants.
@@ -93,6 +130,8 @@ def convert_folder(onnx_dir: Path, out: Path, n_layers: int, compress_to_fp16: b
     full-precision model stays float32, since bf16 weights below float16's normal range would lose bits)."""
     import openvino as ov
     model = ov.convert_model(str(onnx_dir / ONNX_FILE))
+    if embeddings is not None:
+        compress_embeddings(model, embeddings)
     make_stateful(model, n_layers)
     ov.save_model(model, str(out / XML_FILE), compress_to_fp16=compress_to_fp16)
     for name in SIDE_FILES:
@@ -103,13 +142,16 @@ def convert_folder(onnx_dir: Path, out: Path, n_layers: int, compress_to_fp16: b
 def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, QuantizedTensor],
                    params: dict[str, np.ndarray] | None = None) -> list[Path]:
     """Write the IR folder into ``out`` (temp names first, ``openvino_model.xml`` renamed last); same
-    arguments as :func:`exporters.onnx.write_onnx`. Returns the paths."""
+    arguments as :func:`exporters.onnx.write_onnx`, and ``tensors`` may also hold the input embeddings
+    (``model.embed_tokens.weight``) on an integer grid. Returns the paths."""
     tmp = out / f".openvino.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_onnx(tmp / "onnx", model_dir, cfg, tensors, params)
-        convert_folder(tmp / "onnx", tmp, cfg.num_layers, compress_to_fp16=bool(tensors))
+        linears = {n: q for n, q in tensors.items() if n != EMBEDDINGS}
+        write_onnx(tmp / "onnx", model_dir, cfg, linears, params)
+        convert_folder(tmp / "onnx", tmp, cfg.num_layers, compress_to_fp16=bool(tensors),
+                       embeddings=tensors.get(EMBEDDINGS))
         shutil.rmtree(tmp / "onnx")
         try:
             _tokenizers(model_dir, tmp)

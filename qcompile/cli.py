@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True)); trusted files only")
     p.add_argument("--keep-embeddings-fp", action="store_true",
-                   help="onnx/openvino: keep lm_head in float (default: 8-bit, same group size; the input "
-                        "embeddings stay float either way, and a tied matrix is stored once)")
+                   help="onnx/openvino: keep lm_head and the input embeddings in float (default: lm_head 8-bit, "
+                        "same group size; input embeddings: onnx float32, openvino 8-bit like NNCF; a tied float "
+                        "matrix is stored once)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--version", action="version", version=f"qcompile {__version__}")

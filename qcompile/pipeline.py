@@ -321,10 +321,13 @@ def compile_folder(opts: Options) -> dict:
         tensors = quantize_decoder(cfg, source, target, engine, opts.threads, on_layer=lambda i: bar.update(1))
     if not opts.keep_embeddings_fp:
         tensors["lm_head.weight"] = quantize_head(ckpt, cfg, head_type(target), opts.threads)
+        if opts.to == "openvino":
+            tensors["model.embed_tokens.weight"] = quantize_embeddings(ckpt, head_type(target), opts.threads)
     timings["quantize"] = time.perf_counter() - t1
     # AWQ folds scales into norms/biases: those go into the float graph before the linears are swapped
     t2 = time.perf_counter()
-    linears = {n: q for n, q in tensors.items() if n in names or n == "lm_head.weight"}
+    linears = {n: q for n, q in tensors.items()
+               if n in names or n in ("lm_head.weight", "model.embed_tokens.weight")}
     folded = {n: q.dequantize().reshape(-1) for n, q in tensors.items() if n not in linears}
     from exporters import EXPORTERS
     files = EXPORTERS[opts.to](out, res.path, cfg, linears, folded)
@@ -351,7 +354,10 @@ def compile_folder(opts: Options) -> dict:
         "target": {"format": opts.to, "scheme": target.name, "bits": target.bits, "group_size": target.group,
                    "symmetric": target.sym, "method": method.name,
                    "lm_head": ("float32" if opts.to == "onnx" else "float16") if opts.keep_embeddings_fp
-                   else head_type(target).name, **extras},
+                   else head_type(target).name,
+                   "embeddings": tensors["model.embed_tokens.weight"].type.name
+                   if "model.embed_tokens.weight" in tensors else ("float32" if opts.to == "onnx" else "float16"),
+                   **extras},
         "calibration": calib_info,
         "artifact": {"path": main_file, "bytes": size,
                      "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": report.sha256_file(f)}
@@ -399,11 +405,20 @@ def head_type(target: IntType) -> IntType:
 
 def quantize_head(ckpt: Checkpoint, cfg: ModelConfig, t: IntType, threads: int | None) -> QuantizedTensor:
     """RTN of lm_head (the embeddings when tied), row chunk by row chunk. The float embeddings stay for the
-    input lookup, so a tied matrix is stored once in float and once in 8 bits, never twice in float."""
+    input lookup (ONNX), so a tied matrix is stored once in float and once in 8 bits, never twice in float."""
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    parts = [rtn.quantize("lm_head.weight", rows, t, threads=threads) for _, rows in ckpt.iter_rows(name)]
+    return _rtn_rows(ckpt, name, "lm_head.weight", t, threads)
+
+
+def quantize_embeddings(ckpt: Checkpoint, t: IntType, threads: int | None) -> QuantizedTensor:
+    """RTN of the input embedding table (OpenVINO: 8-bit lookup, as NNCF stores it)."""
+    return _rtn_rows(ckpt, "model.embed_tokens.weight", "model.embed_tokens.weight", t, threads)
+
+
+def _rtn_rows(ckpt: Checkpoint, source: str, name: str, t: IntType, threads: int | None) -> QuantizedTensor:
+    parts = [rtn.quantize(name, rows, t, threads=threads) for _, rows in ckpt.iter_rows(source)]
     data = np.concatenate([q.data for q in parts])
-    return QuantizedTensor("lm_head.weight", t, (data.shape[0], parts[0].shape[1]), data)
+    return QuantizedTensor(name, t, (data.shape[0], parts[0].shape[1]), data)
 
 
 def _eval_text(opts: Options) -> str:

@@ -162,3 +162,38 @@ def test_openvino_genai_pipeline_generates_what_we_generate(tiny_models, tmp_pat
     ids = tok.encode("the cat sat on", add_special_tokens=False).ids
     want = tok.decode(xo.Runner(tmp_path).generate(ids, 16, set()), skip_special_tokens=True)
     assert got == want and len(want) > 4
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2.5"])
+def test_embeddings_are_looked_up_from_our_8bit_table(tiny_models, tmp_path, name):
+    """``--to openvino`` stores the input embeddings 8-bit (as NNCF does): the Gather reads a u8 constant
+    through the decompression pattern, logits equal the dequantized PyTorch model and the .bin shrinks."""
+    from qcompile.checkpoint import Checkpoint
+    from qcompile.pipeline import head_type, quantize_embeddings, quantize_head
+    model = tiny_models[name]
+    cfg, tensors = _quantize(model, IntType(4, 64))
+    t = head_type(IntType(4, 64))
+    ck = Checkpoint(model, cfg)
+    tensors["lm_head.weight"] = quantize_head(ck, cfg, t, None)
+    xo.write_openvino(tmp_path / "f", model, cfg, dict(tensors))
+    tensors["model.embed_tokens.weight"] = quantize_embeddings(ck, t, None)
+    xo.write_openvino(tmp_path / "q", model, cfg, tensors)
+    ids = np.random.default_rng(1).integers(0, 700, 20)
+    with torch.no_grad():
+        m = _hf(model, {k: v for k, v in tensors.items() if k != "lm_head.weight" or not cfg.tie_word_embeddings})
+        if cfg.tie_word_embeddings:  # PyTorch ties the two; put the separately quantized head back
+            m.lm_head.weight = torch.nn.Parameter(torch.from_numpy(tensors["lm_head.weight"].dequantize()))
+        want = m(torch.from_numpy(ids[None])).logits[0].numpy()
+    assert _rel(xo.Runner(tmp_path / "q").logits(ids), want) <= 2e-3
+    gathers = [op for op in ov.Core().read_model(str(tmp_path / "q" / xo.XML_FILE)).get_ops()
+               if op.get_type_name() == "Gather"]
+    roots = []
+    for g in gathers:
+        node = g.input(0).get_source_output().get_node()
+        while node.get_type_name() != "Constant" and node.get_input_size():
+            node = node.input(0).get_source_output().get_node()
+        roots.append(node)
+    assert any(r.get_element_type() == ov.Type.u8 and list(r.get_output_shape(0)) == [cfg.vocab_size, 4, 64]
+               for r in roots)
+    saved = (tmp_path / "f" / xo.BIN_FILE).stat().st_size - (tmp_path / "q" / xo.BIN_FILE).stat().st_size
+    assert saved >= cfg.vocab_size * cfg.hidden_size * (2 - 1.1)  # float16 -> 8 bits + scales
