@@ -63,8 +63,9 @@ def nncf_python(arg: Path | None, work: Path) -> Path:
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        # torchvision pinned to torch 2.13's release, or pip replaces the CPU torch with a CUDA one
         subprocess.run([str(py), "-m", "pip", "install", "-q", "optimum-intel[openvino,nncf]==2.2.0",
-                        "transformers==5.5.4"], check=True)
+                        "transformers==5.5.4", "torch==2.13.0", "torchvision==0.28.0"], check=True)
     return py
 
 

@@ -28,7 +28,8 @@ names and renamed only once complete and verified.
 
 other commands:
   qcompile eval MODEL --artifact FILE.gguf --text FILE [--ctx N --stride N]   # ppl / KLD / top-1
-  qcompile run ARTIFACT "prompt"     # greedy generation in the artifact's runtime (GGUF or ONNX folder)
+  qcompile run ARTIFACT "prompt"     # greedy generation in the artifact's runtime (GGUF, ONNX or IR folder)
+  qcompile check out/report.json --baseline base/report.json   # CI gate: exit 1 on a quality/size regression
 
 exit status: 0 success, 1 error (bad input, I/O, interrupted), 2 usage error.
 """
@@ -104,7 +105,7 @@ def _summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"eval": "qcompile.eval_command", "run": "qcompile.run_command"}
+COMMANDS = {"eval": "qcompile.eval_command", "run": "qcompile.run_command", "check": "qcompile.check_command"}
 
 
 def main(argv: list[str] | None = None) -> int:
