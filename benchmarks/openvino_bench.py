@@ -5,8 +5,9 @@ Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Rows:
 
 * **NNCF int4 data-free** — ``optimum-cli export openvino --weight-format int4`` (group 128; NNCF's defaults
   for everything else, e.g. int8 embeddings / head);
-* **NNCF int4 AWQ + scale estimation** — the same with ``awq=True, scale_estimation=True`` on the calibration
-  text of ``benchmarks/quality.py`` (128 pieces, as optimum-intel takes a list of strings: no hub dataset);
+* **NNCF int4 AWQ + scale estimation** — the same with ``awq=True, scale_estimation=True`` on our own
+  calibration samples (the 128 x 512-token windows qcompile's GPTQ used, decoded back to text: optimum-intel
+  takes a list of strings, no hub dataset needed);
 * **qcompile int4 GPTQ** — the folder ``onnx_bench.py`` built (``qcompile --to onnx --bits 4``, INT4_G128 GPTQ,
   lm_head int8), converted with ``exporters.openvino.convert_folder`` — the very weights ``--to openvino``
   writes.
@@ -42,10 +43,8 @@ from transformers import AutoTokenizer
 model, out, mode, calib = sys.argv[1:5]
 kw = dict(bits=4, group_size=128)
 if mode == "awq":
-    text = open(calib, encoding="utf-8").read()
-    step = len(text) // 128
-    kw.update(awq=True, scale_estimation=True, num_samples=128,
-              dataset=[text[i * step:(i + 1) * step] for i in range(128)])
+    samples = json.load(open(calib, encoding="utf-8"))
+    kw.update(awq=True, scale_estimation=True, num_samples=len(samples), dataset=samples)
 tok = AutoTokenizer.from_pretrained(model)
 m = OVModelForCausalLM.from_pretrained(model, export=True, quantization_config=OVWeightQuantizationConfig(
     tokenizer=model, **kw) if mode == "awq" else OVWeightQuantizationConfig(**kw))
@@ -67,6 +66,18 @@ def nncf_python(arg: Path | None, work: Path) -> Path:
         subprocess.run([str(py), "-m", "pip", "install", "-q", "optimum-intel[openvino,nncf]==2.2.0",
                         "transformers==5.5.4", "torch==2.13.0", "torchvision==0.28.0"], check=True)
     return py
+
+
+def calib_samples(model: Path, calib: Path, out: Path, n: int = 128, seqlen: int = 512) -> Path:
+    """The token windows qcompile calibrates on (same spec, count, length, seed), decoded to strings."""
+    if not out.exists():
+        from tokenizers import Tokenizer
+
+        from calibration.sources import calibration_tokens
+        tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+        windows = calibration_tokens(str(calib), model, n, seqlen, 0)
+        out.write_text(json.dumps([tok.decode(w.tolist()) for w in windows]))
+    return out
 
 
 def nncf_folder(py: Path, model: Path, out: Path, mode: str, calib: Path) -> tuple[Path, float]:
@@ -142,8 +153,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     text, calib = eval_text(work), calib_text(work)
     py = nncf_python(args.nncf_python, work)
-    folders = [("NNCF int4 data-free", *nncf_folder(py, model, work / "nncf-int4", "data-free", calib)),
-               ("NNCF int4 AWQ + scale estimation", *nncf_folder(py, model, work / "nncf-int4-awq", "awq", calib)),
+    samples = calib_samples(model, calib, work / "calib-samples.json")
+    folders = [("NNCF int4 data-free", *nncf_folder(py, model, work / "nncf-int4", "data-free", samples)),
+               ("NNCF int4 AWQ + scale estimation", *nncf_folder(py, model, work / "nncf-int4-awq", "awq", samples)),
                ("qcompile int4 GPTQ (lm_head int8)", ours_folder(args.onnx_work / "qcompile-int4", model,
                                                                  work / "qcompile-int4"), float("nan"))]
     if args.build_only:
