@@ -66,9 +66,10 @@ def test_logits_match_transformers(tiny_model, tmp_path, t, bound):
 @pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 32, sym=True), IntType(8, 64)], ids=lambda t: t.name)
 def test_quantized_graph_equals_dequantized_pytorch_and_generates(tiny_model, tmp_path, t):
     """Same weights: logits equal the dequantized PyTorch model (<= 1e-3), and greedy decoding with the KV
-    cache gives PyTorch's 32 tokens."""
+    cache gives PyTorch's 32 tokens. (8-bit weights: with float activations, accuracy_level 0; the default
+    level 4 quantizes activations to int8 for speed, checked below.)"""
     cfg, tensors = _quantize(tiny_model, t)
-    files = ox.write_onnx(tmp_path, tiny_model, cfg, tensors)
+    files = ox.write_onnx(tmp_path, tiny_model, cfg, tensors, int8_accuracy=0)
     assert {f.name for f in files} >= {"model.onnx", "model.onnx_data", "config.json", "tokenizer.json"}
     sess = _session(tmp_path / "model.onnx")
     nbits = [n for n in __import__("onnx").load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node
@@ -91,6 +92,10 @@ def test_quantized_graph_equals_dequantized_pytorch_and_generates(tiny_model, tm
         past = [out[n] for n in names[1:]]
         out = dict(zip(names, sess.run(None, _feed(sess, np.array([[nxt]]), past, start=12 + step))))
     assert got == want
+    if t.bits == 8:  # the default graph: int8 activations in the 8-bit kernels, a small extra error
+        ox.write_onnx(tmp_path / "fast", tiny_model, cfg, tensors)
+        fast = _session(tmp_path / "fast" / "model.onnx")
+        assert 1e-6 < _rel(fast.run(["logits"], _feed(fast, ids))[0], ref) <= 3e-2
 
 
 def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
@@ -98,7 +103,8 @@ def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
                    "-q") == 0
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["target"]["format"] == "onnx" and rep["target"]["scheme"] == "INT4_G128"
-    assert rep["metrics"]["artifact"]["rel_error"] <= 1e-3 and rep["metrics"]["artifact"]["top1"] == 1.0
+    # the int8 lm_head runs with int8 activations (accuracy_level 4): a small error on top of the weights
+    assert rep["metrics"]["artifact"]["rel_error"] <= 2e-2 and rep["metrics"]["artifact"]["top1"] >= 0.95
     assert {f["path"] for f in rep["artifact"]["files"]} >= {"model.onnx", "model.onnx_data"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # qcompile eval on the folder (onnxruntime) reproduces the reference-path numbers of the same weights
@@ -108,8 +114,8 @@ def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
                    "--ctx", "256", "--max-tokens", "1024", "--json", tmp_path.parent / "e.json", "-q") == 0
     got = json.loads((tmp_path.parent / "e.json").read_text())["results"]["onnxruntime"]
     ref = rep["metrics"]["reference"]
-    assert got["tokens"] == ref["tokens"] and got["kld_mean"] == pytest.approx(ref["kld_mean"], rel=1e-3)
-    assert got["ppl_quant"] == pytest.approx(ref["ppl_quant"], rel=1e-4)
+    assert got["tokens"] == ref["tokens"] and got["kld_mean"] == pytest.approx(ref["kld_mean"], rel=0.05)
+    assert got["ppl_quant"] == pytest.approx(ref["ppl_quant"], rel=1e-2)
     # exists without --force; GGUF types are no ONNX grid; group size must divide the rows
     assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--out", tmp_path, "-q") == 1
     assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--quant", "Q4_K", "--out", tmp_path / "x", "-q") == 1
@@ -192,7 +198,8 @@ def test_lm_head_policy_and_tied_matrix_stored_once(tiny_models, tmp_path, keep)
     args = ["--keep-embeddings-fp"] if keep else []
     assert run_cli(model, "--to", "onnx", "--bits", "4", "--method", "rtn", "--out", tmp_path, "-q", *args) == 0
     rep = json.loads((tmp_path / "report.json").read_text())
-    assert rep["metrics"]["artifact"]["rel_error"] <= 1e-3
+    # float head: the runtime equals the dequantized model; int8 head: plus its int8 activations
+    assert rep["metrics"]["artifact"]["rel_error"] <= (1e-3 if keep else 2e-2)
     g = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
     cfg = read_config(model)
     tables = [i for i in g.initializer if sorted(i.dims) == sorted([cfg.vocab_size, cfg.hidden_size])]
