@@ -149,7 +149,7 @@ def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[s
     tmp.mkdir(parents=True)
     try:
         linears = {n: q for n, q in tensors.items() if n != EMBEDDINGS}
-        write_onnx(tmp / "onnx", model_dir, cfg, linears, params)
+        write_onnx(tmp / "onnx", model_dir, cfg, linears, params, accuracy_level=0)  # OpenVINO has its own
         convert_folder(tmp / "onnx", tmp, cfg.num_layers, compress_to_fp16=bool(tensors),
                        embeddings=tensors.get(EMBEDDINGS))
         shutil.rmtree(tmp / "onnx")

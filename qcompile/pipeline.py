@@ -54,6 +54,7 @@ class Options:
     offline: bool = False
     allow_pickle: bool = False
     keep_embeddings_fp: bool = False
+    float_activations: bool = False
     threads: int | None = None
     quiet: bool = False
     argv: list[str] = field(default_factory=list)
@@ -266,12 +267,12 @@ def choose_int_type(opts: Options) -> IntType:
     return t
 
 
-def _folder_format(to: str):
+def _folder_format(to: str, opts_float: bool = False):
     """(main file, runtime name, runner factory, report extras) of a folder target."""
     if to == "onnx":
         from exporters.onnx import ONNX_FILE, Runner
         return ONNX_FILE, "onnxruntime", lambda out, threads: Runner(out / ONNX_FILE, threads), \
-            {"opset": "ai.onnx 17 + com.microsoft 1"}
+            {"opset": "ai.onnx 17 + com.microsoft 1", "activations": "float32" if opts_float else "int8"}
     import openvino
     from exporters.openvino import XML_FILE, Runner
     return XML_FILE, "openvino", lambda out, threads: Runner(out, threads), \
@@ -284,7 +285,7 @@ def compile_folder(opts: Options) -> dict:
     OpenVINO IR converted from it) -> verify (PyTorch reference; the runtime vs the dequantized model) -> report."""
     from calibration.capture import LINEARS
     try:
-        main_file, runtime, runner, extras = _folder_format(opts.to)
+        main_file, runtime, runner, extras = _folder_format(opts.to, opts.float_activations)
     except ImportError as e:
         raise QCompileError(f"--to {opts.to} needs {e.name} (pip install {e.name})") from None
     timings: dict[str, float] = {}
@@ -330,7 +331,8 @@ def compile_folder(opts: Options) -> dict:
                if n in names or n in ("lm_head.weight", "model.embed_tokens.weight")}
     folded = {n: q.dequantize().reshape(-1) for n, q in tensors.items() if n not in linears}
     from exporters import EXPORTERS
-    files = EXPORTERS[opts.to](out, res.path, cfg, linears, folded)
+    kw = {"accuracy_level": 0 if opts.float_activations else 4} if opts.to == "onnx" else {}
+    files = EXPORTERS[opts.to](out, res.path, cfg, linears, folded, **kw)
     timings["export"] = time.perf_counter() - t2
     if engine is not None:
         engine.finish()

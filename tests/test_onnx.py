@@ -66,10 +66,10 @@ def test_logits_match_transformers(tiny_model, tmp_path, t, bound):
 @pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 32, sym=True), IntType(8, 64)], ids=lambda t: t.name)
 def test_quantized_graph_equals_dequantized_pytorch_and_generates(tiny_model, tmp_path, t):
     """Same weights: logits equal the dequantized PyTorch model (<= 1e-3), and greedy decoding with the KV
-    cache gives PyTorch's 32 tokens. (8-bit weights: with float activations, accuracy_level 0; the default
-    level 4 quantizes activations to int8 for speed, checked below.)"""
+    cache gives PyTorch's 32 tokens (float activations, accuracy_level 0; the default level 4 quantizes
+    activations to int8 for speed: checked below)."""
     cfg, tensors = _quantize(tiny_model, t)
-    files = ox.write_onnx(tmp_path, tiny_model, cfg, tensors, int8_accuracy=0)
+    files = ox.write_onnx(tmp_path, tiny_model, cfg, tensors, accuracy_level=0)
     assert {f.name for f in files} >= {"model.onnx", "model.onnx_data", "config.json", "tokenizer.json"}
     sess = _session(tmp_path / "model.onnx")
     nbits = [n for n in __import__("onnx").load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node
@@ -92,10 +92,10 @@ def test_quantized_graph_equals_dequantized_pytorch_and_generates(tiny_model, tm
         past = [out[n] for n in names[1:]]
         out = dict(zip(names, sess.run(None, _feed(sess, np.array([[nxt]]), past, start=12 + step))))
     assert got == want
-    if t.bits == 8:  # the default graph: int8 activations in the 8-bit kernels, a small extra error
-        ox.write_onnx(tmp_path / "fast", tiny_model, cfg, tensors)
-        fast = _session(tmp_path / "fast" / "model.onnx")
-        assert 1e-6 < _rel(fast.run(["logits"], _feed(fast, ids))[0], ref) <= 3e-2
+    # the default graph: int8 activations, a small extra error
+    ox.write_onnx(tmp_path / "fast", tiny_model, cfg, tensors)
+    fast = _session(tmp_path / "fast" / "model.onnx")
+    assert 1e-6 < _rel(fast.run(["logits"], _feed(fast, ids))[0], ref) <= 6e-2
 
 
 def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
@@ -103,8 +103,8 @@ def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
                    "-q") == 0
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["target"]["format"] == "onnx" and rep["target"]["scheme"] == "INT4_G128"
-    # the int8 lm_head runs with int8 activations (accuracy_level 4): a small error on top of the weights
-    assert rep["metrics"]["artifact"]["rel_error"] <= 2e-2 and rep["metrics"]["artifact"]["top1"] >= 0.95
+    # int8 activations (accuracy_level 4, the default): a small error on top of the weights
+    assert rep["metrics"]["artifact"]["rel_error"] <= 6e-2 and rep["metrics"]["artifact"]["top1"] >= 0.9
     assert {f["path"] for f in rep["artifact"]["files"]} >= {"model.onnx", "model.onnx_data"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # qcompile eval on the folder (onnxruntime) reproduces the reference-path numbers of the same weights
@@ -162,7 +162,7 @@ def test_optimum_loads_and_generates(tiny_models, tmp_path, optimum_overlay, nam
     else:
         model = tiny_models[name]
     cfg, tensors = _quantize(model, IntType(4, 128))
-    ox.write_onnx(tmp_path / "onnx", model, cfg, tensors)
+    ox.write_onnx(tmp_path / "onnx", model, cfg, tensors, accuracy_level=0)
     prompt = [5, 6, 7]
     got = json.loads(ov.run(_OPTIMUM_GENERATE, str(tmp_path / "onnx"), json.dumps(prompt), overlay=optimum_overlay))
     assert got["rope_theta"] == cfg.rope_theta  # transformers 4.x reads the real RoPE base from our config.json
@@ -177,7 +177,7 @@ def test_run_command_generates_what_pytorch_generates(tiny_models, tmp_path, cap
     from tokenizers import Tokenizer
     model = tiny_models["qwen2"]
     cfg, tensors = _quantize(model, IntType(4, 64))
-    ox.write_onnx(tmp_path, model, cfg, tensors)
+    ox.write_onnx(tmp_path, model, cfg, tensors, accuracy_level=0)
     assert run_cli("run", tmp_path, "the cat sat on", "--max-tokens", "12", "--raw") == 0
     printed = capsys.readouterr().out.rstrip("\n")
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
@@ -195,11 +195,12 @@ def test_run_command_generates_what_pytorch_generates(tiny_models, tmp_path, cap
 def test_lm_head_policy_and_tied_matrix_stored_once(tiny_models, tmp_path, keep):
     import onnx
     model = tiny_models["qwen2.5"]  # tied embeddings
-    args = ["--keep-embeddings-fp"] if keep else []
+    args = ["--keep-embeddings-fp", "--float-activations"] if keep else []
     assert run_cli(model, "--to", "onnx", "--bits", "4", "--method", "rtn", "--out", tmp_path, "-q", *args) == 0
     rep = json.loads((tmp_path / "report.json").read_text())
-    # float head: the runtime equals the dequantized model; int8 head: plus its int8 activations
-    assert rep["metrics"]["artifact"]["rel_error"] <= (1e-3 if keep else 2e-2)
+    # float activations: the runtime is the dequantized model; int8 activations (default): a small error more
+    assert rep["metrics"]["artifact"]["rel_error"] <= (1e-3 if keep else 6e-2)
+    assert rep["target"]["activations"] == ("float32" if keep else "int8")
     g = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
     cfg = read_config(model)
     tables = [i for i in g.initializer if sorted(i.dims) == sorted([cfg.vocab_size, cfg.hidden_size])]
