@@ -91,13 +91,19 @@ def nncf_folder(py: Path, model: Path, out: Path, mode: str, calib: Path) -> tup
 
 
 def ours_folder(onnx_dir: Path, model: Path, out: Path) -> Path:
+    """The ONNX GPTQ folder through the same conversion ``--to openvino`` runs, with its 8-bit embeddings."""
     from exporters.openvino import _tokenizers, convert_folder
     from qcompile.arch import read_config
+    from qcompile.checkpoint import Checkpoint
+    from qcompile.pipeline import head_type, quantize_embeddings
+    from quantizers.grids import IntType
     if not (onnx_dir / "model.onnx").exists():
         raise SystemExit(f"{onnx_dir}: run benchmarks/onnx_bench.py first (it builds qcompile's int4 GPTQ folder)")
     if not (out / "openvino_model.xml").exists():
         out.mkdir(parents=True, exist_ok=True)
-        convert_folder(onnx_dir, out, read_config(model).num_layers)
+        cfg = read_config(model)
+        emb = quantize_embeddings(Checkpoint(model, cfg), head_type(IntType(4, 128)), None)
+        convert_folder(onnx_dir, out, cfg.num_layers, embeddings=emb)
         _tokenizers(model, out)
     return out
 
