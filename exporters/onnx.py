@@ -187,7 +187,6 @@ def bind_weights(model, read, params: dict[str, np.ndarray] | None = None, store
     nobody reads (weights of swapped linears) are dropped. A ``Transpose`` that is a weight's only reader
     is folded into a transposed initializer, as constant folding would have done; one with other readers
     (a tied table that is also the float head) stays, so the matrix is stored once."""
-    from onnx import numpy_helper
     g = model.graph
     ins = set(io_names(0)[0]) | {i.name for i in g.input if i.name.startswith("past_key_values.")}
     readers: dict[str, list] = {}
@@ -251,7 +250,7 @@ def matmulnbits_arrays(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.
 def swap_in(model, tensors: dict[str, QuantizedTensor], store=_inline, accuracy_level: int = 4) -> list[str]:
     """Replace the MatMul of every linear in ``tensors`` (HF weight names) by MatMulNBits; return the
     names swapped. Initializers and nodes left unused (the fp weights) are dropped."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
     g = model.graph
     nodes, added, swapped = [], [], []
     for node in g.node:
@@ -330,13 +329,19 @@ def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, 
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
         _portable_config(tmp / "config.json")
-        final = []
-        for p in sorted(tmp.iterdir(), key=lambda p: p.name == ONNX_FILE):  # the graph last
-            os.replace(p, out / p.name)
-            final.append(out / p.name)
-        return final
+        return publish(tmp, out, ONNX_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp: Path, out: Path, last: str) -> list[Path]:
+    """Move a finished temp folder's files into ``out``, the graph file ``last`` (a folder whose graph is
+    present is complete); return the final paths."""
+    final = []
+    for p in sorted(tmp.iterdir(), key=lambda p: p.name == last):
+        os.replace(p, out / p.name)
+        final.append(out / p.name)
+    return final
 
 
 def _portable_config(path: Path) -> None:
@@ -364,6 +369,7 @@ class Runner:
             so.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.pasts = [i for i in self.sess.get_inputs() if i.name.startswith("past_key_values.")]
+        self.outs = [o.name for o in self.sess.get_outputs()]
 
     def _run(self, ids: np.ndarray, past: list[np.ndarray] | None, start: int) -> dict[str, np.ndarray]:
         n = start + ids.shape[1]
@@ -371,8 +377,7 @@ class Runner:
                 "position_ids": np.arange(start, n, dtype=np.int64)[None]}
         for k, i in enumerate(self.pasts):
             feed[i.name] = past[k] if past is not None else np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-        outs = [o.name for o in self.sess.get_outputs()]
-        return dict(zip(outs, self.sess.run(None, feed)))
+        return dict(zip(self.outs, self.sess.run(None, feed)))
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits [n, vocab] for one sequence, from an empty KV cache."""
@@ -391,8 +396,3 @@ class Runner:
             start += cur.shape[1]
             cur = np.asarray([[nxt]], np.int64)
         return new
-
-
-def run_logits(path: Path, tokens: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """onnxruntime's logits [n, vocab] for one sequence, from an empty KV cache."""
-    return Runner(path, threads).logits(tokens)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.onnx import ONNX_FILE, SIDE_FILES, io_names, write_onnx
+from exporters.onnx import ONNX_FILE, SIDE_FILES, io_names, publish, write_onnx
 from qcompile.arch import ModelConfig
 from quantizers.tensor import QuantizedTensor
 
@@ -157,11 +157,7 @@ def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[s
             _tokenizers(model_dir, tmp)
         except Exception as e:  # the tokenizer converter raises its own types; the IR is still usable
             print(f"note: openvino-tokenizers could not convert the tokenizer ({e}); skipped", file=sys.stderr)
-        final = []
-        for p in sorted(tmp.iterdir(), key=lambda p: p.name == XML_FILE):  # the graph last
-            os.replace(p, out / p.name)
-            final.append(out / p.name)
-        return final
+        return publish(tmp, out, XML_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
