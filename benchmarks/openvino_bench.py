@@ -9,8 +9,8 @@ Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Rows:
   calibration samples (the 128 x 512-token windows qcompile's GPTQ used, decoded back to text: optimum-intel
   takes a list of strings, no hub dataset needed);
 * **qcompile int4 GPTQ** — the folder ``onnx_bench.py`` built (``qcompile --to onnx --bits 4``, INT4_G128 GPTQ,
-  lm_head int8), converted with ``exporters.openvino.convert_folder`` — the very weights ``--to openvino``
-  writes.
+  lm_head int8), its weights read back from the ONNX folder and written by
+  ``exporters.openvino.write_openvino`` — what ``--to openvino`` writes for the same quantized tensors.
 
 optimum-intel pins transformers < 5.6, so NNCF runs in its own virtual environment (``--nncf-python``; made on
 first use in ``WORK/nncf-venv``). Speed: prompt and decode tokens/s on ``--threads`` threads with the CPU
@@ -90,9 +90,43 @@ def nncf_folder(py: Path, model: Path, out: Path, mode: str, calib: Path) -> tup
     return out, float(stamp.read_text()) if stamp.exists() else float("nan")
 
 
+def onnx_tensors(onnx_dir: Path) -> dict:
+    """The quantized linears of a ``qcompile --to onnx`` folder, back as QuantizedTensors: each MatMulNBits'
+    packed codes, scales and zero points are exactly the bytes the quantizer produced (the inverse of
+    ``exporters.onnx.matmulnbits_arrays``), so the IR gets the same weights without re-running GPTQ."""
+    import onnx
+    from onnx import numpy_helper
+    from quantizers import grids
+    from quantizers.tensor import QuantizedTensor
+    m = onnx.load(str(onnx_dir / "model.onnx"))
+    init = {i.name: i for i in m.graph.initializer}
+    out = {}
+    for node in m.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in node.attribute}
+        n, k, bits, g = a["N"], a["K"], a["bits"], a["block_size"]
+        nb = k // g
+        arr = [numpy_helper.to_array(init[i], str(onnx_dir)) for i in node.input[1:]]
+        b, scales = arr[0].reshape(n, nb, -1), arr[1].reshape(n, nb)
+        codes = np.stack([b & 15, b >> 4], -1).reshape(n, k) if bits == 4 else b.reshape(n, k)
+        t = grids.IntType(bits, g, sym=len(arr) < 3)
+        if t.sym:
+            z = np.full((n, nb), t.zero, np.uint8)
+        else:
+            zp = arr[2].reshape(n, -1)
+            z = (np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :nb] if bits == 4 else zp[:, :nb])
+        name = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") + ".weight"
+        f = grids.BlockFields(grids.grid(t), codes.astype(np.uint8),
+                              {"d": scales.astype(np.float16), "z": z.astype(np.uint8)})
+        out[name] = QuantizedTensor.from_fields(name, f)
+    return out
+
+
 def ours_folder(onnx_dir: Path, model: Path, out: Path) -> Path:
-    """The ONNX GPTQ folder through the same conversion ``--to openvino`` runs, with its 8-bit embeddings."""
-    from exporters.openvino import _tokenizers, convert_folder
+    """qcompile's IR with the ONNX GPTQ folder's very weights, written by ``exporters.openvino.write_openvino``
+    (what ``--to openvino`` runs), with its 8-bit embeddings."""
+    from exporters.openvino import write_openvino
     from qcompile.arch import read_config
     from qcompile.checkpoint import Checkpoint
     from qcompile.pipeline import head_type, quantize_embeddings
@@ -102,9 +136,10 @@ def ours_folder(onnx_dir: Path, model: Path, out: Path) -> Path:
     if not (out / "openvino_model.xml").exists():
         out.mkdir(parents=True, exist_ok=True)
         cfg = read_config(model)
-        emb = quantize_embeddings(Checkpoint(model, cfg), head_type(IntType(4, 128)), None)
-        convert_folder(onnx_dir, out, cfg.num_layers, embeddings=emb)
-        _tokenizers(model, out)
+        tensors = onnx_tensors(onnx_dir)
+        tensors["model.embed_tokens.weight"] = quantize_embeddings(Checkpoint(model, cfg), head_type(IntType(4, 128)),
+                                                                   None)
+        write_openvino(out, model, cfg, tensors)
     return out
 
 

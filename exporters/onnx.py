@@ -71,8 +71,12 @@ def _wrapper(model, weights: list[str]):
             n = 2 * self.model.config.num_hidden_layers
             past, values = rest[:n], rest[n:]
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(n // 2)]
-            try:  # transformers >= 5
-                cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+            try:  # transformers >= 5: layers filled directly, since update() concatenates onto an empty
+                # 1-D tensor, which torch allows but OpenVINO's PyTorch frontend cannot convert
+                cache = DynamicCache(config=self.model.config)
+                for layer, (k, v) in zip(cache.layers, pairs):
+                    layer.lazy_initialization(k, v)
+                    layer.keys, layer.values = k, v
             except TypeError:  # transformers 4.x
                 cache = DynamicCache.from_legacy_cache(tuple(pairs))
             for held, value in zip(where, values):
@@ -116,19 +120,27 @@ def _weightless(model_dir: Path):
     return model.eval()
 
 
+def trace_inputs(model, cfg: ModelConfig) -> tuple[dict, tuple]:
+    """The parameters (tied ones once, under their first name) and a sample argument tuple for
+    :func:`_wrapper` of ``model``: batch 2, a non-empty past, so every dimension is traced as dynamic."""
+    import torch
+    n, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    b, p, s = 2, 3, 4
+    past = [torch.zeros(b, kvh, p, hd) for _ in range(2 * n)]
+    weights = dict(model.named_parameters())
+    args = (torch.randint(0, cfg.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s).expand(b, s).contiguous(), *past, *weights.values())
+    return weights, args
+
+
 def export_fp(model_dir: Path, cfg: ModelConfig, path: Path) -> None:
     """The float32 decoder graph with KV cache to ``path``, its weights left as graph inputs named by their
     HF names: the model is traced without its weights in memory, so a 7B export costs a trace, not 28 GB.
     ``bind_weights`` turns those inputs into initializers."""
     import torch
     model = _weightless(model_dir)
-    n, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    b, p, s = 2, 3, 4   # a sample with a non-empty past, so every dimension is traced as dynamic
-    past = [torch.zeros(b, kvh, p, hd) for _ in range(2 * n)]
-    weights = dict(model.named_parameters())   # tied parameters once, under their first name
-    args = (torch.randint(0, cfg.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
-            torch.arange(p, p + s).expand(b, s).contiguous(), *past, *weights.values())
-    ins, outs = io_names(n)
+    weights, args = trace_inputs(model, cfg)
+    ins, outs = io_names(cfg.num_layers)
     dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
            "position_ids": {0: "batch_size", 1: "sequence_length"},

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.onnx import ONNX_FILE, SIDE_FILES, io_names, publish, write_onnx
+from exporters.onnx import SIDE_FILES, io_names, publish
 from qcompile.arch import ModelConfig
+from quantizers.grids import IntType
 from quantizers.tensor import QuantizedTensor
 
 XML_FILE = "openvino_model.xml"
@@ -88,71 +89,131 @@ def _tokenizers(model_dir: Path, out: Path) -> list[str]:
 EMBEDDINGS = "model.embed_tokens.weight"
 
 
-def compress_embeddings(model, qt: QuantizedTensor) -> None:
-    """Feed the embedding lookup from our 8-bit table: the float ``[vocab, hidden]`` constant under the
-    Gather becomes ``u8 [vocab, hidden/g, g] -> Convert -> Subtract(zero point) -> Multiply(scale) ->
-    Reshape``, the decompression pattern NNCF writes for embeddings (ONNX has no such lookup that
-    OpenVINO's frontend reads, so this one piece of surgery happens on the OpenVINO graph)."""
+def trace_fp(model_dir: Path, cfg: ModelConfig):
+    """The float decoder as an OpenVINO model, converted by OpenVINO's PyTorch frontend from a TorchScript
+    trace of the weightless transformers model (``exporters.onnx._weightless``: no weights in memory).
+
+    The PyTorch frontend, unlike the ONNX one, maps ``scaled_dot_product_attention`` to OpenVINO's own SDPA
+    op, which the CPU plugin fuses with the stateful KV cache (and RoPE, RMSNorm) as it does for
+    optimum-intel's export: on the real 0.5B, the ONNX-frontend graph decoded at half NNCF's speed. Every
+    parameter is a graph input named by its HF name (tied ones once); :func:`bind` replaces them."""
+    import warnings
+
+    import openvino as ov
+    import torch
+    from exporters.onnx import _weightless, _wrapper, trace_inputs
+    model = _weightless(model_dir)
+    weights, args = trace_inputs(model, cfg)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
+        # check_trace off: re-tracing to compare graphs would fail on the fresh module types, and costs time
+        traced = torch.jit.trace(_wrapper(model, list(weights)), args, check_trace=False, strict=False)
+        om = ov.convert_model(traced, example_input=args)
+    ins, outs = io_names(cfg.num_layers)
+    names = ins + list(weights)
+    if len(om.inputs) != len(names) or len(om.outputs) != len(outs):
+        raise RuntimeError(f"traced graph has {len(om.inputs)} inputs / {len(om.outputs)} outputs, "
+                           f"expected {len(names)} / {len(outs)}")
+    for port, name in zip(om.inputs, names):  # friendly names too: openvino_genai's paged-attention
+        port.get_tensor().set_names({name})     # rewrite finds inputs by them
+        port.get_node().set_friendly_name(name)
+    for port, name in zip(om.outputs, outs):
+        port.get_tensor().set_names({name})
+    return om
+
+
+def decompressed(qt: QuantizedTensor):
+    """Our integers as OpenVINO's compressed-weight pattern, the one NNCF writes and the CPU plugin fuses
+    into its FullyConnected / Gather kernels:
+
+        Constant i4|i8 (symmetric) or u4|u8 [N, K/g, g] -> Convert f16 [-> Subtract(Constant u4|u8 zero
+        points [N, K/g, 1] -> Convert f16)] -> Multiply(Constant f16 scales [N, K/g, 1]) -> Reshape [N, K]
+        -> Convert f32
+
+    The codes, scales and zero points are the stored bytes of ``qt``; nothing is rounded again."""
     import openvino as ov
     import openvino.opset13 as ops
-    from exporters.onnx import matmulnbits_arrays
     t = qt.type
+    if not isinstance(t, IntType):
+        raise ValueError(f"{qt.name}: {getattr(t, 'name', t)} is not an integer grid")
     n, k = qt.shape
-    table = None
-    for op in model.get_ops():
-        if op.get_type_name() != "Gather":
-            continue
-        src = op.input(0).get_source_output().get_node()
-        if src.get_type_name() == "Constant" and list(src.get_output_shape(0)) == [n, k]:
-            table = op.input(0)
-            break
-    if table is None:
-        raise RuntimeError(f"no embedding Gather over a [{n}, {k}] constant in the graph")
-    if t.bits != 8:
-        raise ValueError(f"embeddings are stored 8-bit, not {t.name}")
-    b, scales, _ = matmulnbits_arrays(qt)
     nb = k // t.group
-    w = ops.convert(ops.constant(b.reshape(n, nb, t.group), ov.Type.u8), ov.Type.f32)
-    z = np.float32(t.zero) if t.sym else qt.fields().params["z"].astype(np.uint8).reshape(n, nb, 1)
-    w = ops.subtract(w, ops.constant(z) if t.sym else ops.convert(ops.constant(z, ov.Type.u8), ov.Type.f32))
-    d = ops.convert(ops.constant(scales.reshape(n, nb, 1).astype(np.float16)), ov.Type.f32)
+    f = qt.fields()
+    codes = f.codes.reshape(n, nb, t.group)
+    # named after the HF tensor, so the IR can be audited weight by weight
+    if t.sym:  # signed codes around the fixed zero point: no Subtract, as NNCF's symmetric modes
+        w = ops.constant(codes.astype(np.int8) - np.int8(t.zero), ov.Type.i4 if t.bits == 4 else ov.Type.i8,
+                         name=f"{qt.name}/codes")
+        w = ops.convert(w, ov.Type.f16)
+    else:
+        unsigned = ov.Type.u4 if t.bits == 4 else ov.Type.u8
+        w = ops.convert(ops.constant(codes, unsigned, name=f"{qt.name}/codes"), ov.Type.f16)
+        z = ops.constant(f.params["z"].astype(np.uint8).reshape(n, nb, 1), unsigned, name=f"{qt.name}/zero_points")
+        w = ops.subtract(w, ops.convert(z, ov.Type.f16))
+    d = ops.constant(f.params["d"].astype(np.float16).reshape(n, nb, 1), name=f"{qt.name}/scales")
     w = ops.reshape(ops.multiply(w, d), ops.constant(np.array([n, k], np.int64)), False)
-    table.replace_source_output(w.output(0))
+    return ops.convert(w, ov.Type.f32).output(0)
+
+
+def bind(model, names: list[str], tensors: dict[str, QuantizedTensor], read,
+         params: dict[str, np.ndarray] | None = None, tied: bool = False) -> None:
+    """Replace each weight input (``names``) by constants: a quantized tensor where ``tensors`` has one
+    (the lookup of a tied table reads ``model.embed_tokens.weight``, its head ``lm_head.weight``), else the
+    float value, ``params[name]`` (AWQ-folded norms/biases) or ``read(name)`` from the checkpoint, stored
+    once however many nodes read it."""
+    import openvino.opset13 as ops
+    params = params or {}
+    used = set()
+    for name in names:
+        port = _named(model, name)
+        fp = None
+        for target in list(port.get_target_inputs()):
+            key = name
+            if name == EMBEDDINGS and tied and target.get_node().get_type_name() != "Gather":
+                key = "lm_head.weight"   # the tied head's MatMul
+            qt = tensors.get(key)
+            if qt is not None:
+                used.add(key)
+                src = decompressed(qt)
+            else:
+                if fp is None:
+                    value = np.asarray(params[name], np.float32) if name in params else read(name)
+                    fp = ops.constant(np.ascontiguousarray(value, np.float32)).output(0)
+                src = fp
+            target.replace_source_output(src)
+        model.remove_parameter(port.get_node())
+    missing = sorted(set(tensors) - used)
+    if missing:
+        raise RuntimeError(f"no reader of {missing[:3]} in the traced graph")
     model.validate_nodes_and_infer_types()
-
-
-def convert_folder(onnx_dir: Path, out: Path, n_layers: int, compress_to_fp16: bool = True,
-                   embeddings: QuantizedTensor | None = None) -> None:
-    """An ONNX folder written by :func:`exporters.onnx.write_onnx` -> ``openvino_model.xml/.bin`` (stateful)
-    in ``out`` plus its config and tokenizer files. The same weights, byte for byte: the frontend maps
-    MatMulNBits' packed codes, scales and zero points onto OpenVINO's compressed-weight constants.
-    ``compress_to_fp16``: store the float constants as float16 (next to quantized weights; a
-    full-precision model stays float32, since bf16 weights below float16's normal range would lose bits)."""
-    import openvino as ov
-    model = ov.convert_model(str(onnx_dir / ONNX_FILE))
-    if embeddings is not None:
-        compress_embeddings(model, embeddings)
-    make_stateful(model, n_layers)
-    ov.save_model(model, str(out / XML_FILE), compress_to_fp16=compress_to_fp16)
-    for name in SIDE_FILES:
-        if (onnx_dir / name).is_file():
-            shutil.copyfile(onnx_dir / name, out / name)
 
 
 def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, QuantizedTensor],
                    params: dict[str, np.ndarray] | None = None) -> list[Path]:
-    """Write the IR folder into ``out`` (temp names first, ``openvino_model.xml`` renamed last); same
-    arguments as :func:`exporters.onnx.write_onnx`, and ``tensors`` may also hold the input embeddings
-    (``model.embed_tokens.weight``) on an integer grid. Returns the paths."""
+    """Write the IR folder into ``out`` (temp names first, ``openvino_model.xml`` renamed last). ``tensors``:
+    quantized linears (HF weight names; ``lm_head.weight`` for a quantized head, tied or not) and the input
+    embeddings (``model.embed_tokens.weight``) when they are on an integer grid too; ``params``: float
+    tensors that replace the checkpoint's (AWQ-folded norms/biases). Float constants are stored as
+    float16 next to quantized weights (OpenVINO's default; the scales are float16 values already), float32
+    in a full-precision export (bf16 weights below float16's normal range would lose bits). Returns the
+    paths."""
+    import openvino as ov
+    from exporters.onnx import _portable_config
+    from qcompile.checkpoint import Checkpoint
     tmp = out / f".openvino.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        linears = {n: q for n, q in tensors.items() if n != EMBEDDINGS}
-        write_onnx(tmp / "onnx", model_dir, cfg, linears, params, accuracy_level=0)  # OpenVINO has its own
-        convert_folder(tmp / "onnx", tmp, cfg.num_layers, compress_to_fp16=bool(tensors),
-                       embeddings=tensors.get(EMBEDDINGS))
-        shutil.rmtree(tmp / "onnx")
+        model = trace_fp(model_dir, cfg)
+        names = [p.get_any_name() for p in model.inputs][3 + 2 * cfg.num_layers:]
+        bind(model, names, tensors, Checkpoint(model_dir, cfg).read, params, cfg.tie_word_embeddings)
+        make_stateful(model, cfg.num_layers)
+        ov.save_model(model, str(tmp / XML_FILE), compress_to_fp16=bool(tensors))
+        del model
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
+        _portable_config(tmp / "config.json")
         try:
             _tokenizers(model_dir, tmp)
         except Exception as e:  # the tokenizer converter raises its own types; the IR is still usable

@@ -21,7 +21,8 @@ def _rel(a, b):
 
 
 def _weight_constants(folder):
-    """{MatMul name: the Constant at the root of its weight input} (through Convert/Subtract/Multiply/Reshape)."""
+    """{name of the Constant at the root of a MatMul's weight input: that Constant} (walking up through
+    Convert/Subtract/Multiply/Reshape)."""
     model = ov.Core().read_model(str(folder / xo.XML_FILE))
     out = {}
     for op in model.get_ops():
@@ -31,7 +32,7 @@ def _weight_constants(folder):
         while node.get_type_name() != "Constant" and node.get_input_size():
             node = node.input(0).get_source_output().get_node()
         if node.get_type_name() == "Constant":
-            out[op.get_friendly_name()] = node
+            out[node.get_friendly_name()] = node
     return out
 
 
@@ -62,19 +63,23 @@ def test_weights_are_stored_as_our_integers(tiny_models, tmp_path, t):
     cfg, tensors = _quantize(model, t)
     xo.write_openvino(tmp_path, model, cfg, tensors)
     consts = _weight_constants(tmp_path)
-    linears = {n: c for n, c in consts.items() if "/layers/" in n and n.endswith("/MatMulNBits")}
+    linears = {n: c for n, c in consts.items() if ".layers." in n and n.endswith(".weight/codes")}
     assert len(linears) == 7 * cfg.num_layers
+    want_type = {(4, False): ov.Type.u4, (8, False): ov.Type.u8, (4, True): ov.Type.i4, (8, True): ov.Type.i8}
     for name, c in linears.items():
-        assert c.get_element_type() == (ov.Type.u4 if t.bits == 4 else ov.Type.u8), name
+        assert c.get_element_type() == want_type[t.bits, t.sym], name
         assert list(c.get_output_shape(0))[1:] == [c.get_output_shape(0)[1], t.group]
-    # the codes are ours: the first q_proj's constant unpacks to the quantizer's codes
+    # the codes are ours: the first q_proj's constant unpacks to the quantizer's codes (minus the fixed
+    # zero point when symmetric: signed storage)
     q = tensors["model.layers.0.self_attn.q_proj.weight"]
-    c = next(c for n, c in linears.items() if "/layers/0/self_attn/q_proj/" in n)
+    c = linears["model.layers.0.self_attn.q_proj.weight/codes"]
     n, k = q.shape
     raw = np.frombuffer(c.get_data().tobytes(), np.uint8)
     codes = np.stack([raw & 15, raw >> 4], -1).reshape(-1) if t.bits == 4 else raw
     blocks = q.data.reshape(n, k // t.group, -1)[:, :, 3:].reshape(-1)
     want = np.stack([blocks & 15, blocks >> 4], -1).reshape(-1) if t.bits == 4 else blocks
+    if t.sym:
+        want = (want.astype(np.int16) - t.zero) & ((1 << t.bits) - 1)   # two's complement in `bits` bits
     np.testing.assert_array_equal(codes, want)
     n_lin = sum(int(np.prod(q.shape)) for q in tensors.values())
     lin_bytes = sum(int(np.prod(c.get_output_shape(0))) * t.bits // 8 for c in linears.values())
