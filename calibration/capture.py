@@ -6,7 +6,9 @@ Hessian ``X^T X`` (shared by q/k/v and by gate/up; only for methods that need it
 for AWQ search channel scales and fold them into the norms/linears, quantize its linears with the
 chosen method, load the quantized values back and run the layer again to produce the next layer's
 inputs (so later layers see, and compensate, earlier layers' errors). Peak memory: one layer, its Hessians and the
-activations. Finished layers are checkpointed so an interrupted run resumes where it stopped.
+activations. Finished layers are checkpointed so an interrupted run resumes where it stopped. Each quantized
+tensor's reconstruction error (against the weights it was quantized from: AWQ-folded when AWQ runs) is kept in
+:attr:`LayerwiseEngine.errors` and checkpointed with its layer.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from gguf import GGMLQuantizationType as T
 from qcompile.arch import ModelConfig
 from qcompile.evaluate import CheckpointSource, StreamedDecoder
 from quantizers import CalibStats, Method
+from quantizers.error import ErrorTally
 from quantizers.grids import Target, parse_type
 from quantizers.tensor import QuantizedTensor
 
@@ -103,6 +106,7 @@ class LayerwiseEngine:
         self.done = -1          # last layer whose outputs are in self.hidden
         self.hidden = None
         self.tokens = tokens
+        self.errors = ErrorTally()  # per HF tensor name, for report.json
         if self.work is not None:
             if resume and self._load_state():
                 return
@@ -127,6 +131,9 @@ class LayerwiseEngine:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, self.work / f"layer-{i:03d}.npz")
+        errors = {k: self.errors.sums(k) for k in tensors if self.errors.sums(k) is not None}
+        (self.work / f".errors-{i:03d}.json").write_text(json.dumps(errors))
+        os.replace(self.work / f".errors-{i:03d}.json", self.work / f"errors-{i:03d}.json")
         self.torch.save(self.hidden.cpu(), self.work / ".hidden.pt")
         os.replace(self.work / ".hidden.pt", self.work / "hidden.pt")
         (self.work / ".state.json").write_text(json.dumps({"layer": i}))
@@ -138,6 +145,10 @@ class LayerwiseEngine:
             for key in z.files:
                 name, typ, r, c = key.split("|")
                 out[name] = QuantizedTensor(name, parse_type(typ), (int(r), int(c)), z[key])
+        errors = self.work / f"errors-{i:03d}.json"
+        if errors.is_file():  # absent in checkpoints written before errors were measured: no error then
+            for name, sums in json.loads(errors.read_text()).items():
+                self.errors.put(name, sums)
         return out
 
     def finish(self) -> None:
@@ -166,10 +177,13 @@ class LayerwiseEngine:
         out = self._quantize(prefix, weights, calib)
         for name, v in fp.items():
             out[name] = QuantizedTensor(name, T.F32, (1, v.size), v.reshape(1, -1).astype(np.float32))
+        quantized_from = {f"{prefix}{lin}.weight": w for lin, w in weights.items()} | fp
         with torch.no_grad():
             for name, qt in out.items():
+                deq = qt.dequantize()
+                self.errors.add(name, quantized_from[name], qt, deq)
                 tensor = module.get_parameter(name[len(prefix):])
-                tensor.copy_(torch.from_numpy(qt.dequantize()).reshape(tensor.shape).to(self.device))
+                tensor.copy_(torch.from_numpy(deq).reshape(tensor.shape).to(self.device))
         self.hidden = self._run(module)
         self.done = i
         self._save(i, out)

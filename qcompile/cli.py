@@ -30,6 +30,7 @@ other commands:
   qcompile eval MODEL --artifact FILE.gguf --text FILE [--ctx N --stride N]   # ppl / KLD / top-1
   qcompile run ARTIFACT "prompt"     # greedy generation in the artifact's runtime (GGUF, ONNX or IR folder)
   qcompile check out/report.json --baseline base/report.json   # CI gate: exit 1 on a quality/size regression
+  qcompile report out/q4 out/q8 --out report/   # report.md table + report.html with plots, comparing runs
 
 exit status: 0 success, 1 error (bad input, I/O, interrupted), 2 usage error.
 """
@@ -108,7 +109,8 @@ def _summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"eval": "qcompile.eval_command", "run": "qcompile.run_command", "check": "qcompile.check_command"}
+COMMANDS = {"eval": "qcompile.eval_command", "run": "qcompile.run_command", "check": "qcompile.check_command",
+            "report": "qcompile.report_command"}
 
 
 def main(argv: list[str] | None = None) -> int:

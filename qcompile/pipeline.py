@@ -25,6 +25,7 @@ from qcompile.tokenizer import load_vocab
 import quantizers
 from calibration.capture import LayerwiseEngine, fingerprint
 from quantizers import rtn
+from quantizers.error import ErrorTally
 from quantizers.schemes import BITS_PRESET, Scheme, scheme
 from quantizers.grids import IntType, parse_type
 from quantizers.tensor import QuantizedTensor
@@ -116,23 +117,27 @@ def make_plan(cfg: ModelConfig, ckpt: Checkpoint, sch: Scheme) -> list[PlannedTe
     return sorted(plan, key=lambda p: (top.get(p.name, 3), plan.index(p)))
 
 
-def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | None
-                     ) -> Iterator[QuantizedTensor]:
+def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | None,
+                     errors: ErrorTally | None = None) -> Iterator[QuantizedTensor]:
     """One tensor's quantized rows: from the calibration engine for what it produced (decoder linears;
     norms and biases that AWQ folded scales into) when a calibrated method runs, else streamed from the
-    checkpoint through RTN, row-chunk by row-chunk."""
+    checkpoint through RTN, row-chunk by row-chunk. ``errors`` gets the tensor's reconstruction error
+    (measured on each chunk while its float rows are in memory, or taken from the engine)."""
     layer = engine.layer(int(p.name.split(".")[1])) if engine is not None and p.name.startswith("blk.") else {}
     if p.source in layer:
         qt = layer[p.source]
         if qt.type != p.type:
             raise RuntimeError(f"{p.name}: engine produced {qt.type.name}, planned {p.type.name}")
+        if errors is not None:
+            errors.take(engine.errors, p.source, as_name=p.name)
         yield QuantizedTensor(p.name, qt.type, qt.shape, qt.data)
         return
-    if len(p.shape) == 1:
-        yield rtn.quantize(p.name, ckpt.read(p.source)[None, :], p.type, threads=threads)
-        return
-    for r0, rows in ckpt.iter_rows(p.source):
-        yield rtn.quantize(p.name, rows, p.type, row0=r0, threads=threads)
+    chunks = [(0, ckpt.read(p.source)[None, :])] if len(p.shape) == 1 else ckpt.iter_rows(p.source)
+    for r0, rows in chunks:
+        q = rtn.quantize(p.name, rows, p.type, row0=r0, threads=threads)
+        if errors is not None:
+            errors.add(p.name, rows, q)
+        yield q
 
 
 def _progress(opts: Options, **kw):
@@ -208,8 +213,9 @@ def compile_model(opts: Options) -> dict:
             timings["calibrate"] = time.perf_counter() - t_cal
         t1 = time.perf_counter()
         total = sum(p.nbytes for p in plan)
+        errors = ErrorTally()
         with _progress(opts, total=total, unit="B", unit_scale=True, desc=f"{method.name} {sch.name}") as bar:
-            write_gguf(tmp, cfg, vocab, plan, lambda p: quantized_chunks(ckpt, p, engine, opts.threads),
+            write_gguf(tmp, cfg, vocab, plan, lambda p: quantized_chunks(ckpt, p, engine, opts.threads, errors),
                        name=res.name, size_label=size_label(n_params, 0, 0, 0), file_type=sch.file_type,
                        on_tensor=lambda p: bar.set_postfix_str(p.name, refresh=False), on_bytes=bar.update)
         timings["quantize_export"] = time.perf_counter() - t1
@@ -239,7 +245,8 @@ def compile_model(opts: Options) -> dict:
         "artifact": {"path": artifact.name, "bytes": size, "sha256": report.sha256_file(artifact),
                      "bits_per_weight": 8.0 * size / n_params},
         "tensor_types": types,
-        "tensors": [{"name": p.name, "type": p.type.name, "shape": list(p.shape), "bytes": p.nbytes} for p in plan],
+        "tensors": [{"name": p.name, "type": p.type.name, "shape": list(p.shape), "bytes": p.nbytes,
+                     "rel_error": errors.rel_error(p.name)} for p in plan],
         "metrics": metrics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": report.versions(),
@@ -318,12 +325,15 @@ def compile_folder(opts: Options) -> dict:
             cfg, source, tokens, {n: target for n in names}, method, device=device,
             work_dir=out / f".{opts.to}.resume", resume=opts.resume,
             fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, target.name, opts.to))
+    errors = ErrorTally()
     with _progress(opts, total=cfg.num_layers, unit="layer", desc=f"{method.name} {target.name}") as bar:
-        tensors = quantize_decoder(cfg, source, target, engine, opts.threads, on_layer=lambda i: bar.update(1))
+        tensors = quantize_decoder(cfg, source, target, engine, opts.threads, on_layer=lambda i: bar.update(1),
+                                   errors=errors)
     if not opts.keep_embeddings_fp:
-        tensors["lm_head.weight"] = quantize_head(ckpt, cfg, head_type(target), opts.threads)
+        tensors["lm_head.weight"] = quantize_head(ckpt, cfg, head_type(target), opts.threads, errors)
         if opts.to == "openvino":
-            tensors["model.embed_tokens.weight"] = quantize_embeddings(ckpt, head_type(target), opts.threads)
+            tensors["model.embed_tokens.weight"] = quantize_embeddings(ckpt, head_type(target), opts.threads,
+                                                                       errors)
     timings["quantize"] = time.perf_counter() - t1
     # AWQ folds scales into norms/biases: those go into the float graph before the linears are swapped
     t2 = time.perf_counter()
@@ -365,8 +375,8 @@ def compile_folder(opts: Options) -> dict:
                      "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": report.sha256_file(f)}
                                for f in files],
                      "bits_per_weight": 8.0 * size / n_params},
-        "tensors": [{"name": n, "type": q.type.name, "shape": list(q.shape), "bytes": q.nbytes}
-                    for n, q in tensors.items()],
+        "tensors": [{"name": n, "type": q.type.name, "shape": list(q.shape), "bytes": q.nbytes,
+                     "rel_error": errors.rel_error(n)} for n, q in tensors.items()],
         "metrics": metrics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": report.versions(),
@@ -383,18 +393,27 @@ def decoder_linears(cfg: ModelConfig) -> list[str]:
 
 
 def quantize_decoder(cfg: ModelConfig, source: evaluate.WeightSource, target: IntType, engine=None,
-                     threads: int | None = None, on_layer=lambda i: None) -> dict[str, QuantizedTensor]:
+                     threads: int | None = None, on_layer=lambda i: None,
+                     errors: ErrorTally | None = None) -> dict[str, QuantizedTensor]:
     """Every decoder linear on ``target``, in memory: from the calibration engine (with any norms/biases
-    it folded scales into) or, without one, by RTN straight from ``source``."""
+    it folded scales into) or, without one, by RTN straight from ``source``. ``errors`` gets each
+    tensor's reconstruction error."""
     from calibration.capture import LINEARS
     tensors: dict[str, QuantizedTensor] = {}
     for i in range(cfg.num_layers):
         if engine is not None:
-            tensors.update(engine.layer(i))
+            layer = engine.layer(i)
+            tensors.update(layer)
+            for n in layer:
+                if errors is not None:
+                    errors.take(engine.errors, n)
         else:
             for lin in LINEARS:
                 n = f"model.layers.{i}.{lin}.weight"
-                tensors[n] = rtn.quantize(n, source.full(n), target, threads=threads)
+                w = source.full(n)
+                tensors[n] = rtn.quantize(n, w, target, threads=threads)
+                if errors is not None:
+                    errors.add(n, w, tensors[n])
         on_layer(i)
     return tensors
 
@@ -405,20 +424,27 @@ def head_type(target: IntType) -> IntType:
     return IntType(8, target.group)
 
 
-def quantize_head(ckpt: Checkpoint, cfg: ModelConfig, t: IntType, threads: int | None) -> QuantizedTensor:
+def quantize_head(ckpt: Checkpoint, cfg: ModelConfig, t: IntType, threads: int | None,
+                  errors: ErrorTally | None = None) -> QuantizedTensor:
     """RTN of lm_head (the embeddings when tied), row chunk by row chunk. The float embeddings stay for the
     input lookup (ONNX), so a tied matrix is stored once in float and once in 8 bits, never twice in float."""
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    return _rtn_rows(ckpt, name, "lm_head.weight", t, threads)
+    return _rtn_rows(ckpt, name, "lm_head.weight", t, threads, errors)
 
 
-def quantize_embeddings(ckpt: Checkpoint, t: IntType, threads: int | None) -> QuantizedTensor:
+def quantize_embeddings(ckpt: Checkpoint, t: IntType, threads: int | None,
+                        errors: ErrorTally | None = None) -> QuantizedTensor:
     """RTN of the input embedding table (OpenVINO: 8-bit lookup, as NNCF stores it)."""
-    return _rtn_rows(ckpt, "model.embed_tokens.weight", "model.embed_tokens.weight", t, threads)
+    return _rtn_rows(ckpt, "model.embed_tokens.weight", "model.embed_tokens.weight", t, threads, errors)
 
 
-def _rtn_rows(ckpt: Checkpoint, source: str, name: str, t: IntType, threads: int | None) -> QuantizedTensor:
-    parts = [rtn.quantize(name, rows, t, threads=threads) for _, rows in ckpt.iter_rows(source)]
+def _rtn_rows(ckpt: Checkpoint, source: str, name: str, t: IntType, threads: int | None,
+              errors: ErrorTally | None = None) -> QuantizedTensor:
+    parts = []
+    for _, rows in ckpt.iter_rows(source):
+        parts.append(rtn.quantize(name, rows, t, threads=threads))
+        if errors is not None:
+            errors.add(name, rows, parts[-1])
     data = np.concatenate([q.data for q in parts])
     return QuantizedTensor(name, t, (data.shape[0], parts[0].shape[1]), data)
 

@@ -1,4 +1,4 @@
-"""``report.json``: the machine-readable record of one compile (schema documented in README)."""
+"""``report.json``: the machine-readable record of one compile (schema: docs/report-schema.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tensors[].rel_error (docs/report-schema.md)
 
 
 def sha256_file(path: Path, block: int = 8 << 20) -> str:

@@ -201,6 +201,9 @@ def test_interrupted_run_resumes_to_the_identical_file(tiny_models, tmp_path, mo
     assert len(computed) == 2  # only layers 2 and 3 were recomputed
     assert (tmp_path / "r" / "qwen3-Q4_K_M.gguf").read_bytes() == (tmp_path / "clean" / "qwen3-Q4_K_M.gguf").read_bytes()
     assert not any(p.name.endswith(".resume") for p in (tmp_path / "r").iterdir())
+    # the per-tensor errors of the layers finished before the interruption were checkpointed with them
+    tensors = lambda d: json.loads((tmp_path / d / "report.json").read_text())["tensors"]
+    assert tensors("r") == tensors("clean") and all(t["rel_error"] is not None for t in tensors("r"))
 
 
 def test_default_bits4_uses_self_calibration_offline(tiny_models, tmp_path, capsys, monkeypatch):

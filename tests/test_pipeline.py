@@ -102,7 +102,7 @@ def test_compile_writes_artifact_and_report(tiny_models, tmp_path, capsys):
     # both readable like any file the user makes (a temp file from mkstemp is 0600)
     assert (out / "report.json").stat().st_mode & 0o777 == (out / "qwen3-Q4_K_M.gguf").stat().st_mode & 0o777
     rep = json.loads((out / "report.json").read_text())
-    assert rep["schema_version"] == 1
+    assert rep["schema_version"] == 2
     assert rep["model"]["architecture"] == "Qwen3ForCausalLM"
     assert rep["target"]["scheme"] == "Q4_K_M"
     assert rep["artifact"]["bytes"] == (out / "qwen3-Q4_K_M.gguf").stat().st_size

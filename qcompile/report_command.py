@@ -1,0 +1,319 @@
+"""``qcompile report RUN... --out DIR``: compare compile runs in ``report.md`` and a self-contained ``report.html``.
+
+Each RUN is a compile's output directory (its ``report.json`` is read) or a path to a ``report.json``.
+``report.md`` holds one table row per run; ``report.html`` holds the same table and two plots embedded as
+PNG data URIs (no external resources, so the page works as a CI artifact opened offline): quality vs size
+(mean KLD vs file size, one colour and marker per method) and the weight-reconstruction error per decoder
+layer (one line per run). Output depends only on the reports: same reports, same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qcompile.errors import EXIT_OK, QCompileError, UsageError, guarded
+from qcompile.report import SCHEMA_VERSION, atomic_write_text
+
+MISSING = "-"
+LEGEND = ("ppl: perplexity of the quantized model on the evaluation text; ΔPPL: vs the full-precision model's on "
+          "the same text; mean KLD and top-1: the quantized model's next-token distribution vs the full-precision "
+          "model's (PyTorch reference path); time: the whole compile.")
+CAPTIONS = (  # (alt text, caption) of the two plots
+    ("quality vs size", ("Mean KL divergence of the quantized model's next-token distribution from the "
+                         "full-precision model's, against the artifact's size on disk.")),
+    ("per-layer quantization error", ("Relative weight-reconstruction error ||W - Wq||_F / ||W||_F, averaged over "
+                                      "each decoder layer's matrices (report.json tensors[].rel_error). It "
+                                      "measures the weights, not the outputs: GPTQ accepts a larger weight error "
+                                      "for a smaller output error.")),
+)
+COLUMNS = ["run", "target", "type", "method", "size (MiB)", "bits/weight", "ppl", "ΔPPL", "mean KLD", "top-1",
+           "time (s)"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qcompile report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare compile runs: write DIR/report.md (one table row per run) and DIR/report.html "
+                    "(the table, quality vs size and per-layer quantization error plots, self-contained).",
+        epilog="examples:\n"
+               "  qcompile report out/q4_0 out/q4_k_m out/q8_0 --out report/\n"
+               "  qcompile report runs/*/report.json --out report/\n\n"
+               "Needs matplotlib for the plots (pip install 'qcompile[report]').\n"
+               "exit status: 0 written, 1 error (missing run or report.json, unreadable report), 2 usage error "
+               "(including a report.json schema_version newer than this qcompile reads).")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                   help="a compile's --out directory (holding report.json) or a report.json file")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for report.md and report.html")
+    return p
+
+
+@dataclass
+class Run:
+    """One compile run: a label for tables and plots, where its report came from, and the report."""
+    label: str
+    path: Path
+    rep: dict[str, Any]
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """The reference-path metrics (empty for a --no-verify run)."""
+        return (self.rep.get("metrics") or {}).get("reference") or {}
+
+    @property
+    def size_mib(self) -> float | None:
+        size = self.rep["artifact"].get("bytes")
+        return size / 2**20 if _is_num(size) else None
+
+    @property
+    def has_tensor_errors(self) -> bool:
+        return any(_is_num(t.get("rel_error")) for t in self.rep.get("tensors") or [])
+
+
+def load_run(arg: Path) -> Run:
+    """Read one RUN argument: a directory holding report.json, or a report.json path."""
+    if not arg.exists():
+        raise QCompileError(f"{arg}: no such run directory or report.json")
+    path = arg / "report.json" if arg.is_dir() else arg
+    if not path.is_file():
+        raise QCompileError(f"{arg}: no report.json in this directory (was the compile finished?)")
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise QCompileError(f"{path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QCompileError(f"{path}: not JSON ({e})") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("schema_version"), int) \
+            or not isinstance(rep.get("artifact"), dict):
+        raise QCompileError(f"{path}: not a qcompile report.json")
+    if not 1 <= rep["schema_version"] <= SCHEMA_VERSION:
+        # a newer qcompile wrote it: guessing at fields this version does not know would misreport
+        raise UsageError(f"{path}: schema_version {rep['schema_version']} is not supported (this qcompile reads "
+                         f"1..{SCHEMA_VERSION}; upgrade qcompile)")
+    # the sections the table and plots read must have their documented shapes (docs/report-schema.md)
+    shapes = {"target": dict, "model": dict, "metrics": dict, "timings_s": dict, "tensors": list}
+    bad = [k for k, t in shapes.items() if rep.get(k) is not None and not isinstance(rep[k], t)]
+    if bad or not all(isinstance(t, dict) for t in rep.get("tensors") or []):
+        raise QCompileError(f"{path}: malformed report.json ({', '.join(bad) or 'tensors'})")
+    label = (arg if arg.is_dir() else path.parent).resolve().name or str(arg)
+    return Run(label, path, rep)
+
+
+def load_runs(args: list[Path]) -> list[Run]:
+    """Every run, labelled by its directory name (the path as given where two names collide)."""
+    runs = [load_run(a) for a in args]
+    names = [r.label for r in runs]
+    for r, a in zip(runs, args):
+        if names.count(r.label) > 1:
+            r.label = str(a)
+    return runs
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _num(value: Any, fmt: str, scale: float = 1.0) -> str:
+    return format(value * scale, fmt) if _is_num(value) else MISSING
+
+
+def row(run: Run) -> list[str]:
+    """The run's table cells, in :data:`COLUMNS` order; a metric the report lacks is ``-``."""
+    target, art, ref = run.rep.get("target") or {}, run.rep["artifact"], run.reference
+    ppl, ppl_fp = ref.get("ppl_quant"), ref.get("ppl_fp")
+    delta = MISSING
+    if _is_num(ppl) and _is_num(ppl_fp) and ppl_fp:
+        delta = f"{ppl - ppl_fp:+.3f} ({100 * (ppl - ppl_fp) / ppl_fp:+.2f}%)"
+    top1 = _num(ref.get("top1"), ".2f", 100)
+    return [run.label, target.get("format", MISSING), target.get("scheme", MISSING), target.get("method", MISSING),
+            _num(run.size_mib, ".2f"), _num(art.get("bits_per_weight"), ".2f"), _num(ppl, ".3f"),
+            delta, _num(ref.get("kld_mean"), ".6f"), top1 if top1 == MISSING else f"{top1}%",
+            _num((run.rep.get("timings_s") or {}).get("total"), ".1f")]
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown(runs: list[Run]) -> str:
+    """report.md: the comparison table and the evaluation each run was scored on."""
+    lines = ["# qcompile report", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row(r)) + " |" for r in runs]
+    lines += ["", LEGEND, ""]
+    lines += [f"- {_md_cell(r.label)}: {_describe(r)}" for r in runs]
+    return "\n".join(lines) + "\n"
+
+
+def _describe(run: Run) -> str:
+    """One line on what a run compiled and how it was evaluated (everything taken from its report)."""
+    m, ref = run.rep.get("model") or {}, run.reference
+    parts = [f"{m.get('name', '?')} ({m.get('architecture', '?')}, {m.get('parameters', '?')} parameters)"]
+    parts.append(f"evaluated on {ref.get('tokens', '?')} tokens, ctx {ref.get('ctx', '?')}, full-precision ppl "
+                 f"{_num(ref.get('ppl_fp'), '.3f')}" if ref else "not verified (no quality metrics)")
+    if run.rep.get("calibration"):
+        parts.append(f"calibration: {run.rep['calibration']}")
+    parts.append(f"schema_version {run.rep['schema_version']}")
+    return "; ".join(parts)
+
+
+# ---- the plots ----------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"(?:^|\.)(?:blk|layers)\.(\d+)\.")
+MARKERS = "osD^v<>ph*"
+
+
+def layer_errors(run: Run) -> dict[int, float]:
+    """Mean relative weight-reconstruction error of each decoder layer's matrices (vectors such as norms and
+    biases, stored exactly or nearly so, would only dilute it); empty without per-tensor data."""
+    per_layer: dict[int, list[float]] = {}
+    for t in run.rep.get("tensors") or []:
+        m = _LAYER.search(str(t.get("name", "")))
+        shape = t.get("shape")
+        if m and _is_num(t.get("rel_error")) and isinstance(shape, list) and len(shape) == 2 and min(shape) > 1:
+            per_layer.setdefault(int(m.group(1)), []).append(float(t["rel_error"]))
+    return {i: sum(v) / len(v) for i, v in sorted(per_layer.items())}
+
+
+def _png(draw: Callable[[Any], None]) -> bytes:
+    """Render one figure to PNG bytes under matplotlib's default style (a user's matplotlibrc must not change
+    the page) and without the Software/date metadata, so the bytes depend only on the data."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()
+        fig = Figure(figsize=(8, 4.8), dpi=100)
+        FigureCanvasAgg(fig)  # Agg, without pyplot: no GUI backend, no global figure state
+        draw(fig)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _log_if_wide(ax, values: list[float]) -> None:
+    """Log y axis when the values span more than 20x (8-bit and 4-bit runs differ by orders of magnitude)."""
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def quality_plot(runs: list[Run]) -> bytes:
+    """Mean KLD vs artifact size, one colour/marker per method, each point labelled with its run."""
+    def draw(fig) -> None:
+        ax = fig.add_subplot()
+        ax.set_title("Quality vs size (lower left is better)")
+        pts = [r for r in runs if _is_num(r.reference.get("kld_mean")) and r.size_mib is not None]
+        if not pts:
+            _note(ax, "no quality metrics in these reports (compiled with --no-verify)")
+            return
+        methods = sorted({(r.rep.get("target") or {}).get("method", "?") for r in pts})
+        for i, method in enumerate(methods):
+            mine = [r for r in pts if (r.rep.get("target") or {}).get("method", "?") == method]
+            ax.scatter([r.size_mib for r in mine], [r.reference["kld_mean"] for r in mine],
+                       color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], s=60, label=method, zorder=3)
+        for r in pts:
+            ax.annotate(f"{r.label} ({(r.rep.get('target') or {}).get('scheme', '?')})",
+                        (r.size_mib, r.reference["kld_mean"]),
+                        textcoords="offset points", xytext=(6, 6), fontsize=8)
+        _log_if_wide(ax, [r.reference["kld_mean"] for r in pts])
+        ax.margins(0.15)  # room for the point labels
+        ax.set_xlabel("artifact size (MiB)")
+        ax.set_ylabel("mean KLD vs full precision")
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="method")
+        skipped = [r.label for r in runs if r not in pts]
+        if skipped:
+            ax.set_title(f"Quality vs size (lower left is better)\nnot verified, not shown: {', '.join(skipped)}")
+    return _png(draw)
+
+
+def layer_plot(runs: list[Run]) -> bytes:
+    """Per-layer weight-reconstruction error, one line per run; runs without per-tensor data are named."""
+    from matplotlib.ticker import MaxNLocator
+
+    def draw(fig) -> None:
+        ax = fig.add_subplot()
+        ax.set_title("Quantization error per decoder layer")
+        series = [(r, layer_errors(r)) for r in runs]
+        drawn = [(r, e) for r, e in series if e]
+        missing = [r.label for r, e in series if not e]
+        if not drawn:
+            _note(ax, "no per-tensor error data in these reports\n(schema_version 1 reports predate it)")
+            return
+        for i, (r, errs) in enumerate(drawn):
+            ax.plot(list(errs), list(errs.values()), marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}",
+                    label=f"{r.label} ({(r.rep.get('target') or {}).get('scheme', '?')})")
+        _log_if_wide(ax, [v for _, e in drawn for v in e.values()])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("mean ||W - Wq|| / ||W|| of the layer's matrices")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        if missing:
+            ax.set_title(f"Quantization error per decoder layer\nno per-tensor data (schema_version 1): "
+                         f"{', '.join(missing)}")
+    return _png(draw)
+
+
+# ---- the page -----------------------------------------------------------------------------------
+
+_CSS = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}
+th,td{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eee}
+td:first-child,th:first-child{text-align:left}
+figure{margin:2em 0}figcaption{color:#555;max-width:800px}"""
+
+
+def page(runs: list[Run], plots: list[tuple[str, bytes, str]]) -> str:
+    """report.html: the table, notes and the plots as PNG data URIs (self-contained)."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
+    body = "\n".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row(r)) + "</tr>" for r in runs)
+    notes = "\n".join(f"<li>{esc(r.label)}: {esc(_describe(r))}"
+                      + ("" if r.has_tensor_errors else " (no per-tensor error data)") + "</li>" for r in runs)
+    figs = "\n".join(f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                     f"<figcaption>{esc(caption)}</figcaption></figure>" for alt, png, caption in plots)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>qcompile report</title>'
+            f"<style>{_CSS}</style></head><body>\n<h1>qcompile report</h1>\n"
+            f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n<ul>\n{notes}\n</ul>\n"
+            f"{figs}\n</body></html>\n")
+
+
+def write(runs: list[Run], out: Path) -> tuple[Path, Path]:
+    """Render both files into ``out`` (each written to a temp name and renamed)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise QCompileError("the plots need matplotlib (pip install 'qcompile[report]')") from None
+    if out.exists() and not out.is_dir():
+        raise QCompileError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [(alt, png, caption) for (alt, caption), png in zip(CAPTIONS, (quality_plot(runs), layer_plot(runs)))]
+    md, page_path = out / "report.md", out / "report.html"
+    atomic_write_text(md, markdown(runs))
+    atomic_write_text(page_path, page(runs, plots))
+    return md, page_path
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    code, written = guarded("qcompile report", lambda: write(load_runs(args.runs), args.out))
+    if code != EXIT_OK:
+        return code
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK
