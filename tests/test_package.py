@@ -229,6 +229,38 @@ def test_plain_chatml_model_gets_no_tools_and_no_system(tiny_models, tmp_path):
     assert [v for k, v in commands(parsed, "parameter")] == ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 
+def _with_chat_template(src: Path, dst: Path, template: str) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_template_difference_is_warned_and_recorded(tiny_models, tmp_path, capsys):
+    """A ChatML template whose assistant turns carry a marker the Qwen loop does not write: the build goes
+    on (the Modelfile is still usable) but says so, and report.json records it."""
+    d = _with_chat_template(tiny_models["qwen2"], tmp_path / "marked", (
+        "{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}[A]{% endif %}"
+        "{{ m.content }}<|im_end|>\n{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"))
+    out = tmp_path / "o"
+    assert run_cli(d, "--quant", "Q8_0", "--no-verify", "--out", out, "-q", "--package", "ollama") == 0
+    err = capsys.readouterr().err
+    assert "warning: the Ollama template differs from the model's chat template" in err and "[A]" in err
+    info = json.loads((out / "report.json").read_text())["package"]["ollama"]["template"]
+    assert info["equivalent"] is False and info["mismatches"]
+
+
+def test_non_chatml_template_is_refused_before_quantizing(tiny_models, tmp_path, capsys):
+    d = _with_chat_template(tiny_models["qwen2"], tmp_path / "llama", (
+        "{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"))
+    out = tmp_path / "o"
+    assert run_cli(d, "--quant", "Q8_0", "--no-verify", "--out", out, "-q", "--package", "ollama") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the chat template is not Qwen ChatML" in err
+    assert list(out.iterdir()) == []
+
+
 # ---- Ollama: the template renders what the Jinja template renders --------------------------------------
 
 WEATHER = {"type": "function", "function": {
@@ -402,6 +434,17 @@ def test_odd_tool_schemas_and_arguments_encode_as_in_go(go_render):
     template = "{{ range .Tools }}{{ json . }}|{{ .Function }}\n{{ end }}" \
                "{{ range .Messages }}{{ range .ToolCalls }}{{ json .Function.Arguments }}{{ end }}{{ end }}"
     assert ollama_api.render_chat(template, ODD_CALLS, ODD_TOOLS) == go_render(template, ODD_CALLS, ODD_TOOLS)
+
+
+def test_model_text_that_looks_like_template_syntax_stays_text(go_render):
+    """A default system prompt with "{{" in it is model text, not a Go action."""
+    spec = chat_template.ChatSpec("Use {{ .Prompt }} and }} {{- as is", "<|im_start|>system\n", "<|im_end|>\n",
+                                  "<|im_start|>assistant\n", None)
+    template = ollama.build_template(spec)
+    want = ("<|im_start|>system\nUse {{ .Prompt }} and }} {{- as is<|im_end|>\n"
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    messages = [{"role": "user", "content": "hi"}]
+    assert ollama_api.render_chat(template, messages) == want == go_render(template, messages)
 
 
 def test_go_json_encoding():
