@@ -384,8 +384,7 @@ MSGS = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"}, {
         {"role": "assistant", "content": "a", "tool_calls": [{"function": {"name": "f", "arguments": {
             "z": 1.5, "a": [1, "x<y"], "n": {"b": 1e-7, "a": 1e21}}}}]},
         {"role": "tool", "content": "r1"}, {"role": "tool", "content": "r2"}]
-# (template, what Go's text/template prints for it over MSGS with tools [WEATHER]); the first line of
-# each case is what Go does, checked against the real engine when one is installed
+# (template, what Go's text/template prints for it over MSGS with tools [WEATHER])
 SYNTAX = [
     ("a  {{- 1 -}}  b {{- /* c */ -}}\n c{{-3}}", "a1bc-3"),
     ("{{ range $i, $m := .Messages }}{{ $i }}{{ .Role }};{{ end }}", "0system;1user;2assistant;3tool;4tool;"),
@@ -403,19 +402,25 @@ SYNTAX = [
 ]
 
 
+@pytest.fixture(params=["python", "go"])
+def engine(request):
+    """Our evaluator over the emulated Ollama values, or Go's text/template over Ollama's types: the
+    expectations below hold for both (the Go half skips without a Go toolchain)."""
+    if request.param == "go":
+        return request.getfixturevalue("go_render")
+    return ollama_api.render_chat
+
+
 @pytest.mark.parametrize("template,want", SYNTAX, ids=[str(i) for i in range(len(SYNTAX))])
-def test_evaluator_follows_go_semantics(template, want, go_render):
-    assert ollama_api.render_chat(template, MSGS, [WEATHER]) == want
-    assert go_render(template, MSGS, [WEATHER]) == want
+def test_evaluator_follows_go_semantics(template, want, engine):
+    assert engine(template, MSGS, [WEATHER]) == want
 
 
 @pytest.mark.parametrize("template", ["{{ index .Messages 9 }}", "{{ .Nope }}{{ range .Messages }}{{ .Nope }}{{ end }}",
                                       "{{ if .Messages }}", "{{ eq 1 \"a\" }}", "{{ nosuchfunc 1 }}"])
-def test_evaluator_fails_where_go_fails(template, go_render):
+def test_evaluator_fails_where_go_fails(template, engine):
     with pytest.raises(gotemplate.TemplateError):
-        ollama_api.render_chat(template, MSGS)
-    with pytest.raises(gotemplate.TemplateError):
-        go_render(template, MSGS)
+        engine(template, MSGS)
 
 
 ODD_TOOLS = [
@@ -436,7 +441,7 @@ def test_odd_tool_schemas_and_arguments_encode_as_in_go(go_render):
     assert ollama_api.render_chat(template, ODD_CALLS, ODD_TOOLS) == go_render(template, ODD_CALLS, ODD_TOOLS)
 
 
-def test_model_text_that_looks_like_template_syntax_stays_text(go_render):
+def test_model_text_that_looks_like_template_syntax_stays_text(engine):
     """A default system prompt with "{{" in it is model text, not a Go action."""
     spec = chat_template.ChatSpec("Use {{ .Prompt }} and }} {{- as is", "<|im_start|>system\n", "<|im_end|>\n",
                                   "<|im_start|>assistant\n", None)
@@ -444,7 +449,7 @@ def test_model_text_that_looks_like_template_syntax_stays_text(go_render):
     want = ("<|im_start|>system\nUse {{ .Prompt }} and }} {{- as is<|im_end|>\n"
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     messages = [{"role": "user", "content": "hi"}]
-    assert ollama_api.render_chat(template, messages) == want == go_render(template, messages)
+    assert engine(template, messages) == want
 
 
 def test_go_json_encoding():
