@@ -195,7 +195,7 @@ def compile_model(opts: Options) -> dict:
     pkg = None
     if package_targets:  # before quantizing: a template or an existing output it cannot handle fails now
         pkg = packaging.plan(package_targets, out=out, artifact=artifact, model_dir=res.path, name=res.name,
-                             repo=res.repo, scheme=sch.name, force=opts.force)
+                             repo=res.repo, scheme=sch.name, force=opts.force, quiet=opts.quiet)
     timings["resolve"] = time.perf_counter() - t0
     eval_text = _eval_text(opts) if opts.verify else None
     n_params = sum(int(np.prod(p.shape)) for p in plan)

@@ -56,6 +56,7 @@ class Plan:
     lm_folder: Path | None = None
     lm_gguf: Path | None = None
     license_id: str | None = None
+    quiet: bool = False
 
     @property
     def outputs(self) -> list[Path]:
@@ -68,11 +69,11 @@ class Plan:
 
 
 def plan(targets: tuple[str, ...], *, out: Path, artifact: Path, model_dir: Path, name: str, repo: str | None,
-         scheme: str, force: bool) -> Plan:
+         scheme: str, force: bool, quiet: bool = False) -> Plan:
     """Read the source checkpoint's metadata, build the Modelfile and check its template; refuse existing
     package outputs unless ``force``."""
     p = Plan(targets, out, artifact, model_dir, repo, repo.split("/")[-1] if repo else name, scheme,
-             license_id=lmstudio.license_of(model_dir))
+             license_id=lmstudio.license_of(model_dir), quiet=quiet)
     if "ollama" in targets:
         _plan_ollama(p)
     if "lmstudio" in targets:
@@ -137,14 +138,13 @@ def publish(p: Plan, rep: dict) -> dict:
                                        file_name=p.lm_gguf.name)
             staged.append(_stage_text(p.lm_folder / "README.md", card))
         files = []
+        linked = section.get("lmstudio", {}).get("gguf") == "hardlink"
         for tmp, final in staged:
-            sha = rep["artifact"]["sha256"] if final == p.lm_gguf and section["lmstudio"]["gguf"] == "hardlink" \
-                else report.sha256_file(tmp)
-            files.append({"path": final.relative_to(p.out).as_posix(), "bytes": tmp.stat().st_size, "sha256": sha})
-        if p.lm_gguf is not None:
-            got = next(f["sha256"] for f in files if f["path"] == p.lm_gguf.relative_to(p.out).as_posix())
-            if got != rep["artifact"]["sha256"]:
+            # a hard link is the GGUF's own inode: its hash is known; a copy is hashed, and must match
+            sha = rep["artifact"]["sha256"] if final == p.lm_gguf and linked else report.sha256_file(tmp)
+            if final == p.lm_gguf and sha != rep["artifact"]["sha256"]:
                 raise QCompileError(f"{p.lm_gguf}: the copy's sha256 differs from the GGUF's")
+            files.append({"path": final.relative_to(p.out).as_posix(), "bytes": tmp.stat().st_size, "sha256": sha})
         for tmp, final in staged:
             os.replace(tmp, final)
             done.append(final)
@@ -161,6 +161,8 @@ def publish(p: Plan, rep: dict) -> dict:
         raise
     section["files"] = files
     if p.modelfile is not None:
+        if not p.quiet and shutil.which("ollama"):
+            print(f"ollama create {p.ollama_name} -f {p.out / T.MODELFILE}", file=sys.stderr)
         section["ollama"] = {"modelfile": T.MODELFILE, "name": p.ollama_name, "template": p.template_info,
                              "system": p.modelfile.system, "stop": p.modelfile.stops,
                              "parameters": p.modelfile.parameters,
