@@ -359,9 +359,15 @@ def go_render(tmp_path_factory):
     go = shutil.which("go")
     if go is None:
         pytest.skip("no Go toolchain on PATH (apt-get install golang-go) to cross-check the template evaluator")
-    exe = tmp_path_factory.mktemp("gobin") / "ollama_render"
-    subprocess.run([go, "build", "-o", str(exe), str(Path(__file__).with_name("ollama_render.go"))], check=True,
-                   env={**os.environ, "GO111MODULE": "off"}, capture_output=True)
+    tmp = tmp_path_factory.mktemp("gobin")
+    exe = tmp / "ollama_render"
+    env = {**os.environ, "GO111MODULE": "off"}  # one stdlib-only file: no module needed
+    if "HOME" not in env:  # the build cache defaults to $HOME/.cache
+        env.setdefault("GOCACHE", str(tmp / "gocache"))
+        env.setdefault("GOPATH", str(tmp / "gopath"))
+    built = subprocess.run([go, "build", "-o", str(exe), str(Path(__file__).with_name("ollama_render.go"))],
+                           env=env, capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr
 
     def render(template: str, messages, tools=None, system=None) -> str:
         req = {"template": template, "messages": messages, "tools": tools or [], "system": system or ""}
