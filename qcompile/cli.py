@@ -18,6 +18,7 @@ examples:
   qcompile 7B --family coder --to gguf --bits 8 --out out/       # Qwen2.5-Coder-7B-Instruct -> Q8_0
   qcompile Qwen/Qwen3-8B --to gguf --quant Q5_K_M --out out/     # any mix or type by name
   qcompile 0.5B --to gguf --quant Q4_0 --out out/ --eval-text wiki.txt
+  qcompile 7B --to gguf --bits 4 --out out/ --package all   # + Ollama Modelfile, LM Studio folder, manifest
   qcompile 0.5B --to onnx --bits 4 --out onnx/       # onnxruntime folder, int4 g128 MatMulNBits (GPTQ)
   qcompile 0.5B --to openvino --bits 4 --out ov/      # OpenVINO IR folder, u4 g128 compressed weights (GPTQ)
 
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float-activations", action="store_true",
                    help="onnx: MatMulNBits with float activations (accuracy_level 0: exactly the dequantized "
                         "model; default: int8 activations, accuracy_level 4, ~1.7x faster decoding on CPUs)")
+    p.add_argument("--package", choices=["ollama", "lmstudio", "all"],
+                   help="gguf: also package the verified file. ollama: OUT/Modelfile (the model's chat template "
+                        "incl. tools as an Ollama template, stop tokens, default system prompt, sampling defaults) "
+                        "and `ollama create` when ollama is on PATH; lmstudio: OUT/lmstudio/<publisher>/<Model>-GGUF/ "
+                        "with the GGUF (hard link or copy) and a model card; all: both. Adds OUT/manifest.json "
+                        "(every file, size, sha256)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--version", action="version", version=f"qcompile {__version__}")
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                    force=args.force, verify=args.verify, eval_text=args.eval_text, eval_ctx=args.eval_ctx,
                    eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, allow_pickle=args.allow_pickle,
                    keep_embeddings_fp=args.keep_embeddings_fp, float_activations=args.float_activations,
-                   threads=args.threads,
+                   package=args.package, threads=args.threads,
                    quiet=args.quiet, argv=["qcompile", *argv])
     code, rep = guarded("qcompile", lambda: compile_model(opts), "interrupted; no output written")
     if code != EXIT_OK:

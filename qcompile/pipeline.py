@@ -16,10 +16,10 @@ from gguf import GGMLQuantizationType as T
 from gguf.utility import size_label
 
 from exporters.gguf import PlannedTensor, write_gguf
-from qcompile import evaluate, llama_worker, report
+from qcompile import evaluate, llama_worker, packaging, report
 from qcompile.arch import ModelConfig, read_config
 from qcompile.checkpoint import Checkpoint
-from qcompile.errors import QCompileError
+from qcompile.errors import QCompileError, UsageError
 from qcompile.resolve import resolve
 from qcompile.tokenizer import load_vocab
 import quantizers
@@ -56,6 +56,7 @@ class Options:
     allow_pickle: bool = False
     keep_embeddings_fp: bool = False
     float_activations: bool = False
+    package: str | None = None        # ollama | lmstudio | all (GGUF only)
     threads: int | None = None
     quiet: bool = False
     argv: list[str] = field(default_factory=list)
@@ -177,6 +178,9 @@ def compile_model(opts: Options) -> dict:
     """Run the whole pipeline; return the report written beside the artifact."""
     if opts.to not in TARGETS:
         raise QCompileError(f"--to {opts.to}: not available yet; supported targets: {', '.join(TARGETS)}")
+    if opts.package and opts.to != "gguf":
+        raise UsageError(f"--package needs --to gguf (Ollama and LM Studio load GGUF files), not --to {opts.to}")
+    package_targets = packaging.parse_targets(opts.package)
     if opts.to in ("onnx", "openvino"):
         return compile_folder(opts)
     timings: dict[str, float] = {}
@@ -193,6 +197,10 @@ def compile_model(opts: Options) -> dict:
     out = opts.out
     artifact = out / f"{res.name}-{sch.name}.gguf"
     check_output(out, artifact, opts.force)
+    pkg = None
+    if package_targets:  # before quantizing: a template or an existing output it cannot handle fails now
+        pkg = packaging.plan(package_targets, out=out, artifact=artifact, model_dir=res.path, name=res.name,
+                             repo=res.repo, scheme=sch.name, force=opts.force, quiet=opts.quiet)
     timings["resolve"] = time.perf_counter() - t0
     eval_text = _eval_text(opts) if opts.verify else None
     n_params = sum(int(np.prod(p.shape)) for p in plan)
@@ -252,6 +260,9 @@ def compile_model(opts: Options) -> dict:
         "versions": report.versions(),
     }
     report.write_report(out / "report.json", rep)
+    if pkg is not None:
+        # the GGUF and its report stand on their own; the package stage adds to them or leaves no trace
+        packaging.finish(pkg, rep, out / "report.json")
     rep["artifact"]["full_path"] = str(artifact)
     return rep
 

@@ -19,6 +19,7 @@ class Resolved:
     path: Path      # the checkpoint directory
     name: str       # a human name for outputs (repo name, directory name)
     source: str     # what the user asked for
+    repo: str | None = None   # the hub repo id, when known (alias, repo id, or a hub-cache snapshot folder)
 
 # Only the checkpoints Qwen actually published, per family.
 FAMILIES: dict[str, dict[str, str]] = {
@@ -70,6 +71,16 @@ def from_hub(repo: str, offline: bool) -> Path:
             from None
 
 
+def cache_repo(path: Path) -> str | None:
+    """The repo id of a huggingface_hub cache snapshot folder (``.../models--Org--Name/snapshots/REV``)."""
+    p = path.resolve()
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        repo = p.parent.parent.name[len("models--"):].replace("--", "/", 1)
+        if _REPO.match(repo):
+            return repo
+    return None
+
+
 def resolve(model: str, *, family: str = "instruct", offline: bool = False) -> Resolved:
     """Find the checkpoint directory for ``model`` (see module docstring for the accepted forms)."""
     if model == "tiny":
@@ -77,15 +88,17 @@ def resolve(model: str, *, family: str = "instruct", offline: bool = False) -> R
         return Resolved(tiny.build(), "tiny-qwen2.5", model)
     path = Path(model).expanduser()
     if path.is_dir():
-        return Resolved(path, path.resolve().name, model)
+        repo = cache_repo(path)
+        # a hub-cache snapshot folder is named by its commit hash: name outputs after the repo instead
+        return Resolved(path, repo.split("/")[-1] if repo else path.resolve().name, model, repo)
     if path.exists():
         raise QCompileError(f"{model}: is a file; expected a checkpoint directory")
     if _SIZE.match(model):
         repo = alias_repo(model, family)
-        return Resolved(from_hub(repo, offline), repo.split("/")[-1], model)
+        return Resolved(from_hub(repo, offline), repo.split("/")[-1], model, repo)
     if _REPO.match(model) and not model.startswith((".", "/", "~")):
         try:
-            return Resolved(from_hub(model, offline), model.split("/")[-1], model)
+            return Resolved(from_hub(model, offline), model.split("/")[-1], model, model)
         except QCompileError as e:
             raise QCompileError(f"model {model!r} not found: no directory ./{model}, and {e}") from None
     raise QCompileError(f"model {model!r} not found: no such directory, not a size alias "
