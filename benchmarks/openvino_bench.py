@@ -169,6 +169,23 @@ def speed(folder: Path, threads: int, prompt: int, decode: int) -> dict:
     return {"load_s": load, "prefill_tps": prefill, "decode_tps": decode / (time.perf_counter() - t2)}
 
 
+def census(folder: Path) -> dict:
+    """How the IR stores its weights: the number of u4/i4 and u8/i8 weight-code constants (zero points
+    left out) and how many values they hold (acceptance: the linears really are 4-bit)."""
+    import openvino as ov
+    out = {"4bit": 0, "4bit_values": 0, "8bit": 0, "8bit_values": 0}
+    for op in ov.Core().read_model(str(folder / "openvino_model.xml")).get_ops():
+        if op.get_type_name() != "Constant":
+            continue
+        t, n = op.get_element_type(), int(np.prod(op.get_output_shape(0)))
+        key = "4bit" if t in (ov.Type.u4, ov.Type.i4) else "8bit" if t in (ov.Type.u8, ov.Type.i8) else None
+        shape = list(op.get_output_shape(0))
+        if key and len(shape) >= 2 and shape[-1] > 1:   # weight codes; zero points are [N, blocks, 1]
+            out[key] += 1
+            out[key + "_values"] += n
+    return out
+
+
 def quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
     out = folder / "eval.json"
     if not out.exists():
@@ -187,6 +204,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="speed runs per model (median)")
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args()
     model = real_model(args.model)
@@ -201,21 +219,34 @@ def main() -> None:
                                                                  work / "qcompile-int4"), float("nan"))]
     if args.build_only:
         return
+    # speed: every model --repeats times, interleaved (so a slow moment hits all of them), median per metric
+    runs: dict[Path, list[dict]] = {f: [] for _, f, _ in folders}
+    for _ in range(args.repeats):
+        for _, folder, _ in folders:
+            runs[folder].append(speed(folder, args.threads, args.prompt, args.decode))
     rows = []
     for label, folder, secs in folders:
         size = (folder / "openvino_model.bin").stat().st_size
-        rows.append((label, size, secs, speed(folder, args.threads, args.prompt, args.decode),
-                     quality(model, folder, text, args.threads)))
+        med = {k: float(np.median([r[k] for r in runs[folder]])) for k in runs[folder][0]}
+        rows.append((label, size, secs, med, quality(model, folder, text, args.threads), census(folder)))
+    from qcompile.arch import read_config
+    from qcompile.checkpoint import Checkpoint
+    cfg = read_config(model)
+    ckpt = Checkpoint(model, cfg)
+    n_params = sum(int(np.prod(ckpt.entry(n).shape)) for n in cfg.expected_tensor_names())
     peer_tps = rows[0][3]["decode_tps"]
     best_kld = min(r[4]["kld_mean"] for r in rows[:2])
     print(f"model {model.name}; {args.threads} threads; prompt {args.prompt} tokens, decode {args.decode} tokens "
           f"(CPU plugin defaults); KLD vs the bf16 checkpoint on 6 x 512 held-out tokens (f32 inference)")
-    print(table(["model", ".bin MiB", "export s", "load s", "prefill tok/s", "decode tok/s", "decode / NNCF",
-                 "PPL", "mean KLD", "KLD / NNCF best", "top-1 %"],
-                [[label, f"{size / 2**20:.0f}", f"{secs:.0f}", f"{s['load_s']:.2f}", f"{s['prefill_tps']:.0f}",
+    print(f"speed: median of {args.repeats} interleaved runs; {n_params} parameters")
+    print(table(["model", ".bin bytes", "B / param", "4-bit consts (values)", "8-bit consts (values)", "export s",
+                 "load s", "prefill tok/s", "decode tok/s", "decode / NNCF", "PPL", "mean KLD", "KLD / NNCF best",
+                 "top-1 %"],
+                [[label, f"{size}", f"{size / n_params:.3f}", f"{c['4bit']} ({c['4bit_values']})",
+                  f"{c['8bit']} ({c['8bit_values']})", f"{secs:.0f}", f"{s['load_s']:.2f}", f"{s['prefill_tps']:.0f}",
                   f"{s['decode_tps']:.1f}", f"{s['decode_tps'] / peer_tps:.2f}", f"{q['ppl_quant']:.3f}",
                   f"{q['kld_mean']:.5f}", f"{q['kld_mean'] / best_kld:.2f}", f"{100 * q['top1']:.1f}"]
-                 for label, size, secs, s, q in rows]))
+                 for label, size, secs, s, q, c in rows]))
 
 
 if __name__ == "__main__":
