@@ -1,20 +1,22 @@
 """OpenVINO IR folders: a stateful Qwen decoder whose linears hold exactly our quantized integers.
 
-Route: our ONNX graph (``exporters.onnx``: the float decoder traced by ``torch.onnx.export``, each quantized
-linear a ``com.microsoft::MatMulNBits`` with our packed codes, scales and zero points) -> OpenVINO's own
-ONNX frontend (``openvino.convert_model``), which turns every MatMulNBits into the compressed-weight
-pattern the CPU plugin fuses into one FullyConnected:
+Route: the float decoder traced without weights in memory (``exporters.onnx._weightless`` behind the same
+flat-signature wrapper the ONNX export uses) and converted by OpenVINO's PyTorch frontend
+(:func:`trace_fp`), which keeps attention as OpenVINO's SDPA op; every weight is a graph input until
+:func:`bind` replaces it with constants: our codes, scales and zero points in the compressed-weight pattern
+NNCF writes and the CPU plugin fuses into one FullyConnected (or Gather for the embeddings),
 
-    Constant u4/u8 [N, K/g, g] -> Convert -> Subtract(zero point) -> Multiply(scale) -> Reshape -> MatMul
+    Constant u4/u8 (i4/i8 when symmetric) [N, K/g, g] -> Convert -> Subtract(zero point) -> Multiply(scale)
+    -> Reshape -> Convert f32 -> MatMul
 
-(the pattern NNCF writes too; nothing is re-quantized). Then the KV cache becomes internal state, as
-optimum-intel lays it out: ``past_key_values.N.*`` inputs and ``present.N.*`` outputs turn into variables
-(OpenVINO's MakeStateful transformation), a ``beam_idx`` input reorders them, and each variable starts as
-an empty ``[batch, kv_heads, 0, head_dim]`` tensor. The folder is what ``OVModelForCausalLM`` and
-``openvino_genai.LLMPipeline`` load: ``openvino_model.xml/.bin``, config, generation config, tokenizer files
-and, when openvino-tokenizers is installed, ``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml``.
-Next to quantized weights, float constants (embeddings, norms, a float head, the scales, which are float16
-values already) are stored as float16, OpenVINO's default; a full-precision export stays float32.
+(nothing is re-quantized), or float values for everything else. Then the KV cache becomes internal state,
+as optimum-intel lays it out: ``past_key_values.N.*`` inputs and ``present.N.*`` outputs turn into
+variables (OpenVINO's MakeStateful transformation), a ``beam_idx`` input reorders them, and each variable
+starts as an empty ``[batch, kv_heads, 0, head_dim]`` tensor. The folder is what ``OVModelForCausalLM``
+and ``openvino_genai.LLMPipeline`` load: ``openvino_model.xml/.bin``, config, generation config, tokenizer
+files and, when openvino-tokenizers is installed, ``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml``.
+Next to quantized weights, float constants (embeddings, norms, a float head) are stored as float16,
+OpenVINO's default; a full-precision export stays float32.
 
 The CPU plugin by default quantizes activations on the fly for compressed weights, keeps the KV cache in
 u8 and may compute in bf16/f16; ``Runner(precise=True)`` turns all three off so verification compares the
