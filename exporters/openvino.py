@@ -171,8 +171,9 @@ def decompressed(qt: QuantizedTensor):
     codes = f.codes.reshape(n, nb, t.group)
     # named after the HF tensor, so the IR can be audited weight by weight
     if t.sym:  # signed codes around the fixed zero point: no Subtract, as NNCF's symmetric modes
-        w = ops.constant(codes.astype(np.int8) - np.int8(t.zero), ov.Type.i4 if t.bits == 4 else ov.Type.i8,
-                         name=f"{qt.name}/codes")
+        # subtract in int16: 8-bit codes reach 255 and the zero point is 128, neither fits int8
+        signed = (codes.astype(np.int16) - t.zero).astype(np.int8)
+        w = ops.constant(signed, ov.Type.i4 if t.bits == 4 else ov.Type.i8, name=f"{qt.name}/codes")
         w = ops.convert(w, ov.Type.f16)
     else:
         unsigned = ov.Type.u4 if t.bits == 4 else ov.Type.u8

@@ -55,7 +55,8 @@ def test_logits_and_generation_match_pytorch(tiny_model, tmp_path, t, bound):
     np.testing.assert_allclose(run.logits(ids)[:5], run.logits(ids[:5]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 64, sym=True), IntType(8, 128)], ids=str)
+@pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 64, sym=True), IntType(8, 128), IntType(8, 32, sym=True)],
+                         ids=str)
 def test_weights_are_stored_as_our_integers(tiny_models, tmp_path, t):
     """Every decoder linear's weight is a u4/u8 constant [N, K/g, g] holding our codes, and the bytes in the
     .bin for them are bits/8 per weight (+ scales, zero points)."""
