@@ -243,6 +243,8 @@ def matmulnbits_arrays(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.
     t = qt.type
     if not isinstance(t, IntType):
         raise ValueError(f"{qt.name}: {getattr(t, 'name', t)} is not an integer grid")
+    if t.per_channel:  # block_size = K would have to be a power of two; the CLI refuses this up front
+        raise ValueError(f"{qt.name}: MatMulNBits has no per-channel form ({t.name}); use a grouped grid")
     n, k = qt.shape
     nb = k // t.group
     blocks = qt.data.reshape(n, nb, -1)              # per block: d (f16), z (u8), packed codes

@@ -9,7 +9,8 @@ NNCF writes and the CPU plugin fuses into one FullyConnected (or Gather for the 
     Constant u4/u8 (i4/i8 when symmetric) [N, K/g, g] -> Convert -> Subtract(zero point) -> Multiply(scale)
     -> Reshape -> Convert f32 -> MatMul
 
-(nothing is re-quantized), or float values for everything else. Then the KV cache becomes internal state,
+(per-channel grids: codes [N, K], scales and zero points [N, 1], no Reshape; nothing is re-quantized), or
+float values for everything else. Then the KV cache becomes internal state,
 as optimum-intel lays it out: ``past_key_values.N.*`` inputs and ``present.N.*`` outputs turn into
 variables (OpenVINO's MakeStateful transformation), a ``beam_idx`` input reorders them, and each variable
 starts as an empty ``[batch, kv_heads, 0, head_dim]`` tensor. The folder is what ``OVModelForCausalLM``
@@ -159,16 +160,20 @@ def decompressed(qt: QuantizedTensor):
         points [N, K/g, 1] -> Convert f16)] -> Multiply(Constant f16 scales [N, K/g, 1]) -> Reshape [N, K]
         -> Convert f32
 
-    The codes, scales and zero points are the stored bytes of ``qt``; nothing is rounded again."""
+    A per-channel grid is NNCF's ``group_size=-1`` layout: codes [N, K], scales and zero points [N, 1],
+    and no Reshape. The codes, scales and zero points are the stored bytes of ``qt``; nothing is rounded
+    again."""
     import openvino as ov
     import openvino.opset13 as ops
     t = qt.type
     if not isinstance(t, IntType):
         raise ValueError(f"{qt.name}: {getattr(t, 'name', t)} is not an integer grid")
     n, k = qt.shape
-    nb = k // t.group
     f = qt.fields()
-    codes = f.codes.reshape(n, nb, t.group)
+    # grouped: one axis per group, so scales broadcast over [N, K/g, g]; per-channel: over [N, K]
+    shape = (n, k) if t.per_channel else (n, k // t.group, t.group)
+    per_block = shape[:-1] + (1,)
+    codes = f.codes.reshape(shape)
     # named after the HF tensor, so the IR can be audited weight by weight
     if t.sym:  # signed codes around the fixed zero point: no Subtract, as NNCF's symmetric modes
         # subtract in int16: 8-bit codes reach 255 and the zero point is 128, neither fits int8
@@ -178,10 +183,13 @@ def decompressed(qt: QuantizedTensor):
     else:
         unsigned = ov.Type.u4 if t.bits == 4 else ov.Type.u8
         w = ops.convert(ops.constant(codes, unsigned, name=f"{qt.name}/codes"), ov.Type.f16)
-        z = ops.constant(f.params["z"].astype(np.uint8).reshape(n, nb, 1), unsigned, name=f"{qt.name}/zero_points")
+        z = ops.constant(f.params["z"].astype(np.uint8).reshape(per_block), unsigned,
+                         name=f"{qt.name}/zero_points")
         w = ops.subtract(w, ops.convert(z, ov.Type.f16))
-    d = ops.constant(f.params["d"].astype(np.float16).reshape(n, nb, 1), name=f"{qt.name}/scales")
-    w = ops.reshape(ops.multiply(w, d), ops.constant(np.array([n, k], np.int64)), False)
+    d = ops.constant(f.params["d"].astype(np.float16).reshape(per_block), name=f"{qt.name}/scales")
+    w = ops.multiply(w, d)
+    if not t.per_channel:
+        w = ops.reshape(w, ops.constant(np.array([n, k], np.int64)), False)
     return ops.convert(w, ov.Type.f32).output(0)
 
 

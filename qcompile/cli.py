@@ -21,6 +21,7 @@ examples:
   qcompile 7B --to gguf --bits 4 --out out/ --package all   # + Ollama Modelfile, LM Studio folder, manifest
   qcompile 0.5B --to onnx --bits 4 --out onnx/       # onnxruntime folder, int4 g128 MatMulNBits (GPTQ)
   qcompile 0.5B --to openvino --bits 4 --out ov/      # OpenVINO IR folder, u4 g128 compressed weights (GPTQ)
+  qcompile 0.5B --to openvino --quant INT8_PC --out ov8/   # u8 per-channel weights (NNCF's int8 default)
 
 MODEL is a checkpoint directory, a Hugging Face repo id (cache first, download when online;
 --offline or HF_HUB_OFFLINE=1 forbids downloads), a size alias (0.5B 1.5B 3B 7B 14B 32B 72B with
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "mix), 8 -> Q8_0; onnx/openvino 4 -> INT4_G128, 8 -> INT8_G128")
     g.add_argument("--quant", metavar="TYPE", type=str.upper,
                    help=f"gguf: a llama.cpp mix or one GGUF type: {', '.join(available())}; onnx/openvino: an integer "
-                        "grid INT{4,8}_G{16..256}[_SYM] (asymmetric unless _SYM)")
+                        "grid INT{4,8}_G{16..256}[_SYM] (asymmetric unless _SYM); openvino also takes per-channel "
+                        "grids INT{4,8}_PC[_SYM] (one scale per output row, as NNCF's group_size -1; its lm_head "
+                        "and embeddings are then INT8_PC)")
     p.add_argument("--pure", action="store_true", help="one type for every weight matrix (no per-tensor mix)")
     p.add_argument("--method", default="auto", choices=["auto", *QUANTIZERS],
                    help="auto (default): gptq for --bits 4 or when --calib is given, rtn otherwise. "

@@ -273,6 +273,7 @@ ONNX_PRESET = {4: "INT4_G128", 8: "INT8_G128"}
 
 
 def choose_int_type(opts: Options) -> IntType:
+    """The integer grid of an ONNX / OpenVINO run: ``--quant`` by name, else the ``--bits`` preset."""
     name = opts.quant or ONNX_PRESET[opts.bits or 4]
     try:
         t = parse_type(name)
@@ -282,6 +283,11 @@ def choose_int_type(opts: Options) -> IntType:
     if not isinstance(t, IntType):
         raise QCompileError(f"--quant {name}: ONNX weights use integer grids (INT4_G128, INT8_G32_SYM, ...), "
                             "not GGUF types")
+    if t.per_channel and opts.to == "onnx":
+        # MatMulNBits' block_size must be a power of two >= 16 (onnxruntime refuses the session otherwise),
+        # and a per-channel block is a whole row: Qwen's rows (896, 4864, ...) are not powers of two
+        raise UsageError(f"--quant {t.name}: per-channel grids need --to openvino; onnxruntime's MatMulNBits "
+                         "takes power-of-two groups only (INT4_G16..INT4_G256)")
     return t
 
 
@@ -308,17 +314,18 @@ def compile_folder(opts: Options) -> dict:
         raise QCompileError(f"--to {opts.to} needs {e.name} (pip install {e.name})") from None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    target = choose_int_type(opts)  # before resolving: a grid the target cannot hold fails without a download
     res = resolve(opts.model, family=opts.family, offline=opts.offline)
     cfg = read_config(res.path)
-    target = choose_int_type(opts)
     method = choose_method(opts, target.bits < 8)
     ckpt = Checkpoint(res.path, cfg, allow_pickle=opts.allow_pickle)
     for i in range(cfg.num_layers):
         for lin in LINEARS:
             cols = ckpt.entry(f"model.layers.{i}.{lin}.weight").shape[1]
-            if cols % target.group:
-                raise QCompileError(f"{target.name}: layer {i} {lin} has {cols} input columns, not a multiple of "
-                                    f"the group size {target.group}")
+            try:
+                target.group_for(cols)
+            except ValueError as e:
+                raise QCompileError(f"layer {i} {lin}: {e}") from None
     out = opts.out
     check_output(out, out / main_file, opts.force)
     eval_text = _eval_text(opts) if opts.verify else None
@@ -431,7 +438,8 @@ def quantize_decoder(cfg: ModelConfig, source: evaluate.WeightSource, target: In
 
 def head_type(target: IntType) -> IntType:
     """The output matrix's grid: 8-bit (llama.cpp keeps it at Q6_K/Q8_0 too: it is the most sensitive
-    matrix), same group size."""
+    matrix), same group size; per-channel asymmetric (``INT8_PC``) for a per-channel target, which is how
+    NNCF stores lm_head and the embeddings."""
     return IntType(8, target.group)
 
 

@@ -27,22 +27,26 @@ _ASYMMETRIC = {T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K}
 
 
 def proxy(target: Target):
-    """A fast stand-in for ``target`` in the scale search: same bits and sub-block size, min/max scales.
+    """A fast stand-in for ``target`` in the scale search: same bits and sub-block size (the whole row for a
+    per-channel grid), min/max scales.
 
     ggml's real search costs ~1 s per alpha for a layer's weights on a CPU; the proxy ranks alphas the
     same way at a fraction of the cost (AutoAWQ searches with plain min/max pseudo-quantization too).
     The final rounding uses the real grid. Float targets: identity.
     """
-    try:
-        g = grid(target)
-    except (KeyError, ValueError):
-        return lambda w: w
-    bits, group = int(np.log2(len(g.levels))), g.sub
-    asym = (not target.sym) if isinstance(target, IntType) else target in _ASYMMETRIC
+    if isinstance(target, IntType):  # per-channel: the group is the row, known only from the weight
+        bits, asym, group_for = target.bits, not target.sym, target.group_for
+    else:
+        try:
+            g = grid(target)
+        except (KeyError, ValueError):
+            return lambda w: w
+        bits, asym = int(np.log2(len(g.levels))), target in _ASYMMETRIC
+        group_for = lambda cols: g.sub
     qmax = (1 << bits) - 1
 
     def fake_quant(w: torch.Tensor) -> torch.Tensor:
-        x = w.reshape(w.shape[0], -1, group)
+        x = w.reshape(w.shape[0], -1, group_for(w.shape[1]))
         if asym:
             lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
             d = ((hi - lo) / qmax).clamp(min=1e-12)

@@ -8,6 +8,10 @@ and mins (super-block ``d``/``dmin`` and 6-bit sub-scales for K-quants) on the *
 weights, with the Hessian diagonal as importance; the sweep then only chooses codes on that fixed
 grid. The result packs into the very bytes llama.cpp executes. With ``act_order`` the columns are
 visited by decreasing Hessian diagonal and the block parameters are fitted up front (static groups).
+
+A per-channel integer grid (``INT4_PC``) has one block per row: its scales and zero points are fitted
+on the whole weight before the sweep, as the reference implementation does without groups, and the
+sweep's lazy batches keep their own width (``block_size``) instead of growing to the row length.
 """
 from __future__ import annotations
 
@@ -54,10 +58,14 @@ def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: Target, *, 
          damp: float = 0.01, act_order: bool = False) -> QuantizedTensor:
     """Quantize ``weight`` [out, in] onto ``target`` (a GGUF block type or an integer grid) with GPTQ;
     ``hessian`` is [in, in]."""
-    g = grid(target)
     rows, cols = weight.shape
+    try:
+        g = grid(target, cols)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     if cols % g.block:
         raise ValueError(f"{name}: {cols} columns is not a multiple of {target.name}'s block {g.block}")
+    per_channel = isinstance(target, IntType) and target.per_channel
     W = torch.tensor(weight, dtype=torch.float32)
     # float64 for the factorisation: Qwen's outlier channels give Hessians a dynamic range f32 cannot factor
     H = torch.tensor(hessian, dtype=torch.float64)
@@ -81,15 +89,18 @@ def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: Target, *, 
         scales[:, b * nsub:(b + 1) * nsub], offsets[:, b * nsub:(b + 1) * nsub] = s, o
         params[b] = p
 
-    if act_order:  # static groups: every block's grid from the original weights
+    static = act_order or per_channel
+    if static:  # static groups: every block's grid from the original weights
         for b in range(cols // g.block):
             fit(b, W[:, b * g.block:(b + 1) * g.block])
         W = W[:, perm]
     codes = torch.empty(rows, cols, dtype=torch.uint8)
-    bs = max(block_size, g.block) // g.block * g.block
+    # lazy batches start on block boundaries so a block is fitted on fully updated weights; a static
+    # grid needs no such alignment (and a per-channel "block" is the whole row: far too wide a batch)
+    bs = block_size if per_channel else max(block_size, g.block) // g.block * g.block
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        if not act_order:  # fit grids on the weights as updated so far (like GPTQ's groups)
+        if not static:  # fit grids on the weights as updated so far (like GPTQ's groups)
             for b in range(i1 // g.block, i2 // g.block):
                 fit(b, W[:, b * g.block:(b + 1) * g.block])
         W1 = W[:, i1:i2].clone()

@@ -14,12 +14,14 @@ Q6_K        256   16    d * sc_j     (int8 sc_j; levels q-32)             0
 IQ4_NL      32    32    d            (levels: the non-linear iq4 table)   0
 IQ4_XS      256   32    d * (ls_j-32)                                     0
 INTb_Gg      g     g    d            (levels 0..2^b-1; value (q - z) * d)  d * z
+INTb_PC      K     K    d            (per channel: one block per row)      d * z
 =========  =====  ====  ================================================  ==========================
 
 ``INTb_Gg[_SYM]`` (:class:`IntType`) is the plain grouped integer format of onnxruntime's
 ``MatMulNBits`` and OpenVINO's compressed weights: per group of ``g`` input columns a float16 scale
 ``d`` (what AWQ/GPTQ checkpoints and OpenVINO store; exact in a float32 graph too) and a ``b``-bit zero
-point ``z`` (fixed at ``2^(b-1)`` when symmetric). Its block layout is
+point ``z`` (fixed at ``2^(b-1)`` when symmetric); ``INTb_PC[_SYM]`` is the per-channel form, one
+group per output row of ``K`` columns. Its block layout is
 ``(d, z, qs)`` with the codes packed as MatMulNBits stores them (two per byte, low nibble first).
 
 The float arithmetic follows ggml's ``dequantize_row_*`` operation for operation (float32 products in
@@ -43,10 +45,18 @@ IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 
 _F16 = np.dtype("<f2")
 
 
+PER_CHANNEL = 0  # IntType.group of a per-channel grid: one scale (and zero point) per output row
+
+
 @dataclass(frozen=True)
 class IntType:
-    """Grouped integer quantization (the ONNX / OpenVINO weight format): ``bits``, ``group`` columns per
-    scale, asymmetric (per-group zero point) unless ``sym``."""
+    """Integer quantization (the ONNX / OpenVINO weight format): ``bits``, ``group`` columns per scale,
+    asymmetric (per-group zero point) unless ``sym``.
+
+    ``group == PER_CHANNEL`` (0) is per-channel quantization: one scale and zero point per output row,
+    over the whole row whatever its length (NNCF's ``group_size=-1``). Its geometry depends on the
+    tensor, so code that needs the block length asks :meth:`group_for` with the row length.
+    """
     bits: int
     group: int
     sym: bool = False
@@ -54,24 +64,43 @@ class IntType:
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"integer grids are 4- or 8-bit, not {self.bits}")
-        if self.group < 16 or self.group > 256 or self.group & (self.group - 1):
-            raise ValueError(f"group size must be a power of two in 16..256, not {self.group}")
+        if self.group != PER_CHANNEL and (self.group < 16 or self.group > 256 or self.group & (self.group - 1)):
+            raise ValueError(f"group size must be a power of two in 16..256 (or per-channel), not {self.group}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group == PER_CHANNEL
 
     @property
     def name(self) -> str:
-        return f"INT{self.bits}_G{self.group}{'_SYM' if self.sym else ''}"
+        size = "PC" if self.per_channel else f"G{self.group}"
+        return f"INT{self.bits}_{size}{'_SYM' if self.sym else ''}"
 
     @property
     def zero(self) -> int:
         """The fixed zero point of the symmetric form (MatMulNBits' default when none is stored)."""
         return 1 << (self.bits - 1)
 
+    def group_for(self, cols: int) -> int:
+        """Columns per scale in rows of ``cols`` values: ``cols`` itself when per-channel, else ``group``.
+        Raises ValueError when such rows cannot be stored on this grid."""
+        if self.per_channel:
+            # a 4-bit row is stored as whole bytes (two codes per byte), like every group
+            if cols < 1 or cols * self.bits % 8:
+                raise ValueError(f"{self.name}: rows of {cols} columns do not fill whole bytes")
+            return cols
+        if cols % self.group:
+            raise ValueError(f"{cols} columns is not a multiple of {self.name}'s group size {self.group}")
+        return self.group
+
     @classmethod
     def parse(cls, name: str) -> "IntType":
-        m = re.fullmatch(r"INT([48])_G(\d+)(_SYM)?", name.upper())
-        if not m:
-            raise KeyError(f"not an integer grid name: {name!r} (expected e.g. INT4_G128 or INT8_G32_SYM)")
-        return cls(int(m.group(1)), int(m.group(2)), bool(m.group(3)))
+        m = re.fullmatch(r"INT([48])_(?:G(\d+)|(PC))(_SYM)?", name.upper())
+        # per-channel is spelled PC, not G0: one name per grid, so names round-trip
+        if not m or (m.group(2) is not None and int(m.group(2)) == PER_CHANNEL):
+            raise KeyError(f"not an integer grid name: {name!r} (expected e.g. INT4_G128, INT8_G32_SYM or "
+                           "INT4_PC for per-channel)")
+        return cls(int(m.group(1)), PER_CHANNEL if m.group(3) else int(m.group(2)), bool(m.group(4)))
 
 
 Target = Union[T, IntType]
@@ -164,17 +193,23 @@ GRIDS: dict[T, Grid] = {
 
 
 @lru_cache(maxsize=None)
-def _int_grid(t: IntType) -> Grid:
-    layout = _dt(("d", _F16), ("z", "u1"), ("qs", *_u(t.group * t.bits // 8)))
-    return Grid(t, t.group, t.group, np.arange(1 << t.bits, dtype=np.float32), layout)
+def _int_grid(t: IntType, group: int) -> Grid:
+    layout = _dt(("d", _F16), ("z", "u1"), ("qs", *_u(group * t.bits // 8)))
+    return Grid(t, group, group, np.arange(1 << t.bits, dtype=np.float32), layout)
 
 
-def grid(t: Target | str) -> Grid:
-    """Look up a block grid by type or name (``"Q4_K"``, ``"INT4_G128"``)."""
+def grid(t: Target | str, cols: int | None = None) -> Grid:
+    """Look up a block grid by type or name (``"Q4_K"``, ``"INT4_G128"``). A per-channel grid's block is
+    the whole row, so it needs the row length ``cols``; every other grid ignores it.
+
+    Per-channel rows are stored as one ``(d, z, qs)`` block each, the very layout (and bytes) of a grouped
+    grid whose group is the row length."""
     if isinstance(t, str):
         t = parse_type(t)
     if isinstance(t, IntType):
-        return _int_grid(t)
+        if t.per_channel and cols is None:
+            raise ValueError(f"{t.name}: a per-channel grid's geometry needs the row length")
+        return _int_grid(t, t.group if cols is None else t.group_for(cols))
     key = T(t)
     if key not in GRIDS:
         raise KeyError(f"no block grid for {key.name}; known: {', '.join(g.name for g in GRIDS.values())}")

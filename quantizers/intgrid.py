@@ -1,4 +1,5 @@
-"""Round-to-nearest onto a grouped integer grid (``INT4_G128`` ...), with a weighted clip search.
+"""Round-to-nearest onto an integer grid (``INT4_G128``, per-channel ``INT8_PC`` ...), with a weighted
+clip search.
 
 ggml has no quantizer for the MatMulNBits/OpenVINO format, so this one is ours. Per group the range
 ``[min, max]`` (``max |w|`` when symmetric) is shrunk by each factor in ``CLIP`` and the factor with
@@ -15,14 +16,14 @@ CLIP = np.array([1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7], dtype=np.float32)
 
 
 def fit(t: IntType, w: np.ndarray, importance: np.ndarray | None = None) -> BlockFields:
-    """Scales, zero points and codes for ``w`` [rows, cols] (cols a multiple of the group size)."""
-    g = grid(t)
+    """Scales, zero points and codes for ``w`` [rows, cols] (cols a multiple of the group size; per-channel:
+    one group per row)."""
     rows, cols = w.shape
-    if cols % t.group:
-        raise ValueError(f"{cols} columns is not a multiple of {t.name}'s group size {t.group}")
-    x = np.asarray(w, dtype=np.float32).reshape(rows, cols // t.group, t.group)
+    g = grid(t, cols)      # raises when the rows do not fit the grid
+    group = g.block
+    x = np.asarray(w, dtype=np.float32).reshape(rows, cols // group, group)
     imp = np.ones(cols, np.float32) if importance is None else np.asarray(importance, np.float32) + 1e-8
-    imp = imp.reshape(1, cols // t.group, t.group)
+    imp = imp.reshape(1, cols // group, group)
     qmax = (1 << t.bits) - 1
     best_err = np.full(x.shape[:2], np.inf, dtype=np.float32)
     best_d = np.zeros(x.shape[:2], np.float32)

@@ -14,7 +14,8 @@ FLOAT_TYPES = {T.F32: np.dtype("<f4"), T.F16: np.dtype("<f2"), T.BF16: np.dtype(
 def row_bytes(t: grids.Target, ncols: int) -> int:
     """Bytes per row of ``ncols`` values in type ``t`` (ggml's own arithmetic for GGML types)."""
     if isinstance(t, grids.IntType):
-        return ncols // t.group * grids.grid(t).bytes_per_block
+        g = grids.grid(t, ncols)
+        return ncols // g.block * g.bytes_per_block
     return ggml.row_size(int(t), ncols)
 
 
@@ -46,7 +47,7 @@ class QuantizedTensor:
 
     @property
     def grid(self) -> grids.Grid:
-        return grids.grid(self.type)
+        return grids.grid(self.type, self.shape[1])
 
     def fields(self) -> grids.BlockFields:
         return grids.unpack(self.grid, self.data, self.shape[1])

@@ -136,6 +136,15 @@ def test_unknown_quant_type_is_usage_error(capsys, tiny_models, tmp_path):
     _fail(capsys, tmp_path / "o", tiny_models["qwen2.5"], "--quant", "Q3_XYZ", code=2, match="unknown quantization type")
 
 
+def test_per_channel_grid_for_onnx_is_usage_error(capsys, tiny_models, tmp_path):
+    """MatMulNBits takes power-of-two block sizes only, so per-channel grids are OpenVINO's alone."""
+    msg = _fail(capsys, tmp_path / "o", tiny_models["qwen2.5"], "--to", "onnx", "--quant", "INT8_PC_SYM", code=2,
+                match="--quant INT8_PC_SYM: per-channel grids need --to openvino")
+    assert "power-of-two" in msg
+    # refused before the model is even looked up (a hub id would not be downloaded for nothing)
+    _fail(capsys, tmp_path / "o", tmp_path / "nope", "--to", "onnx", "--quant", "INT4_PC", code=2, match="per-channel")
+
+
 def test_invalid_family_combination_lists_valid_sizes(capsys, tmp_path):
     msg = _fail(capsys, tmp_path / "o", "72B", "--family", "coder", code=2, match="did not publish")
     assert "0.5B 1.5B 3B 7B 14B 32B" in msg

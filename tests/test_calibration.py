@@ -33,7 +33,7 @@ def out_err(x, w, q):
 
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.Q4_0, T.Q5_K, T.Q6_K, T.IQ4_XS, IntType(4, 128), IntType(4, 128, sym=True),
-                               IntType(8, 32)], ids=lambda t: t.name)
+                               IntType(8, 32), IntType(4, 0), IntType(8, 0, sym=True)], ids=lambda t: t.name)
 def test_gptq_beats_rtn_by_20_percent_on_the_same_grid(t):
     w, x = correlated_problem()
     h = x.T @ x / len(x)
@@ -69,7 +69,7 @@ def test_imatrix_rtn_beats_plain_rtn():
     assert out_err(x, w, QUANTIZERS["imatrix"].quantize("w", w, T.Q4_K, st)) < out_err(x, w, rtn("w", w, T.Q4_K))
 
 
-@pytest.mark.parametrize("t", [T.Q4_0, IntType(4, 128)], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_0, IntType(4, 128), IntType(4, 0)], ids=lambda t: t.name)
 def test_awq_scales_cut_the_output_error_of_rounding(t):
     """With a few high-magnitude input channels (as real LLM activations have), AWQ's scales reduce the
     output error of the same rounding; alpha=0 is in the grid, so it never does worse."""

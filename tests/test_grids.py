@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from quantizers import ggml, grids, rtn
 from quantizers.grids import GRIDS, BlockFields, pack, unpack
-from quantizers.tensor import QuantizedTensor
+from quantizers.tensor import QuantizedTensor, row_bytes
 
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 # measured worst cases on these matrices (outlier columns x20) are ~70% of these bounds
@@ -109,7 +109,7 @@ def test_quantized_tensor_fields_roundtrip():
 
 
 INT_TYPES = [grids.IntType(4, 32), grids.IntType(4, 128), grids.IntType(4, 64, sym=True), grids.IntType(8, 128),
-             grids.IntType(8, 16, sym=True)]
+             grids.IntType(8, 16, sym=True), grids.IntType(4, 0), grids.IntType(8, 0, sym=True)]
 
 
 @pytest.mark.parametrize("t", INT_TYPES, ids=lambda t: t.name)
@@ -117,10 +117,13 @@ INT_TYPES = [grids.IntType(4, 32), grids.IntType(4, 128), grids.IntType(4, 64, s
 @given(w=matrices)
 def test_int_grid_roundtrip_and_error_bound(t, w):
     q = rtn.quantize("w", w, t)
-    assert q.data.shape == (w.shape[0], w.shape[1] // t.group * (2 + 1 + t.group * t.bits // 8))
+    group = t.group_for(w.shape[1])   # per-channel: the whole row (256, 512 or 768 columns here)
+    assert q.data.shape == (w.shape[0], w.shape[1] // group * (2 + 1 + group * t.bits // 8))
+    assert q.data.shape[1] == row_bytes(t, w.shape[1])
     f = q.fields()
     assert np.array_equal(QuantizedTensor.from_fields("w", f).data, q.data)
     d, z = f.params["d"], f.params["z"]
+    assert d.shape == z.shape == (w.shape[0], w.shape[1] // group)
     if t.sym:
         assert np.all(z == t.zero)
     # the value is MatMulNBits' (q - zero_point) * scale, computed in float32
@@ -128,8 +131,8 @@ def test_int_grid_roundtrip_and_error_bound(t, w):
     expect = (f.codes.reshape(*d.shape, -1).astype(np.float32) - z[..., None]) * d.astype(np.float32)[..., None]
     assert np.array_equal(q.dequantize(), expect.reshape(w.shape))
     # every value lies within half a step of a grid point, except where the clip search clipped it
-    step = np.repeat(d.astype(np.float32), t.group, axis=1)
-    lo, hi = (0 - np.repeat(z, t.group, axis=1)) * step, ((1 << t.bits) - 1 - np.repeat(z, t.group, axis=1)) * step
+    step = np.repeat(d.astype(np.float32), group, axis=1)
+    lo, hi = (0 - np.repeat(z, group, axis=1)) * step, ((1 << t.bits) - 1 - np.repeat(z, group, axis=1)) * step
     inside = (w >= lo) & (w <= hi)
     assert np.all(np.abs(q.dequantize() - w)[inside] <= 0.5001 * step[inside] + 1e-7)
 
@@ -150,6 +153,66 @@ def test_int4_packing_is_matmulnbits_order():
 def test_int_type_names():
     assert grids.parse_type("int4_g128") == grids.IntType(4, 128)
     assert grids.parse_type("INT8_G32_SYM") == grids.IntType(8, 32, sym=True)
+    assert grids.parse_type("int4_pc") == grids.IntType(4, 0) and grids.IntType(4, 0).per_channel
+    assert grids.parse_type("INT8_PC_SYM") == grids.IntType(8, grids.PER_CHANNEL, sym=True)
     assert grids.parse_type("Q4_K") == T.Q4_K
     with pytest.raises(ValueError):
         grids.IntType(4, 100)
+    for bad in ("INT4_G0", "INT4_PC128", "INT4_SYM_PC", "INT6_PC"):  # per-channel has one spelling: PC
+        with pytest.raises(KeyError):
+            grids.parse_type(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([0, 16, 32, 64, 128, 256]), sym=st.booleans())
+def test_int_type_name_round_trip(bits, group, sym):
+    t = grids.IntType(bits, group, sym)
+    assert grids.parse_type(t.name) == t and grids.parse_type(t.name.lower()) == t
+    assert ("_PC" in t.name) == t.per_channel and t.name.endswith("_SYM") == sym
+
+
+def test_per_channel_geometry_follows_the_row():
+    """group_for: the row length for per-channel grids (any K a whole number of bytes), the group otherwise."""
+    pc4, pc8, g64 = grids.IntType(4, 0), grids.IntType(8, 0, sym=True), grids.IntType(4, 64)
+    assert [pc4.group_for(k) for k in (896, 4864, 768)] == [896, 4864, 768]
+    assert pc8.group_for(895) == 895 and g64.group_for(896) == 64
+    assert grids.grid(pc4, 896).block == grids.grid(pc4, 896).sub == 896
+    assert row_bytes(pc4, 896) == 2 + 1 + 448 and row_bytes(pc8, 895) == 2 + 1 + 895
+    assert row_bytes(g64, 896) == 14 * (2 + 1 + 32)
+    with pytest.raises(ValueError, match="whole bytes"):
+        pc4.group_for(895)           # two 4-bit codes per byte: an odd row would share its last byte
+    with pytest.raises(ValueError, match="multiple"):
+        g64.group_for(100)
+    with pytest.raises(ValueError, match="row length"):
+        grids.grid(pc4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 6), k=st.sampled_from([16, 32, 64, 128, 256]),
+       bits=st.sampled_from([4, 8]), sym=st.booleans(), weighted=st.booleans())
+def test_per_channel_equals_the_group_of_the_row_length(seed, rows, k, bits, sym, weighted):
+    """On rows whose length K is itself a valid group, INTb_PC is INTb_GK: the same bytes, the same values."""
+    w = weights(seed, rows, k, 3.0)
+    imp = np.random.default_rng(seed).uniform(0, 4, k).astype(np.float32) if weighted else None
+    pc = rtn.quantize("w", w, grids.IntType(bits, 0, sym), importance=imp)
+    gk = rtn.quantize("w", w, grids.IntType(bits, k, sym), importance=imp)
+    assert np.array_equal(pc.data, gk.data)
+    assert np.array_equal(pc.dequantize(), gk.dequantize())
+    assert pc.type.per_channel and pc.fields().params["d"].shape == (rows, 1)
+
+
+@pytest.mark.parametrize("k", [32, 128, 256])
+@pytest.mark.parametrize("act_order", [False, True], ids=["sweep", "act-order"])
+def test_per_channel_gptq_equals_the_group_of_the_row_length(k, act_order):
+    """GPTQ on INT4_PC fixes one scale per row before the sweep; on rows of a valid group length it makes
+    exactly GPTQ-on-INT4_GK's choices (same lazy-batch width, so the same float arithmetic)."""
+    from quantizers.gptq import gptq
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((512, k)).astype(np.float32) @ rng.standard_normal((k, k)).astype(np.float32)
+    h = x.T @ x / len(x)
+    w = weights(k, 24, k, 1.0)
+    for sym in (False, True):
+        pc = gptq("w", w, h, grids.IntType(4, 0, sym), block_size=max(128, k), act_order=act_order)
+        gk = gptq("w", w, h, grids.IntType(4, k, sym), block_size=max(128, k), act_order=act_order)
+        assert np.array_equal(pc.data, gk.data)
+        assert not np.array_equal(pc.data, rtn.quantize("w", w, grids.IntType(4, 0, sym)).data)

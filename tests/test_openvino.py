@@ -37,7 +37,8 @@ def _weight_constants(folder):
 
 
 @pytest.mark.parametrize("t,bound", [(None, 1e-4), (IntType(4, 128), 2e-3), (IntType(4, 32, sym=True), 2e-3),
-                                     (IntType(8, 64), 2e-3)], ids=["fp", "int4", "int4-g32-sym", "int8-g64"])
+                                     (IntType(8, 64), 2e-3), (IntType(4, 0), 2e-3), (IntType(8, 0, sym=True), 2e-3)],
+                         ids=["fp", "int4", "int4-g32-sym", "int8-g64", "int4-pc", "int8-pc-sym"])
 def test_logits_and_generation_match_pytorch(tiny_model, tmp_path, t, bound):
     """fp IR vs transformers <= 1e-4; quantized IR vs the dequantized PyTorch model <= 2e-3 (f32 inference,
     no dynamic activation quantization); 32 greedy tokens through the stateful KV cache equal PyTorch's."""
@@ -55,11 +56,18 @@ def test_logits_and_generation_match_pytorch(tiny_model, tmp_path, t, bound):
     np.testing.assert_allclose(run.logits(ids)[:5], run.logits(ids[:5]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 64, sym=True), IntType(8, 128), IntType(8, 32, sym=True)],
-                         ids=str)
+def _constants(folder) -> dict:
+    """{friendly name: Constant} of every constant in the IR."""
+    model = ov.Core().read_model(str(folder / xo.XML_FILE))
+    return {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+
+
+@pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 64, sym=True), IntType(8, 128), IntType(8, 32, sym=True),
+                               IntType(4, 0), IntType(8, 0, sym=True)], ids=lambda t: t.name)
 def test_weights_are_stored_as_our_integers(tiny_models, tmp_path, t):
-    """Every decoder linear's weight is a u4/u8 constant [N, K/g, g] holding our codes, and the bytes in the
-    .bin for them are bits/8 per weight (+ scales, zero points)."""
+    """Every decoder linear's weight is a u4/u8 (i4/i8 symmetric) constant holding our codes: [N, K/g, g]
+    grouped, [N, K] per-channel with [N, 1] float16 scales and u4/u8 zero points (NNCF's layout); the
+    bytes in the .bin for them are bits/8 per weight (+ scales, zero points)."""
     model = tiny_models["qwen2"]
     cfg, tensors = _quantize(model, t)
     xo.write_openvino(tmp_path, model, cfg, tensors)
@@ -67,21 +75,36 @@ def test_weights_are_stored_as_our_integers(tiny_models, tmp_path, t):
     linears = {n: c for n, c in consts.items() if ".layers." in n and n.endswith(".weight/codes")}
     assert len(linears) == 7 * cfg.num_layers
     want_type = {(4, False): ov.Type.u4, (8, False): ov.Type.u8, (4, True): ov.Type.i4, (8, True): ov.Type.i8}
+    side = _constants(tmp_path)
     for name, c in linears.items():
+        n, k = tensors[name.removesuffix("/codes")].shape
+        blocks = [n, 1] if t.per_channel else [n, k // t.group, 1]
         assert c.get_element_type() == want_type[t.bits, t.sym], name
-        assert list(c.get_output_shape(0))[1:] == [c.get_output_shape(0)[1], t.group]
+        assert list(c.get_output_shape(0)) == ([n, k] if t.per_channel else [n, k // t.group, t.group]), name
+        scales = side[name.replace("/codes", "/scales")]
+        assert scales.get_element_type() == ov.Type.f16 and list(scales.get_output_shape(0)) == blocks
+        zp = side.get(name.replace("/codes", "/zero_points"))
+        assert (zp is None) == t.sym  # symmetric: signed codes, no zero point
+        if zp is not None:
+            assert zp.get_element_type() == want_type[t.bits, False] and list(zp.get_output_shape(0)) == blocks
     # the codes are ours: the first q_proj's constant unpacks to the quantizer's codes (minus the fixed
-    # zero point when symmetric: signed storage)
-    q = tensors["model.layers.0.self_attn.q_proj.weight"]
-    c = linears["model.layers.0.self_attn.q_proj.weight/codes"]
+    # zero point when symmetric: signed storage), its scales and zero points are the quantizer's
+    name = "model.layers.0.self_attn.q_proj.weight"
+    q, c = tensors[name], linears[f"{name}/codes"]
     n, k = q.shape
     raw = np.frombuffer(c.get_data().tobytes(), np.uint8)
     codes = np.stack([raw & 15, raw >> 4], -1).reshape(-1) if t.bits == 4 else raw
-    blocks = q.data.reshape(n, k // t.group, -1)[:, :, 3:].reshape(-1)
+    blocks = q.data.reshape(n, k // t.group_for(k), -1)[:, :, 3:].reshape(-1)
     want = np.stack([blocks & 15, blocks >> 4], -1).reshape(-1) if t.bits == 4 else blocks
     if t.sym:
         want = (want.astype(np.int16) - t.zero) & ((1 << t.bits) - 1)   # two's complement in `bits` bits
     np.testing.assert_array_equal(codes, want)
+    f = q.fields()
+    np.testing.assert_array_equal(side[f"{name}/scales"].get_data().reshape(-1), f.params["d"].reshape(-1))
+    if not t.sym:
+        raw = np.frombuffer(side[f"{name}/zero_points"].get_data().tobytes(), np.uint8)
+        zp = np.stack([raw & 15, raw >> 4], -1).reshape(-1)[:f.params["z"].size] if t.bits == 4 else raw
+        np.testing.assert_array_equal(zp, f.params["z"].reshape(-1))
     n_lin = sum(int(np.prod(q.shape)) for q in tensors.values())
     lin_bytes = sum(int(np.prod(c.get_output_shape(0))) * t.bits // 8 for c in linears.values())
     assert lin_bytes == n_lin * t.bits // 8
@@ -114,6 +137,26 @@ def test_compile_cli_verifies_reports_evals_and_runs(tiny_models, tmp_path, caps
     before = (out / "openvino_model.bin").stat().st_mtime_ns
     assert run_cli(model, "--to", "openvino", "--bits", "4", "--out", out, "-q") == 1
     assert (out / "openvino_model.bin").stat().st_mtime_ns == before
+
+
+def test_cli_per_channel_gptq_verifies(tiny_models, tmp_path):
+    """``--to openvino --quant INT4_PC`` with GPTQ: per-channel weights (also on rows whose length is no valid group),
+    an INT8_PC head and embeddings, and the runtime check passes."""
+    model, out = tiny_models["qwen2"], tmp_path / "ov"
+    assert run_cli(model, "--to", "openvino", "--quant", "INT4_PC", "--method", "gptq", "--calib-samples", "4",
+                   "--calib-seqlen", "64", "--out", out, "-q") == 0
+    rep = json.loads((out / "report.json").read_text())
+    target = rep["target"]
+    assert (target["scheme"], target["group_size"], target["symmetric"]) == ("INT4_PC", 0, False)
+    assert target["method"] == "gptq" and target["lm_head"] == target["embeddings"] == "INT8_PC"
+    assert rep["metrics"]["artifact"]["rel_error"] <= 2e-3 and rep["metrics"]["artifact"]["top1"] == 1.0
+    assert rep["metrics"]["reference"]["kld_mean"] < 0.5
+    cfg = read_config(model)
+    codes = {n: c for n, c in _weight_constants(out).items() if n.endswith("/codes")}
+    down = codes["model.layers.0.mlp.down_proj.weight/codes"]  # K = 768: no power of two, so no valid group
+    assert down.get_element_type() == ov.Type.u4
+    assert list(down.get_output_shape(0)) == [cfg.hidden_size, cfg.intermediate_size]
+    assert codes["lm_head.weight/codes"].get_element_type() == ov.Type.u8
 
 
 _OPTIMUM_INTEL_GENERATE = """
@@ -170,15 +213,18 @@ def test_openvino_genai_pipeline_generates_what_we_generate(tiny_models, tmp_pat
     assert got == want and len(want) > 4
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2.5"])
-def test_embeddings_are_looked_up_from_our_8bit_table(tiny_models, tmp_path, name):
+@pytest.mark.parametrize("name,body", [("qwen2", IntType(4, 64)), ("qwen2.5", IntType(4, 64)),
+                                       ("qwen2.5", IntType(4, 0))], ids=["qwen2", "qwen2.5", "qwen2.5-pc"])
+def test_embeddings_are_looked_up_from_our_8bit_table(tiny_models, tmp_path, name, body):
     """``--to openvino`` stores the input embeddings 8-bit (as NNCF does): the Gather reads a u8 constant
-    through the decompression pattern, logits equal the dequantized PyTorch model and the .bin shrinks."""
+    through the decompression pattern ([vocab, hidden/g, g] grouped; [vocab, hidden] per-channel, NNCF's own
+    layout), logits equal the dequantized PyTorch model and the .bin shrinks."""
     from qcompile.checkpoint import Checkpoint
     from qcompile.pipeline import head_type, quantize_embeddings, quantize_head
     model = tiny_models[name]
-    cfg, tensors = _quantize(model, IntType(4, 64))
-    t = head_type(IntType(4, 64))
+    cfg, tensors = _quantize(model, body)
+    t = head_type(body)
+    assert t == (IntType(8, 0) if body.per_channel else IntType(8, body.group))
     ck = Checkpoint(model, cfg)
     tensors["lm_head.weight"] = quantize_head(ck, cfg, t, None)
     xo.write_openvino(tmp_path / "f", model, cfg, dict(tensors))
@@ -199,7 +245,7 @@ def test_embeddings_are_looked_up_from_our_8bit_table(tiny_models, tmp_path, nam
         while node.get_type_name() != "Constant" and node.get_input_size():
             node = node.input(0).get_source_output().get_node()
         roots.append(node)
-    assert any(r.get_element_type() == ov.Type.u8 and list(r.get_output_shape(0)) == [cfg.vocab_size, 4, 64]
-               for r in roots)
+    table = [cfg.vocab_size, cfg.hidden_size] if t.per_channel else [cfg.vocab_size, cfg.hidden_size // 64, 64]
+    assert any(r.get_element_type() == ov.Type.u8 and list(r.get_output_shape(0)) == table for r in roots)
     saved = (tmp_path / "f" / xo.BIN_FILE).stat().st_size - (tmp_path / "q" / xo.BIN_FILE).stat().st_size
     assert saved >= cfg.vocab_size * cfg.hidden_size * (2 - 1.1)  # float16 -> 8 bits + scales
