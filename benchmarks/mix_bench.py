@@ -102,7 +102,7 @@ def main() -> None:
                 return measure(cmd, env=env).seconds
             rows.append((f"qcompile {method}", label,
                          cached(f"{method}-{tag}", cmd, lambda out=out: next(out.glob("*.gguf")), run)))
-    plain = {m: r["llama"]["kld"] for m, label, r in rows if label == "Q4_K_M" and m.startswith("qcompile")}
+    plain = {tool: r["llama"]["kld"] for tool, label, r in rows if label == "Q4_K_M" and tool.startswith("qcompile")}
     n_params = next(r["report"]["model"]["parameters"] for _, _, r in rows if "report" in r)
     print(f"model {model.name}; budget S = {budget} bytes (llama-quantize Q4_K_M); eval {args.chunks} x {args.ctx} "
           f"tokens of {text} (held out), llama-perplexity --kl-divergence vs convert_hf_to_gguf F16; calibration "
@@ -113,7 +113,7 @@ def main() -> None:
                  "time s"],
                 [[tool, label, r["bytes"], f"{r['bytes'] / 2**20:.1f}", f"{8 * r['bytes'] / n_params:.3f}",
                   f"{r['llama']['kld']:.5f}", f"{r['llama']['ppl']:.3f}", f"{r['llama']['top1']:.2f}",
-                  f"{r['llama']['kld'] / plain[tool.split()[-1]]:.3f}" if tool.split()[-1] in plain else "-",
+                  f"{r['llama']['kld'] / plain[tool]:.3f}" if tool in plain else "-",
                   fmt_pred(r), f"{r['seconds']:.0f}"] for tool, label, r in rows]))
     for tool, label, r in rows:
         if "report" in r and "allocation" in r["report"]:

@@ -22,7 +22,7 @@ from qcompile.arch import ModelConfig, read_config
 from qcompile.checkpoint import Checkpoint
 from qcompile.errors import QCompileError, UsageError
 from qcompile.resolve import resolve
-from qcompile.tokenizer import load_vocab
+from qcompile.tokenizer import Vocab, load_vocab
 import quantizers
 from calibration.capture import LayerwiseEngine, fingerprint
 from quantizers import rtn
@@ -206,15 +206,8 @@ def compile_model(opts: Options) -> dict:
     plan = make_plan(cfg, ckpt, sch)
     n_params = sum(int(np.prod(p.shape)) for p in plan)
     meta = dict(name=res.name, size_label=size_label(n_params, 0, 0, 0), file_type=sch.file_type)
-    budget = mix.parse_budget(opts.max_size, opts.target_bpw, n_params)
-    scheme_name, sizes = sch.name, None
-    if budget is not None:  # a budget the candidates cannot meet fails now, before any heavy work
-        if not sch.quantized:
-            raise UsageError(f"{budget.request}: the base scheme {sch.name} is not quantized; use --bits or a "
-                             "quantized --quant (its types are kept for the embeddings)")
-        sizes = mix.size_model(plan, cfg, header_bytes(cfg, vocab, plan, **meta))
-        mix.check_budget(budget, sizes, n_params)
-        scheme_name = f"MIX-{8 * budget.bytes / n_params:.2f}bpw"
+    budget, sizes = budget_sizes(opts, cfg, vocab, plan, sch, meta)  # fails now if the budget cannot be met
+    scheme_name = sch.name if budget is None else f"MIX-{8 * budget.bytes / n_params:.2f}bpw"
     out = opts.out
     artifact = out / f"{res.name}-{scheme_name}.gguf"
     check_output(out, artifact, opts.force)
@@ -227,10 +220,10 @@ def compile_model(opts: Options) -> dict:
     tmp = out / f".{artifact.name}.{os.getpid()}.tmp"
     try:
         # calibrate (+ sensitivity when a budget is given) -> quantize -> export, streamed tensor by tensor
-        engine, calib_info, allocation, tokens = None, None, None, None
-        device = resolve_device(opts.device)
+        engine, calib_info, allocation = None, None, None
         if method.needs_calibration or budget is not None:
             t_cal = time.perf_counter()
+            device = resolve_device(opts.device)
             tokens, calib_info = calibration_tokens(opts, res.path, device)
             _log(opts, f"calibration: {calib_info}")
             timings["calibrate"] = time.perf_counter() - t_cal
@@ -238,9 +231,10 @@ def compile_model(opts: Options) -> dict:
             t_s = time.perf_counter()
             plan, allocation = budget_plan(opts, cfg, ckpt, plan, sizes, budget, tokens, method, device)
             # the size model against the writer's own metadata: the exact file size, within the budget
-            if not allocation["bytes"] == file_size(cfg, vocab, plan, **meta) <= budget.bytes:
-                raise RuntimeError(f"size model: {allocation['bytes']} bytes planned, "
-                                   f"{file_size(cfg, vocab, plan, **meta)} in the file, budget {budget.bytes}")
+            planned = file_size(cfg, vocab, plan, **meta)
+            if not allocation["bytes"] == planned <= budget.bytes:
+                raise RuntimeError(f"size model: {allocation['bytes']} bytes planned, {planned} in the file, "
+                                   f"budget {budget.bytes}")
             timings["sensitivity"] = time.perf_counter() - t_s
         if method.needs_calibration:
             engine = LayerwiseEngine(
@@ -297,6 +291,22 @@ def compile_model(opts: Options) -> dict:
         packaging.finish(pkg, rep, out / "report.json")
     rep["artifact"]["full_path"] = str(artifact)
     return rep
+
+
+def budget_sizes(opts: Options, cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], sch: Scheme, meta: dict
+                 ) -> tuple[mix.Budget | None, mix.SizeModel | None]:
+    """The size budget (None without --max-size/--target-bpw) and the file's size model around ``plan``
+    (the base scheme's types). A budget no choice of candidates can meet is an error here, before any work."""
+    n_params = sum(int(np.prod(p.shape)) for p in plan)
+    budget = mix.parse_budget(opts.max_size, opts.target_bpw, n_params)
+    if budget is None:
+        return None, None
+    if not sch.quantized:
+        raise UsageError(f"{budget.request}: the base scheme {sch.name} is not quantized; use --bits or a "
+                         "quantized --quant (its types are kept for the embeddings)")
+    sizes = mix.size_model(plan, cfg, header_bytes(cfg, vocab, plan, **meta))
+    mix.check_budget(budget, sizes, n_params)
+    return budget, sizes
 
 
 def budget_plan(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, plan: list[PlannedTensor],

@@ -21,6 +21,7 @@ from qcompile.errors import QCompileError
 from qcompile.tiny import builtin_text
 from qcompile.units import parse_size
 from quantizers import rtn
+from quantizers.allocate import Option, lower_hull
 from quantizers.schemes import candidate_types
 
 
@@ -89,10 +90,13 @@ def test_budget_is_met_exactly_and_deterministically(tiny_models, calib_file, tm
     for name, t in alloc["tensors"].items():
         assert t["type"] in t["options"]
     assert "output.weight" in alloc["tensors"] and "token_embd.weight" not in alloc["tensors"]
-    # no upgrade of any tensor would still have fitted
-    steps = [o["bytes"] - t["options"][t["type"]]["bytes"] for t in alloc["tensors"].values()
-             for o in t["options"].values() if o["bytes"] > t["options"][t["type"]]["bytes"]]
-    assert budget - size < min(steps)
+    # the budget is spent: no tensor's next upgrade (along its hull, as the greedy moves) would still fit
+    steps = []
+    for t in alloc["tensors"].values():
+        hull = lower_hull([Option(k, o["bytes"], o["predicted_kld"]) for k, o in t["options"].items()])
+        k = [o.type for o in hull].index(t["type"])
+        steps += [hull[k + 1].bytes - hull[k].bytes] if k + 1 < len(hull) else []
+    assert steps and budget - size < min(steps)
     assert rep["target"]["scheme"] == "MIX-4.95bpw" and rep["target"]["base_scheme"] == "Q4_K_M"
     assert alloc["predicted_kld_lower_bound"] <= alloc["predicted_kld"]
 
