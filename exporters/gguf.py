@@ -6,12 +6,13 @@ writer holds one chunk at a time, not the model.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUFWriter, RopeScalingType
+from gguf import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter, RopeScalingType
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
@@ -87,12 +88,9 @@ def _add_vocab(w: GGUFWriter, vocab: Vocab) -> None:
     w.add_add_bos_token(False)
 
 
-def write_gguf(path: Path, cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor],
-               chunks_for: Callable[[PlannedTensor], Iterator[QuantizedTensor]], *, name: str, size_label: str,
-               file_type: LlamaFileType, extra: dict[str, str] | None = None,
-               on_tensor: Callable[[PlannedTensor], None] = lambda p: None,
-               on_bytes: Callable[[int], None] = lambda n: None) -> None:
-    """Write a complete GGUF to ``path`` (the caller renames it into place once verified)."""
+def _writer(cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], *, name: str, size_label: str,
+            file_type: LlamaFileType, extra: dict[str, str] | None = None) -> GGUFWriter:
+    """A writer holding the file's metadata and tensor table (what precedes the tensor data)."""
     w = GGUFWriter(path=None, arch=cfg.arch.gguf_arch)
     w.add_type("model")
     w.add_name(name)
@@ -111,6 +109,42 @@ def write_gguf(path: Path, cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTen
         rows = int(np.prod(p.shape[:-1], dtype=np.int64)) if len(p.shape) > 1 else 1
         w.add_tensor_info(p.name, (rows, row_bytes(p.type, p.shape[-1])) if len(p.shape) > 1
                           else (row_bytes(p.type, p.shape[-1]),), np.dtype(np.uint8), p.nbytes, raw_dtype=p.type)
+    return w
+
+
+def padded(nbytes: int) -> int:
+    """Bytes a tensor of ``nbytes`` takes in the file: each tensor's data starts on a 32-byte boundary."""
+    return GGUFWriter.ggml_pad(nbytes, GGUF_DEFAULT_ALIGNMENT)
+
+
+def header_bytes(cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], **meta) -> int:
+    """Bytes before the first tensor's data (header, metadata, vocabulary, tensor table, padding) of the
+    file :func:`write_gguf` writes with the same arguments. They do not depend on the tensor types, except
+    whether any is quantized (the quantization version key)."""
+    w = _writer(cfg, vocab, plan, **meta)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "header.gguf"
+        try:
+            w.write_header_to_file(path=path)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+        finally:
+            w.close()
+        return padded(path.stat().st_size)
+
+
+def file_size(cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], **meta) -> int:
+    """The exact size of the file :func:`write_gguf` writes for ``plan`` (same ``meta`` arguments)."""
+    return header_bytes(cfg, vocab, plan, **meta) + sum(padded(p.nbytes) for p in plan)
+
+
+def write_gguf(path: Path, cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor],
+               chunks_for: Callable[[PlannedTensor], Iterator[QuantizedTensor]], *, name: str, size_label: str,
+               file_type: LlamaFileType, extra: dict[str, str] | None = None,
+               on_tensor: Callable[[PlannedTensor], None] = lambda p: None,
+               on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """Write a complete GGUF to ``path`` (the caller renames it into place once verified)."""
+    w = _writer(cfg, vocab, plan, name=name, size_label=size_label, file_type=file_type, extra=extra)
     try:
         w.write_header_to_file(path=path)
         w.write_kv_data_to_file()

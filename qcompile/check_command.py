@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from qcompile.errors import EXIT_FAILURE, EXIT_OK, QCompileError, guarded
-
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+from qcompile.units import parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,11 +67,12 @@ def _ceiling(text: str | None, base: float, default: float, what: str, size: boo
         return base * (1 + default)
     if text.strip().startswith("+") or text.strip().endswith("%"):
         return base * (1 + _percent(text, what))
-    m = re.fullmatch(r"([0-9.]+(?:e-?[0-9]+)?)\s*([A-Za-z]*)", text.strip())
-    if not m or (m.group(2) and (not size or m.group(2).upper() not in _UNITS)):
-        raise QCompileError(f"{what} {text!r}: expected a number{' with a unit (MiB, GB)' if size else ''} "
-                            "or +P%")
-    return float(m.group(1)) * (_UNITS[m.group(2).upper()] if size else 1)
+    if size:
+        return parse_size(text, what)
+    m = re.fullmatch(r"([0-9.]+(?:e-?[0-9]+)?)", text.strip())
+    if not m:
+        raise QCompileError(f"{what} {text!r}: expected a number or +P%")
+    return float(m.group(1))
 
 
 def _reference(rep: dict, path: Path) -> dict:

@@ -19,6 +19,7 @@ examples:
   qcompile Qwen/Qwen3-8B --to gguf --quant Q5_K_M --out out/     # any mix or type by name
   qcompile 0.5B --to gguf --quant Q4_0 --out out/ --eval-text wiki.txt
   qcompile 7B --to gguf --bits 4 --out out/ --package all   # + Ollama Modelfile, LM Studio folder, manifest
+  qcompile 0.5B --to gguf --max-size 468.6MiB --out out/  # per-tensor types by sensitivity, within 468.6 MiB
   qcompile 0.5B --to onnx --bits 4 --out onnx/       # onnxruntime folder, int4 g128 MatMulNBits (GPTQ)
   qcompile 0.5B --to openvino --bits 4 --out ov/      # OpenVINO IR folder, u4 g128 compressed weights (GPTQ)
   qcompile 0.5B --to openvino --quant INT8_PC --out ov8/   # u8 per-channel weights (NNCF's int8 default)
@@ -57,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "grids INT{4,8}_PC[_SYM] (one scale per output row, as NNCF's group_size -1; its lm_head "
                         "and embeddings are then INT8_PC)")
     p.add_argument("--pure", action="store_true", help="one type for every weight matrix (no per-tensor mix)")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--max-size", metavar="SIZE",
+                   help="gguf: choose each decoder linear's (and an untied output matrix's) type among Q4_K, Q5_K, "
+                        "Q6_K, Q8_0 by measured sensitivity (diagonal Fisher on the calibration text) so the whole "
+                        "file fits SIZE bytes (491400096, 468.6MiB, 0.49GB) with the least predicted KLD; the "
+                        "embeddings keep the --bits/--quant preset's type")
+    b.add_argument("--target-bpw", type=float, metavar="X",
+                   help="gguf: like --max-size, the budget given as bits per weight over all parameters (as "
+                        "report.json's bits_per_weight counts them)")
     p.add_argument("--method", default="auto", choices=["auto", *QUANTIZERS],
                    help="auto (default): gptq for --bits 4 or when --calib is given, rtn otherwise. "
                         + "; ".join(f"{m.name}: {m.help}" for m in QUANTIZERS.values()))
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    force=args.force, verify=args.verify, eval_text=args.eval_text, eval_ctx=args.eval_ctx,
                    eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, allow_pickle=args.allow_pickle,
                    keep_embeddings_fp=args.keep_embeddings_fp, float_activations=args.float_activations,
-                   package=args.package, threads=args.threads,
+                   package=args.package, max_size=args.max_size, target_bpw=args.target_bpw, threads=args.threads,
                    quiet=args.quiet, argv=["qcompile", *argv])
     code, rep = guarded("qcompile", lambda: compile_model(opts), "interrupted; no output written")
     if code != EXIT_OK:

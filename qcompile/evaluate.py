@@ -218,29 +218,33 @@ class StreamedDecoder:
         layer.load_state_dict(state, strict=True)
         return layer.eval().to(device)
 
+    def forward_layer(self, layer, h):
+        """A decoder layer on ``h`` [n, T, H] (causal, positions 0..T-1), recording gradients if enabled."""
+        pos = self.torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+        out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=self.rotary(h, pos))
+        return out[0] if isinstance(out, tuple) else out
+
     def run_layer(self, layer, hidden, batch: int = 0):
         """Apply a decoder layer to ``hidden`` [n, T, H] (``batch`` sequences at a time; 0 = all)."""
         torch = self.torch
-        n, t = hidden.shape[:2]
+        n = hidden.shape[0]
         batch = batch or n
-        outs = []
         with torch.no_grad():
-            for b in range(0, n, batch):
-                h = hidden[b:b + batch]
-                pos = torch.arange(t, device=h.device)[None].expand(h.shape[0], -1)
-                pe = self.rotary(h, pos)
-                out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
-                outs.append(out[0] if isinstance(out, tuple) else out)
+            outs = [self.forward_layer(layer, hidden[b:b + batch]) for b in range(0, n, batch)]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def layer(self, i: int, source: WeightSource, hidden):
         return self.run_layer(self.build_layer(i, source), hidden)
 
-    def final_norm(self, source: WeightSource, hidden):
+    def build_norm(self, source: WeightSource, device="cpu"):
+        """The final RMSNorm as a module holding ``source``'s weight."""
         norm = self.norm_cls(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)
         norm.weight.data = self._t(source.full("model.norm.weight"))
+        return norm.to(device)
+
+    def final_norm(self, source: WeightSource, hidden):
         with self.torch.no_grad():
-            return norm(hidden)
+            return self.build_norm(source, hidden.device)(hidden)
 
     @property
     def head_name(self) -> str:
@@ -253,8 +257,11 @@ class StreamedDecoder:
         step = max(256, HEAD_CHUNK_BYTES // (4 * max(1, hidden.shape[0])))
         for v0 in range(0, vocab, step):
             w = self._t(source.rows(head, v0, min(v0 + step, vocab)))
+            # not `yield` inside `no_grad()`: grad mode is thread state, and two of these generators
+            # interleaved (fp and quantized, zipped) would restore each other's saved mode, leaving it off
             with self.torch.no_grad():
-                yield v0, hidden @ w.T
+                chunk = hidden @ w.T
+            yield v0, chunk
 
 
 class _OnlineSoftmax:

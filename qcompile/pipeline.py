@@ -1,6 +1,7 @@
 """The compile pipeline, top to bottom: resolve -> load (streaming) -> quantize -> export -> verify -> finalize.
 
-(Calibration slots in between load and quantize when a calibrated method is chosen.)
+(Calibration slots in between load and quantize when a calibrated method is chosen, and so does the
+sensitivity analysis that chooses each tensor's type when a size budget is given: ``--max-size``.)
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.utility import size_label
 
-from exporters.gguf import PlannedTensor, write_gguf
-from qcompile import evaluate, llama_worker, packaging, report
+from exporters.gguf import PlannedTensor, file_size, header_bytes, write_gguf
+from qcompile import budget as mix, evaluate, llama_worker, packaging, report
 from qcompile.arch import ModelConfig, read_config
 from qcompile.checkpoint import Checkpoint
 from qcompile.errors import QCompileError, UsageError
 from qcompile.resolve import resolve
-from qcompile.tokenizer import load_vocab
+from qcompile.tokenizer import Vocab, load_vocab
 import quantizers
 from calibration.capture import LayerwiseEngine, fingerprint
 from quantizers import rtn
@@ -57,6 +58,8 @@ class Options:
     keep_embeddings_fp: bool = False
     float_activations: bool = False
     package: str | None = None        # ollama | lmstudio | all (GGUF only)
+    max_size: str | None = None       # GGUF size budget ("491400096", "468.6MiB", "0.49GB")
+    target_bpw: float | None = None   # or as bits per weight over all parameters
     threads: int | None = None
     quiet: bool = False
     argv: list[str] = field(default_factory=list)
@@ -180,6 +183,13 @@ def compile_model(opts: Options) -> dict:
         raise QCompileError(f"--to {opts.to}: not available yet; supported targets: {', '.join(TARGETS)}")
     if opts.package and opts.to != "gguf":
         raise UsageError(f"--package needs --to gguf (Ollama and LM Studio load GGUF files), not --to {opts.to}")
+    if opts.max_size is not None and opts.target_bpw is not None:
+        raise UsageError("--max-size and --target-bpw are two ways to give one budget: pass one of them")
+    budget_opt = "--max-size" if opts.max_size is not None else "--target-bpw" if opts.target_bpw is not None else None
+    if budget_opt and opts.to != "gguf":
+        raise UsageError(f"{budget_opt} needs --to gguf (it chooses GGUF types per tensor), not --to {opts.to}")
+    if budget_opt and opts.pure:
+        raise UsageError(f"{budget_opt} chooses a type per tensor; --pure asks for one type everywhere")
     package_targets = packaging.parse_targets(opts.package)
     if opts.to in ("onnx", "openvino"):
         return compile_folder(opts)
@@ -194,39 +204,54 @@ def compile_model(opts: Options) -> dict:
     # load (lazily: headers only; tensors stream during quantization)
     ckpt = Checkpoint(res.path, cfg, allow_pickle=opts.allow_pickle)
     plan = make_plan(cfg, ckpt, sch)
+    n_params = sum(int(np.prod(p.shape)) for p in plan)
+    meta = dict(name=res.name, size_label=size_label(n_params, 0, 0, 0), file_type=sch.file_type)
+    budget, sizes = budget_sizes(opts, cfg, vocab, plan, sch, meta)  # fails now if the budget cannot be met
+    scheme_name = sch.name if budget is None else f"MIX-{8 * budget.bytes / n_params:.2f}bpw"
     out = opts.out
-    artifact = out / f"{res.name}-{sch.name}.gguf"
+    artifact = out / f"{res.name}-{scheme_name}.gguf"
     check_output(out, artifact, opts.force)
     pkg = None
     if package_targets:  # before quantizing: a template or an existing output it cannot handle fails now
         pkg = packaging.plan(package_targets, out=out, artifact=artifact, model_dir=res.path, name=res.name,
-                             repo=res.repo, scheme=sch.name, force=opts.force, quiet=opts.quiet)
+                             repo=res.repo, scheme=scheme_name, force=opts.force, quiet=opts.quiet)
     timings["resolve"] = time.perf_counter() - t0
     eval_text = _eval_text(opts) if opts.verify else None
-    n_params = sum(int(np.prod(p.shape)) for p in plan)
     tmp = out / f".{artifact.name}.{os.getpid()}.tmp"
     try:
-        # quantize -> export, streamed tensor by tensor
-        engine, calib_info = None, None
-        if method.needs_calibration:
+        # calibrate (+ sensitivity when a budget is given) -> quantize -> export, streamed tensor by tensor
+        engine, calib_info, allocation = None, None, None
+        if method.needs_calibration or budget is not None:
             t_cal = time.perf_counter()
             device = resolve_device(opts.device)
             tokens, calib_info = calibration_tokens(opts, res.path, device)
             _log(opts, f"calibration: {calib_info}")
+            timings["calibrate"] = time.perf_counter() - t_cal
+        if budget is not None:
+            t_s = time.perf_counter()
+            plan, allocation = budget_plan(opts, cfg, ckpt, plan, sizes, budget, tokens, method, device)
+            # the size model against the writer's own metadata: the exact file size, within the budget
+            planned = file_size(cfg, vocab, plan, **meta)
+            if not allocation["bytes"] == planned <= budget.bytes:
+                raise RuntimeError(f"size model: {allocation['bytes']} bytes planned, {planned} in the file, "
+                                   f"budget {budget.bytes}")
+            timings["sensitivity"] = time.perf_counter() - t_s
+        if method.needs_calibration:
             engine = LayerwiseEngine(
                 cfg, evaluate.CheckpointSource(ckpt), tokens, {p.source: p.type for p in plan}, method,
                 device=device, work_dir=out / f".{artifact.stem}.resume", resume=opts.resume,
-                fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, sch.name,
+                fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, scheme_name,
                                         sorted((p.source, p.type.name) for p in plan)))
-            timings["calibrate"] = time.perf_counter() - t_cal
         t1 = time.perf_counter()
         total = sum(p.nbytes for p in plan)
         errors = ErrorTally()
-        with _progress(opts, total=total, unit="B", unit_scale=True, desc=f"{method.name} {sch.name}") as bar:
+        with _progress(opts, total=total, unit="B", unit_scale=True, desc=f"{method.name} {scheme_name}") as bar:
             write_gguf(tmp, cfg, vocab, plan, lambda p: quantized_chunks(ckpt, p, engine, opts.threads, errors),
-                       name=res.name, size_label=size_label(n_params, 0, 0, 0), file_type=sch.file_type,
-                       on_tensor=lambda p: bar.set_postfix_str(p.name, refresh=False), on_bytes=bar.update)
+                       **meta, on_tensor=lambda p: bar.set_postfix_str(p.name, refresh=False), on_bytes=bar.update)
         timings["quantize_export"] = time.perf_counter() - t1
+        if budget is not None and not tmp.stat().st_size == allocation["bytes"] <= budget.bytes:
+            raise RuntimeError(f"wrote {tmp.stat().st_size} bytes; planned {allocation['bytes']} within the "
+                               f"budget of {budget.bytes}")  # the size model is exact: a bug if not
         # verify, on the bytes just written
         metrics: dict = {}
         if opts.verify:
@@ -247,14 +272,15 @@ def compile_model(opts: Options) -> dict:
     rep = {
         "tool": {"name": "qcompile", "command": opts.argv},
         "model": model_info(res, cfg, n_params),
-        "target": {"format": "gguf", "scheme": sch.name, "pure": sch.pure, "method": method.name,
-                   "file_type": int(sch.file_type)},
+        "target": {"format": "gguf", "scheme": scheme_name, "pure": sch.pure, "method": method.name,
+                   "file_type": int(sch.file_type), **({"base_scheme": sch.name} if budget else {})},
         "calibration": calib_info,
         "artifact": {"path": artifact.name, "bytes": size, "sha256": report.sha256_file(artifact),
                      "bits_per_weight": 8.0 * size / n_params},
         "tensor_types": types,
         "tensors": [{"name": p.name, "type": p.type.name, "shape": list(p.shape), "bytes": p.nbytes,
                      "rel_error": errors.rel_error(p.name)} for p in plan],
+        **({"allocation": allocation} if allocation is not None else {}),
         "metrics": metrics,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": report.versions(),
@@ -265,6 +291,40 @@ def compile_model(opts: Options) -> dict:
         packaging.finish(pkg, rep, out / "report.json")
     rep["artifact"]["full_path"] = str(artifact)
     return rep
+
+
+def budget_sizes(opts: Options, cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], sch: Scheme, meta: dict
+                 ) -> tuple[mix.Budget | None, mix.SizeModel | None]:
+    """The size budget (None without --max-size/--target-bpw) and the file's size model around ``plan``
+    (the base scheme's types). A budget no choice of candidates can meet is an error here, before any work."""
+    n_params = sum(int(np.prod(p.shape)) for p in plan)
+    budget = mix.parse_budget(opts.max_size, opts.target_bpw, n_params)
+    if budget is None:
+        return None, None
+    if not sch.quantized:
+        raise UsageError(f"{budget.request}: the base scheme {sch.name} is not quantized; use --bits or a "
+                         "quantized --quant (its types are kept for the embeddings)")
+    sizes = mix.size_model(plan, cfg, header_bytes(cfg, vocab, plan, **meta))
+    mix.check_budget(budget, sizes, n_params)
+    return budget, sizes
+
+
+def budget_plan(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, plan: list[PlannedTensor],
+                sizes: mix.SizeModel, budget: mix.Budget, tokens: np.ndarray, method: quantizers.Method,
+                device: str) -> tuple[list[PlannedTensor], dict]:
+    """The plan with each tunable tensor's type chosen by sensitivity to fit ``budget``, and report.json's
+    ``allocation`` section. The proxy quantizer is RTN, imatrix-weighted for the calibrated methods (GPTQ
+    and AWQ land below its error, about equally across types)."""
+    with _progress(opts, desc="sensitivity") as bar:
+        predicted, info = mix.analyse(cfg, evaluate.CheckpointSource(ckpt), plan, sizes, tokens,
+                                      use_imatrix=method.needs_calibration, device=device, seed=opts.seed,
+                                      threads=opts.threads,
+                                      progress=lambda s: (bar.set_postfix_str(s, refresh=False), bar.update()))
+    chosen, alloc = mix.choose_mix(plan, sizes, predicted, budget)
+    section = mix.report(budget, sizes, plan, alloc, predicted, info)
+    _log(opts, f"{budget.request}: {section['bytes']} bytes, predicted KLD {alloc.kld:.5f} (base mix "
+               f"{section['base_predicted_kld']:.5f} at {section['base_bytes']} bytes)")
+    return chosen, section
 
 
 # ---- ONNX: integer grids, whole-graph export ------------------------------------------------------

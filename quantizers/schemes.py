@@ -101,6 +101,16 @@ def fallback(t: T, ncols: int) -> T:
     return t if ncols % block_size(t) == 0 else T.F16
 
 
+# the types a size budget chooses from per tensor (--max-size): llama.cpp's K-quant ladder and Q8_0
+BUDGET_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+
+
+def candidate_types(ncols: int, types: tuple[T, ...] = BUDGET_TYPES) -> list[T]:
+    """``types`` for rows of ``ncols`` values, each after llama.cpp's fallback, without repeats
+    (hidden size 896: Q5_0, Q5_1, Q8_0)."""
+    return list(dict.fromkeys(fallback(t, ncols) for t in types))
+
+
 def scheme(name: str, *, pure: bool = False, has_imatrix: bool = False) -> Scheme:
     """Look up ``Q4_K_M``, ``Q8_0``, ``F16``, … (``pure`` = that base type everywhere)."""
     key = name.upper()

@@ -1,0 +1,164 @@
+"""``--max-size`` / ``--target-bpw``: sensitivity predicts KLD, the file meets the budget exactly, a bigger
+budget is no worse, and bad budgets are one-line errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+
+from conftest import run_cli
+from test_bad_input import _fail
+from calibration import sensitivity as sens
+from calibration.capture import LINEARS
+from qcompile import evaluate
+from qcompile.arch import read_config
+from qcompile.budget import parse_budget
+from qcompile.checkpoint import Checkpoint
+from qcompile.errors import QCompileError
+from qcompile.tiny import builtin_text
+from qcompile.units import parse_size
+from quantizers import rtn
+from quantizers.allocate import Option, lower_hull
+from quantizers.schemes import candidate_types
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    rank = lambda x: np.argsort(np.argsort(x))
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(builtin_text())
+    return p
+
+
+def calib_args(calib_file) -> list:
+    return ["--calib", calib_file, "--calib-samples", 4, "--calib-seqlen", 96]
+
+
+def test_predicted_kld_ranks_tensors_as_measured(tiny_models):
+    """Quantizing one tensor at a time to Q4_K: the Fisher prediction (on the first half of the text) and
+    the KLD measured on the second half rank the 29 tensors alike and agree in total within 2x."""
+    model = tiny_models["qwen2"]
+    cfg = read_config(model)
+    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
+    ids = evaluate.tokenize(model, builtin_text())
+    half = len(ids) // 2
+    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS] + ["lm_head.weight"]
+    fisher = sens.fisher_diagonal(cfg, src, np.asarray(ids[:6 * 96]).reshape(6, 96), names)
+    pred = sens.sensitivity(src, fisher, {n: [T.Q4_K] for n in names}, use_imatrix=False)
+    windows, score = evaluate.make_windows(ids[half:], 128, 640)
+    measured = {}
+    for n in names:
+        single = evaluate.QuantizedSource(src, {n: rtn.quantize(n, src.full(n), T.Q4_K)})
+        measured[n] = evaluate.reference_eval(cfg, src, single, windows, score=score)[0].kld_mean
+    import torch
+    assert torch.is_grad_enabled()  # the reference evaluation left grad mode as it found it
+    p, m = [pred[n][T.Q4_K] for n in names], [measured[n] for n in names]
+    assert spearman(p, m) > 0.9, list(zip(names, p, m))
+    assert 0.5 < sum(p) / sum(m) < 2
+    # the imatrix seen on the way is each linear's mean squared input: q/k/v share theirs
+    sq = fisher.sq_mean
+    assert np.allclose(sq["model.layers.1.self_attn.q_proj.weight"], sq["model.layers.1.self_attn.v_proj.weight"])
+    assert (sq["model.layers.1.mlp.down_proj.weight"] > 0).all()
+
+
+def test_budget_is_met_exactly_and_deterministically(tiny_models, calib_file, tmp_path):
+    """Between the smallest and the largest mix: the file fits, the size model is exact (the report's
+    planned bytes are the file's), the leftover is smaller than any upgrade, and a rerun is byte-identical."""
+    model = tiny_models["qwen3"]
+    budget = 2_700_000
+    for d in ("a", "b"):
+        assert run_cli(model, "--max-size", budget, *calib_args(calib_file), "--method", "rtn",
+                       "--out", tmp_path / d, "-q", "--no-verify") == 0
+    a, b = (next((tmp_path / d).glob("*.gguf")) for d in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    alloc = rep["allocation"]
+    size = a.stat().st_size
+    assert size == rep["artifact"]["bytes"] == alloc["bytes"] <= budget == alloc["budget_bytes"]
+    assert alloc["smallest_bytes"] < budget < alloc["largest_bytes"]
+    # the types in the file are the chosen ones, each one of the tensor's candidates
+    in_file = {t.name: t.tensor_type.name for t in GGUFReader(a).tensors}
+    assert {n: t["type"] for n, t in alloc["tensors"].items()} == {n: in_file[n] for n in alloc["tensors"]}
+    assert {t["name"]: t["type"] for t in rep["tensors"]} == in_file
+    for name, t in alloc["tensors"].items():
+        assert t["type"] in t["options"]
+    assert "output.weight" in alloc["tensors"] and "token_embd.weight" not in alloc["tensors"]
+    # the budget is spent: no tensor's next upgrade (along its hull, as the greedy moves) would still fit
+    steps = []
+    for t in alloc["tensors"].values():
+        hull = lower_hull([Option(k, o["bytes"], o["predicted_kld"]) for k, o in t["options"].items()])
+        k = [o.type for o in hull].index(t["type"])
+        steps += [hull[k + 1].bytes - hull[k].bytes] if k + 1 < len(hull) else []
+    assert steps and budget - size < min(steps)
+    assert rep["target"]["scheme"] == "MIX-4.95bpw" and rep["target"]["base_scheme"] == "Q4_K_M"
+    assert alloc["predicted_kld_lower_bound"] <= alloc["predicted_kld"]
+
+
+def test_a_bigger_budget_measures_no_worse_and_beats_the_preset_at_its_size(tiny_models, calib_file, tmp_path):
+    """Measured (PyTorch reference) KLD: plain Q4_K_M > --max-size of that same size > a bigger budget."""
+    model = tiny_models["qwen2"]
+    assert run_cli(model, "--quant", "Q4_K_M", "--method", "rtn", "--out", tmp_path / "plain", "-q") == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    size = plain["artifact"]["bytes"]
+    klds = []
+    for d, budget in (("same", f"{size}"), ("bigger", f"{size * 1.15 / 2**20:.4f}MiB")):
+        assert run_cli(model, "--max-size", budget, *calib_args(calib_file), "--method", "rtn",
+                       "--out", tmp_path / d, "-q") == 0
+        rep = json.loads((tmp_path / d / "report.json").read_text())
+        assert rep["artifact"]["bytes"] <= parse_size(budget, "")
+        klds.append(rep["metrics"]["reference"]["kld_mean"])
+        # the base mix is one of the allocations considered: the greedy predicts no worse than it
+        assert rep["allocation"]["predicted_kld"] <= rep["allocation"]["base_predicted_kld"]
+        # and the prediction of the base mix is the measured KLD within 2x
+        assert 0.5 < rep["allocation"]["base_predicted_kld"] / plain["metrics"]["reference"]["kld_mean"] < 2
+    assert plain["metrics"]["reference"]["kld_mean"] > klds[0] >= klds[1]
+
+
+def test_target_bpw_counts_bits_over_all_parameters(tiny_models, calib_file, tmp_path):
+    model = tiny_models["qwen2.5"]  # tied: the embedding table keeps its type, only the linears are chosen
+    assert run_cli(model, "--target-bpw", "5.5", *calib_args(calib_file), "--method", "imatrix",
+                   "--out", tmp_path, "-q", "--no-verify") == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["artifact"]["bits_per_weight"] <= 5.5
+    assert rep["allocation"]["budget_bytes"] == int(5.5 * rep["model"]["parameters"] / 8)
+    assert "imatrix-weighted" in rep["allocation"]["sensitivity"]["method"]
+    assert not any(n in rep["allocation"]["tensors"] for n in ("output.weight", "token_embd.weight"))
+    assert rep["target"]["method"] == "imatrix" and rep["calibration"].startswith(str(calib_file))
+
+
+def test_budget_errors_are_one_line(tiny_models, calib_file, tmp_path, capsys):
+    model = tiny_models["qwen2"]
+    out = tmp_path / "o"
+    msg = _fail(capsys, out, model, "--max-size", "1MB", match="below the smallest mix")
+    assert "bytes" in msg and "bits/weight" in msg
+    _fail(capsys, out, model, "--target-bpw", "12", match="above the largest mix")
+    _fail(capsys, out, model, "--max-size", "12 parsecs", match="expected a size in bytes")
+    _fail(capsys, out, model, "--target-bpw", "0", match="must be a positive number")
+    _fail(capsys, out, model, "--to", "onnx", "--max-size", "3MB", code=2, match="--max-size needs --to gguf")
+    _fail(capsys, out, model, "--max-size", "3MB", "--pure", code=2, match="--pure")
+    _fail(capsys, out, model, "--target-bpw", "6", "--quant", "F16", code=2, match="not quantized")
+    with pytest.raises(SystemExit) as e:  # argparse: one budget or the other
+        run_cli(model, "--max-size", "3MB", "--target-bpw", "5", "--out", out)
+    assert e.value.code == 2
+
+
+def test_size_units_and_bpw_budgets():
+    assert parse_size("491400096", "") == 491400096
+    assert parse_size("468.6MiB", "") == int(468.6 * 2**20)
+    assert parse_size("0.49GB", "") == 490_000_000
+    assert parse_size("2 KiB", "") == 2048
+    with pytest.raises(QCompileError):
+        parse_size("-3MB", "")
+    b = parse_budget(None, 4.9, 1000)
+    assert b.bytes == 612 and b.request == "--target-bpw 4.9"
+    assert parse_budget(None, None, 1000) is None
+    # hidden size 896 (Qwen2.5-0.5B): K-quants fall back as llama.cpp does
+    assert candidate_types(896) == [T.Q5_0, T.Q5_1, T.Q8_0]
+    assert candidate_types(4864) == [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
