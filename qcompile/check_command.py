@@ -8,12 +8,12 @@ deterministic: the same inputs give the same numbers, so any drift is a change w
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 from qcompile.errors import EXIT_FAILURE, EXIT_OK, QCompileError, guarded
+from qcompile.report import read_report
 from qcompile.units import parse_size
 
 
@@ -40,18 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", metavar="S", help="artifact size ceiling: bytes with a unit (480MiB, 0.5GB), "
                                                    "or +P%% over the baseline (default +1%%)")
     return p
-
-
-def _load(path: Path) -> dict:
-    try:
-        rep = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise QCompileError(f"{path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise QCompileError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(rep, dict) or "schema_version" not in rep or "artifact" not in rep:
-        raise QCompileError(f"{path}: not a qcompile report.json")
-    return rep
 
 
 def _percent(text: str, what: str) -> float:
@@ -115,7 +103,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> tuple[list[str], list[str]]:
-        return check(_load(args.report), _load(args.baseline), args)
+        return check(read_report(args.report), read_report(args.baseline), args)
 
     code, result = guarded("qcompile check", work)
     if code != EXIT_OK:

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qcompile.errors import QCompileError
+
 SCHEMA_VERSION = 2  # 2: tensors[].rel_error (docs/report-schema.md)
 
 
@@ -50,3 +52,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps({"schema_version": SCHEMA_VERSION, **report}, indent=2, sort_keys=False) + "\n")
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A ``report.json`` as written by :func:`write_report`; a one-line :class:`QCompileError` when the file
+    cannot be read, is not JSON, or lacks the keys every version has (``schema_version``, ``artifact``).
+    Which schema versions a reader accepts is the reader's call."""
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise QCompileError(f"{path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise QCompileError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise QCompileError(f"{path}: not JSON ({e})") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("schema_version"), int) \
+            or not isinstance(rep.get("artifact"), dict):
+        raise QCompileError(f"{path}: not a qcompile report.json")
+    return rep

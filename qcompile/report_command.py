@@ -12,7 +12,6 @@ import argparse
 import base64
 import html
 import io
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qcompile.errors import EXIT_OK, QCompileError, UsageError, guarded
-from qcompile.report import SCHEMA_VERSION, atomic_write_text
+from qcompile.report import SCHEMA_VERSION, atomic_write_text, read_report
 
 MISSING = "-"
 LEGEND = ("ppl: perplexity of the quantized model on the evaluation text; ΔPPL: vs the full-precision model's on "
@@ -84,15 +83,7 @@ def load_run(arg: Path) -> Run:
     path = arg / "report.json" if arg.is_dir() else arg
     if not path.is_file():
         raise QCompileError(f"{arg}: no report.json in this directory (was the compile finished?)")
-    try:
-        rep = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise QCompileError(f"{path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QCompileError(f"{path}: not JSON ({e})") from None
-    if not isinstance(rep, dict) or not isinstance(rep.get("schema_version"), int) \
-            or not isinstance(rep.get("artifact"), dict):
-        raise QCompileError(f"{path}: not a qcompile report.json")
+    rep = read_report(path)
     if not 1 <= rep["schema_version"] <= SCHEMA_VERSION:
         # a newer qcompile wrote it: guessing at fields this version does not know would misreport
         raise UsageError(f"{path}: schema_version {rep['schema_version']} is not supported (this qcompile reads "
