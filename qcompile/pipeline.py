@@ -315,7 +315,8 @@ def budget_plan(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, plan: list[Pl
     """The plan with each tunable tensor's type chosen by sensitivity to fit ``budget``, and report.json's
     ``allocation`` section. The proxy quantizer is RTN, imatrix-weighted for the calibrated methods (GPTQ
     and AWQ land below its error, about equally across types)."""
-    with _progress(opts, desc="sensitivity") as bar:
+    from calibration.sensitivity import SAMPLES
+    with _progress(opts, desc="sensitivity", total=min(SAMPLES, len(tokens)) + len(sizes.options)) as bar:
         predicted, info = mix.analyse(cfg, evaluate.CheckpointSource(ckpt), plan, sizes, tokens,
                                       use_imatrix=method.needs_calibration, device=device, seed=opts.seed,
                                       threads=opts.threads,
