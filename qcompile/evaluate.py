@@ -67,9 +67,13 @@ class QuantizedSource:
         self.head = "lm_head.weight" if "lm_head.weight" in tensors else None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name in self.tensors:
-            return tuple(self.tensors[name].shape)
-        return self.base.shape(name)
+        if name not in self.tensors:
+            return self.base.shape(name)
+        qt = self.tensors[name]
+        if qt.type == T.F32 and qt.shape[0] == 1:
+            # a vector the calibration engine replaced (AWQ-folded norm or bias) travels as one float row
+            return (qt.shape[1],)
+        return tuple(qt.shape)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         return self.full(name).reshape(self.shape(name)[0], -1)[start:stop] if name in self.tensors \
