@@ -132,6 +132,21 @@ def test_awq_run_folds_scales_into_the_artifact(tiny_models, tmp_path):
     assert not np.allclose(norm("awq"), norm("rtn"))
 
 
+@pytest.mark.parametrize("to, bound", [("onnx", 1e-3), ("openvino", 1e-4)])
+def test_awq_folder_export_carries_the_folded_model(tiny_models, tmp_path, to, bound):
+    """AWQ on an integer grid for ONNX / OpenVINO: verification runs (it crashed on the folded vectors once)
+    and the runtime's logits equal the dequantized *folded* model's, so the graph carries the folded norms
+    and biases (the checkpoint's would be off by the AWQ scales: relative error of order 1)."""
+    pytest.importorskip("onnxruntime" if to == "onnx" else "openvino")
+    calib = _calib_file(tmp_path)
+    assert run_cli(tiny_models["qwen2"], "--to", to, "--bits", "4", "--method", "awq", "--calib", calib,
+                   "--calib-samples", "8", "--calib-seqlen", "128", "--float-activations", "--out", tmp_path / "o",
+                   "-q") == 0
+    metrics = json.loads((tmp_path / "o" / "report.json").read_text())["metrics"]
+    assert metrics["artifact"]["rel_error"] <= bound, metrics["artifact"]
+    assert metrics["reference"]["kld_mean"] < 0.05, metrics["reference"]
+
+
 def test_token_windows_deterministic_and_too_short():
     ids = list(range(10_000))
     a = sources.token_windows(ids, 8, 100, seed=3, what="x")
