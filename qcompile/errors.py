@@ -1,6 +1,8 @@
 """User-facing errors: each carries a one-line message and the process exit code."""
 from __future__ import annotations
 
+import errno
+import shutil
 import sys
 from typing import Callable, TypeVar
 
@@ -38,5 +40,27 @@ def guarded(prog: str, work: Callable[[], R], interrupted: str = "interrupted") 
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return EXIT_FAILURE, None
     except OSError as e:
-        print(f"{prog}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_FAILURE, None
+
+
+# errno values that only a write raises; numpy's short write (``tofile``: "N requested and M written") has none
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def is_write_error(e: OSError) -> bool:
+    """Whether ``e`` is the output failing to be written (rather than, say, a checkpoint read failing)."""
+    return e.errno is None or e.errno in _WRITE_ERRNOS
+
+
+def write_failed(target: object, e: OSError, folder: object) -> QCompileError:
+    """A one-line error for an output that could not be written, naming a full disk as such."""
+    msg = e.strerror or str(e)
+    try:
+        free: int | None = shutil.disk_usage(str(folder)).free
+    except OSError:
+        free = None
+    if e.errno == errno.ENOSPC or (free is not None and free < 64 << 20):
+        msg = f"the disk is full ({msg}; {(free or 0) >> 20} MiB free)"
+    return QCompileError(f"writing {target}: {msg}; nothing was written")

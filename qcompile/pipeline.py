@@ -20,7 +20,7 @@ from exporters.gguf import PlannedTensor, file_size, header_bytes, write_gguf
 from qcompile import budget as mix, evaluate, llama_worker, packaging, report
 from qcompile.arch import ModelConfig, read_config
 from qcompile.checkpoint import Checkpoint
-from qcompile.errors import QCompileError, UsageError
+from qcompile.errors import QCompileError, UsageError, is_write_error, write_failed
 from qcompile.resolve import resolve
 from qcompile.tokenizer import Vocab, load_vocab
 import quantizers
@@ -246,8 +246,14 @@ def compile_model(opts: Options) -> dict:
         total = sum(p.nbytes for p in plan)
         errors = ErrorTally()
         with _progress(opts, total=total, unit="B", unit_scale=True, desc=f"{method.name} {scheme_name}") as bar:
-            write_gguf(tmp, cfg, vocab, plan, lambda p: quantized_chunks(ckpt, p, engine, opts.threads, errors),
-                       **meta, on_tensor=lambda p: bar.set_postfix_str(p.name, refresh=False), on_bytes=bar.update)
+            try:
+                write_gguf(tmp, cfg, vocab, plan, lambda p: quantized_chunks(ckpt, p, engine, opts.threads, errors),
+                           **meta, on_tensor=lambda p: bar.set_postfix_str(p.name, refresh=False),
+                           on_bytes=bar.update)
+            except OSError as e:
+                if not is_write_error(e):
+                    raise
+                raise write_failed(artifact, e, out) from None
         timings["quantize_export"] = time.perf_counter() - t1
         if budget is not None and not tmp.stat().st_size == allocation["bytes"] <= budget.bytes:
             raise RuntimeError(f"wrote {tmp.stat().st_size} bytes; planned {allocation['bytes']} within the "

@@ -184,3 +184,38 @@ def test_pickle_weights_need_allow_pickle(capsys, tiny_models, tmp_path):
     a = GGUFReader(tmp_path / "p" / "pickled-Q4_K_M.gguf").tensors
     b = GGUFReader(tmp_path / "s" / "qwen2-Q4_K_M.gguf").tensors
     assert len(a) == len(b) and all(x.name == y.name and bytes(x.data) == bytes(y.data) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("free_mib, match", [
+    (3, "the disk is full (852992 requested and 45696 written; 3 MiB free); nothing was written"),
+    (10_000, "-Q8_0.gguf: 852992 requested and 45696 written; nothing was written"),
+])
+def test_short_write_names_the_output_and_a_full_disk(capsys, tiny_models, tmp_path, monkeypatch, free_mib, match):
+    """A full disk mid-write (numpy's short write carries no errno) is one line naming the file and the cause,
+    and the half-written temp file is gone."""
+    from collections import namedtuple
+    from exporters import gguf as gguf_exporter
+    from qcompile import errors
+
+    real = gguf_exporter._ChunkedTensor.tofile
+    calls = []
+
+    def tofile(self, f):
+        calls.append(1)
+        if len(calls) == 3:   # a few tensors in: header and the first tensors are on disk already
+            raise OSError("852992 requested and 45696 written")
+        return real(self, f)
+
+    monkeypatch.setattr(gguf_exporter._ChunkedTensor, "tofile", tofile)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda p: usage(1 << 40, 0, free_mib << 20))
+    _fail(capsys, tmp_path / "o", tiny_models["qwen2.5"], "--quant", "Q8_0", "--no-verify", match=match)
+
+
+def test_oserror_without_a_filename_is_one_clean_line(capsys):
+    from qcompile.errors import guarded
+
+    def work():
+        raise OSError("something broke")
+    assert guarded("qcompile", work) == (1, None)
+    assert capsys.readouterr().err == "qcompile: error: something broke\n"
