@@ -206,7 +206,7 @@ def compile_model(opts: Options) -> dict:
     plan = make_plan(cfg, ckpt, sch)
     n_params = sum(int(np.prod(p.shape)) for p in plan)
     meta = dict(name=res.name, size_label=size_label(n_params, 0, 0, 0), file_type=sch.file_type)
-    budget, sizes = budget_sizes(opts, cfg, vocab, plan, sch, meta)  # fails now if the budget cannot be met
+    budget, sizes = budget_sizes(opts, cfg, vocab, plan, sch, meta, n_params)  # fails now if it cannot be met
     scheme_name = sch.name if budget is None else f"MIX-{8 * budget.bytes / n_params:.2f}bpw"
     out = opts.out
     artifact = out / f"{res.name}-{scheme_name}.gguf"
@@ -299,11 +299,11 @@ def compile_model(opts: Options) -> dict:
     return rep
 
 
-def budget_sizes(opts: Options, cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], sch: Scheme, meta: dict
-                 ) -> tuple[mix.Budget | None, mix.SizeModel | None]:
+def budget_sizes(opts: Options, cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], sch: Scheme, meta: dict,
+                 n_params: int) -> tuple[mix.Budget | None, mix.SizeModel | None]:
     """The size budget (None without --max-size/--target-bpw) and the file's size model around ``plan``
-    (the base scheme's types). A budget no choice of candidates can meet is an error here, before any work."""
-    n_params = sum(int(np.prod(p.shape)) for p in plan)
+    (the base scheme's types; ``n_params`` weights in all). A budget no choice of candidates can meet is an
+    error here, before any work."""
     budget = mix.parse_budget(opts.max_size, opts.target_bpw, n_params)
     if budget is None:
         return None, None
