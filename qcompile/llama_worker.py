@@ -63,7 +63,85 @@ def _generate(req: dict) -> None:
     llm.close()
 
 
-OPS = {"logits": _logits, "tokenize": _tokenize, "quantize": _quantize, "generate": _generate}
+TOP_K = 2048  # candidates sorted per draw before falling back to the whole vocabulary
+
+
+def _sample(req: dict) -> None:
+    """Seeded sampling of many continuations at once: one token of every sequence per ``llama_decode``.
+
+    Why the low-level API: llama-cpp-python's ``Llama`` decodes one sequence at a time; self-calibration
+    needs dozens of continuations, and decoding them together runs at batch speed instead of
+    single-stream speed. Sampling is done here in NumPy with a seeded generator, so the tokens depend only
+    on the logits and the seed (llama.cpp's CPU kernels give the same logits for any thread count).
+    """
+    import llama_cpp as L
+    prompts: list[list[int]] = req["prompts"]
+    length, n = int(req["length"]), len(req["prompts"])
+    rng = np.random.default_rng(req["seed"])
+    temp, top_p = float(req["temperature"]), float(req["top_p"])
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    mp.use_mmap = True  # the weights stay in the page cache: the file is the memory, not a copy of it
+    model = L.llama_model_load_from_file(req["model"].encode(), mp)
+    if not model:
+        raise SystemExit(f"cannot load {req['model']}")
+    vocab = L.llama_model_get_vocab(model)
+    n_vocab = L.llama_vocab_n_tokens(vocab)
+    # a sample never ends early: end-of-generation tokens are never drawn
+    eog = np.array([L.llama_vocab_is_eog(vocab, t) for t in range(n_vocab)], dtype=bool)
+    cp = L.llama_context_default_params()
+    cp.n_ctx = n * length + 256
+    cp.n_seq_max = n
+    cp.kv_unified = True  # one cache shared by all sequences: n_ctx counts their tokens together
+    cp.n_batch = cp.n_ubatch = max(n, max(len(p) for p in prompts))
+    cp.n_threads = cp.n_threads_batch = int(req.get("threads") or os.cpu_count() or 1)
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        raise SystemExit("cannot create a llama.cpp context")
+    batch = L.llama_batch_init(cp.n_batch, 0, 1)
+
+    def decode(items: list[tuple[int, int, int, bool]]) -> None:
+        """items: (sequence, position, token, wants logits)."""
+        for k, (s, pos, tok, want) in enumerate(items):
+            batch.token[k], batch.pos[k], batch.n_seq_id[k] = tok, pos, 1
+            batch.seq_id[k][0], batch.logits[k] = s, want
+        batch.n_tokens = len(items)
+        rc = L.llama_decode(ctx, batch)
+        if rc != 0:
+            raise SystemExit(f"llama_decode failed with {rc}")
+
+    def draw(row: int) -> int:
+        """Temperature + nucleus (top-p) sampling from the logits of batch row ``row``."""
+        z = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, row), shape=(n_vocab,)).astype(np.float64) / temp
+        z[eog] = -np.inf
+        p = np.exp(z - z.max())
+        total = p.sum()
+        # the nucleus usually lies in the top few hundred tokens: sort those only (a full argsort of a
+        # 150k vocabulary per draw dominated the run), and everything when they do not hold top_p
+        head = np.argpartition(-p, TOP_K)[:TOP_K] if n_vocab > TOP_K else np.arange(n_vocab)
+        if p[head].sum() < top_p * total:
+            head = np.arange(n_vocab)
+        order = head[np.argsort(-p[head], kind="stable")]
+        cum = np.cumsum(p[order]) / total
+        keep = order[: int(np.searchsorted(cum, top_p)) + 1]  # smallest set holding top_p of the mass
+        return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+
+    out = [list(p[:length]) for p in prompts]
+    for s, p in enumerate(prompts):  # each prompt alone (they are short), then its first draw
+        decode([(s, pos, tok, pos == len(p) - 1) for pos, tok in enumerate(p)])
+        out[s].append(draw(len(p) - 1))
+    while active := [s for s in range(n) if len(out[s]) < length]:
+        decode([(s, len(out[s]) - 1, out[s][-1], True) for s in active])
+        for k, s in enumerate(active):
+            out[s].append(draw(k))
+    np.save(req["out"], np.array([o[:length] for o in out], dtype=np.int64))
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+
+
+OPS = {"logits": _logits, "tokenize": _tokenize, "quantize": _quantize, "generate": _generate, "sample": _sample}
 
 
 def call(op: str, timeout: float = 1800, **req: Any) -> None:
@@ -102,6 +180,18 @@ def generate(model: Path, prompt: str, max_tokens: int, chat: bool = True, threa
         call("generate", model=str(model), prompt=prompt, max_tokens=max_tokens, chat=chat, threads=threads,
              out=str(out))
         return out.read_text(encoding="utf-8")
+
+
+def sample(model: Path, prompts: list[list[int]], length: int, *, seed: int, temperature: float, top_p: float,
+           threads: int | None = None, timeout: float = 24 * 3600) -> np.ndarray:
+    """[len(prompts), length] token ids: each prompt continued by seeded sampling to ``length`` tokens
+    (end-of-generation tokens never drawn). See :func:`_sample`."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "tokens.npy"
+        call("sample", timeout=timeout, model=str(model), prompts=[[int(t) for t in p] for p in prompts],
+             length=length, seed=seed, temperature=temperature, top_p=top_p, threads=threads,
+             out=str(out))
+        return np.load(out)
 
 
 def available() -> bool:

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from conftest import run_cli
+from conftest import requires_llama, run_cli
 from calibration import capture, sources
 from qcompile import tiny
+from qcompile.arch import read_config
+from qcompile.checkpoint import Checkpoint
+from qcompile.resolve import resolve
 from qcompile.errors import QCompileError
 from quantizers import CalibStats, QUANTIZERS
 from quantizers import awq
@@ -228,3 +232,40 @@ def test_default_bits4_uses_self_calibration_offline(tiny_models, tmp_path, caps
     err = capsys.readouterr().err
     assert "calibration: self-generated" in err and "offline default" in err
     assert json.loads((tmp_path / "report.json").read_text())["target"]["method"] == "gptq"
+
+
+@requires_llama()
+def test_self_generation_samples_from_a_streamed_q8_copy(tiny_models, tmp_path):
+    """``--calib self`` samples with llama.cpp from a Q8_0 file of the checkpoint: rows start with the
+    chat-formatted prompts, never draw an end-of-generation token, and repeat exactly with the same seed."""
+    from calibration import selfgen
+    from qcompile.pipeline import Options, self_generated
+    model = tiny_models["qwen2.5"]
+    cfg = read_config(model)
+    ckpt = Checkpoint(model, cfg)
+    opts = Options(model=str(model), out=tmp_path, seed=3, threads=1, quiet=True)
+    a = self_generated(opts, resolve(str(model)), cfg, ckpt, 5, 48)
+    b = self_generated(opts, resolve(str(model)), cfg, ckpt, 5, 48)
+    assert a.shape == (5, 48) and a.dtype == np.int64 and (a == b).all()
+    assert list(tmp_path.iterdir()) == []  # the Q8_0 copy is gone
+    prompts = selfgen.prompt_tokens(model, 5, 3)
+    for row, p in zip(a, prompts):
+        assert list(row[:len(p)]) == p and len(p) < 48
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model)
+    eog = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    generated = np.concatenate([row[len(p):] for row, p in zip(a, prompts)])
+    assert not eog & set(generated.tolist())
+    assert len(set(generated.tolist())) > 20  # sampled, not a repeated token
+    c = self_generated(replace(opts, seed=4), resolve(str(model)), cfg, ckpt, 5, 48)
+    assert (c != a).any()
+
+
+def test_self_generation_without_llama_cpp_is_one_line(tiny_models, tmp_path, capsys, monkeypatch):
+    from qcompile import llama_worker
+    monkeypatch.setattr(llama_worker, "available", lambda: False)
+    assert run_cli(tiny_models["qwen2.5"], "--bits", "4", "--out", tmp_path, "--no-verify") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("qcompile: error: self-generated calibration (the default of --bits 4 without --calib) "
+                       "samples with llama.cpp: pip install 'qcompile[llama]', or pass --calib FILE")
+    assert not any(p.suffix == ".gguf" for p in tmp_path.iterdir())
