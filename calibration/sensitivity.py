@@ -23,48 +23,117 @@ independently (the inputs are the real text), so the square of their summed grad
 estimate of the sum of their squares. One sample per position is noisy per weight, but a tensor's
 prediction sums over its ~10^6 weights.
 
-**Cost.** The analysis holds the float32 model in memory with gradients and one accumulator for the
-tensors analysed (about 3 x 4 bytes per parameter: ~6 GB for a 0.5B model) and runs on ``--device``.
+**Cost.** Memory is about one decoder layer, whatever the model size. The windows go through the decoder
+one layer at a time without gradients (each layer's input saved to a temporary ``.npy`` file under
+``$TMPDIR``); the head samples the labels and gives the gradient of the last hidden states; then the
+layers are walked backwards, each rebuilt, re-run from its saved input and back-propagated one sequence at
+a time, and as soon as a layer's Fisher is complete it becomes predicted KLDs and is dropped. Held at once:
+one float32 layer with its gradients and Fisher (3 x 4 bytes per parameter of one layer: ~2.8 GB at 7B),
+the hidden states and their gradients for all windows (``[n, T, hidden]`` float32: 117 MB each for 16 x 512
+tokens at 7B), one window's logits for sampling (311 MB at 7B) and chunks of the output matrix of
+:data:`HEAD_CHUNK_BYTES`. Disk: one ``[n, T, hidden]`` file per layer (3.3 GB at 7B). Compute: every layer
+runs forward twice (the saved input is re-run with gradients instead of keeping the graph) and backward
+once per sequence; the output matrix is read once per window (sampling) and once more (gradients).
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from qcompile.arch import ModelConfig
-from qcompile.evaluate import StreamedDecoder, WeightSource
+from qcompile.evaluate import HEAD_CHUNK_BYTES, StreamedDecoder, WeightSource
 from quantizers import rtn
 from quantizers.grids import Target
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLES, SEQLEN = 16, 512   # calibration sequences (and their length at most) for the Fisher
 HEAD = "lm_head.weight"
 CHUNK_VALUES = 1 << 24      # weights quantized at a time when predicting (bounds the temporary copies)
+FORWARD_TOKENS = 2048       # tokens per batch in the forward pass (bounds a layer's activations)
 
 
 @dataclass
-class Fisher:
-    """The per-token mean diagonal Fisher of some weights (HF names), and each decoder linear's mean
-    squared input (llama.cpp's imatrix) seen on the way."""
-    diag: dict[str, np.ndarray]
+class Sensitivity:
+    """The predicted KLD per analysed tensor (HF name) and candidate type; each decoder linear's mean
+    squared input (llama.cpp's imatrix) seen on the way; and how much text the Fisher saw."""
+    predicted: dict[str, dict[Target, float]]
     sq_mean: dict[str, np.ndarray]
     sequences: int
     tokens: int
 
 
-def fisher_diagonal(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, names: list[str], *,
-                    device: str = "cpu", seed: int = 0,
-                    progress: Callable[[int], None] = lambda i: None) -> Fisher:
-    """Diagonal Fisher of the weights ``names`` (decoder linears and/or ``lm_head.weight``) over the
-    calibration windows ``tokens`` [n, T] (one backward pass per window), in float32 on ``device``."""
-    import torch
-    from calibration.capture import LINEARS
+def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, types: dict[str, list[Target]], *,
+                use_imatrix: bool, device: str = "cpu", seed: int = 0, threads: int | None = None,
+                progress: Callable[[str], None] = lambda s: None) -> Sensitivity:
+    """Predicted KLD of quantizing each tensor of ``types`` (decoder linears and/or ``lm_head.weight``, HF
+    names) to each of its candidate types, from the diagonal Fisher over the calibration windows ``tokens``
+    [n, T] (float32 on ``device``), one decoder layer in memory at a time.
+
+    ``use_imatrix``: quantize the decoder linears with their input statistics, as the calibrated methods
+    do (the output matrix always by plain RTN, as the pipeline quantizes it). ``progress`` is called once
+    per window (its labels sampled) and once per tensor (predicted).
+    """
     dec = StreamedDecoder(cfg)
-    wanted = set(names)
-    params: dict[str, "torch.Tensor"] = {}
+    by_layer = _by_layer(cfg, list(types))
+    lowest = min(by_layer, default=cfg.num_layers)  # no gradient is needed below the lowest analysed layer
+    n_tok = int(tokens.size)
+    head = {t: 0.0 for t in types[HEAD]} if HEAD in types else None
+
+    def predict_head(w: "torch.Tensor", fisher_sum: "torch.Tensor") -> None:
+        # ggml quantizes each row on its own: the output matrix is predicted chunk by chunk
+        w_np, f_np = w.cpu().numpy(), (fisher_sum / n_tok).cpu().numpy()
+        for t in head:
+            head[t] += predicted_kld(HEAD, w_np, f_np, t, None, threads)
+
+    predicted: dict[str, dict[Target, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="qcompile-fisher-") as tmp:
+        saved, hidden, sq_mean = _forward(dec, source, tokens, lowest, Path(tmp), device)
+        grad = _head_backward(dec, source, hidden, seed, None if head is None else predict_head, progress)
+        del hidden
+        if head is not None:
+            predicted[HEAD] = head
+            progress(f"predicting {HEAD}")
+        for i in reversed(range(lowest, cfg.num_layers)):
+            # the layer's Fisher lives only inside this call: never two layers' at once
+            fisher = _backward_layer(dec, source, i, saved.pop(i), grad, by_layer.get(i, []), device,
+                                     pass_down=i > lowest)
+            predicted.update(_predict_layer(fisher, types, sq_mean if use_imatrix else {}, n_tok, threads,
+                                            progress))
+            del fisher
+    return Sensitivity({n: predicted[n] for n in types}, sq_mean, int(tokens.shape[0]), n_tok)
+
+
+def _by_layer(cfg: ModelConfig, names: list[str]) -> dict[int, list[str]]:
+    """The analysed decoder linears per layer index (``lm_head.weight`` aside); unknown names are an error."""
+    from calibration.capture import LINEARS
+    where = {f"model.layers.{i}.{lin}.weight": i for i in range(cfg.num_layers) for lin in LINEARS}
+    missing = [n for n in names if n != HEAD and n not in where]
+    if missing:
+        raise ValueError(f"no such weights to analyse: {', '.join(sorted(missing))}")
+    by_layer: dict[int, list[str]] = {}
+    for n in names:
+        if n != HEAD:
+            by_layer.setdefault(where[n], []).append(n)
+    return by_layer
+
+
+def _forward(dec: StreamedDecoder, source: WeightSource, tokens: np.ndarray, save_from: int, tmp: Path,
+             device: str) -> tuple[dict[int, Path], "torch.Tensor", dict[str, np.ndarray]]:
+    """The windows through the decoder one layer at a time, without gradients.
+
+    Returns the files holding the inputs of layers ``save_from`` and up (float32 [n, T, hidden]: the
+    backward pass re-runs each layer from them, too big to keep in RAM for every layer at 7B), the last
+    layer's output, and each decoder linear's mean squared input (llama.cpp's imatrix: HF weight name ->
+    [in]).
+    """
+    from calibration.capture import LINEARS
     sq_sum: dict[str, "torch.Tensor"] = {}
-    layers, hooks = [], []
 
     def record(name: str):
         def hook(_mod, inputs):
@@ -72,47 +141,139 @@ def fisher_diagonal(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, 
             sq_sum[name] = sq_sum.get(name, 0) + x.square().sum(0)
         return hook
 
-    for i in range(cfg.num_layers):
+    batch = max(1, FORWARD_TOKENS // tokens.shape[1])
+    h = dec.embed(source, tokens).to(device)
+    saved: dict[int, Path] = {}
+    for i in range(dec.cfg.num_layers):
+        if i >= save_from:
+            saved[i] = tmp / f"layer{i}.npy"
+            np.save(saved[i], h.cpu().numpy())
         layer = dec.build_layer(i, source, device)
-        for rel, p in layer.named_parameters():
-            full = f"model.layers.{i}.{rel}"
-            p.requires_grad_(full in wanted)
-            if full in wanted:
-                params[full] = p
-        for lin in LINEARS:
-            hooks.append(layer.get_submodule(lin).register_forward_pre_hook(record(f"model.layers.{i}.{lin}.weight")))
-        layers.append(layer)
-    norm = dec.build_norm(source, device).requires_grad_(False)
-    head = torch.from_numpy(np.ascontiguousarray(source.full(dec.head_name), dtype=np.float32)).to(device)
-    if HEAD in wanted:
-        params[HEAD] = head.requires_grad_(True)
-    missing = wanted - set(params)
-    if missing:
-        raise ValueError(f"no such weights to analyse: {', '.join(sorted(missing))}")
-    acc = {n: torch.zeros_like(p) for n, p in params.items()}
-    # sampled on the CPU with a seeded generator: the same labels on every device
+        for mod in set(LINEARS.values()):  # q/k/v share their input, as do gate/up
+            layer.get_submodule(mod).register_forward_pre_hook(record(f"model.layers.{i}.{mod}"))
+        h = dec.run_layer(layer, h, batch)
+        del layer
+    n_tok = int(tokens.size)
+    sq_mean = {f"model.layers.{i}.{lin}.weight": (sq_sum[f"model.layers.{i}.{mod}"] / n_tok).cpu().numpy()
+               for i in range(dec.cfg.num_layers) for lin, mod in LINEARS.items()}
+    return saved, h, sq_mean
+
+
+def _head_rows(n_tok: int, hidden: int) -> int:
+    """Vocabulary rows per chunk: neither the chunk of the output matrix nor its [tokens, rows] logits
+    exceed :data:`HEAD_CHUNK_BYTES` of float32 (the whole matrix is 2.2 GB at 7B)."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * max(n_tok, hidden)))
+
+
+def _head_chunks(dec: StreamedDecoder, source: WeightSource, rows: int, device):
+    """Yield (first vocabulary id, float32 rows of the output matrix on ``device``), ``rows`` at a time."""
+    vocab = source.shape(dec.head_name)[0]
+    for v0 in range(0, vocab, rows):
+        w = np.ascontiguousarray(source.rows(dec.head_name, v0, min(v0 + rows, vocab)), dtype=np.float32)
+        yield v0, dec.torch.from_numpy(w).to(device)
+
+
+def _sample_labels(dec: StreamedDecoder, source: WeightSource, normed: "torch.Tensor", seed: int,
+                   progress: Callable[[str], None]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Labels ``y ~ p`` for every position of every window, and each position's log-sum-exp of the logits
+    (``normed``: final-normed hidden states [n, T, H]). One window's [T, vocab] logits exist at a time."""
+    torch = dec.torch
+    n, T, H = normed.shape
+    rows = _head_rows(T, H)
+    # sampled on the CPU with a seeded generator, window after window: the same labels on every device
     gen = torch.Generator().manual_seed(seed)
-    try:
-        for s in range(tokens.shape[0]):
-            with torch.enable_grad():  # whatever the caller's grad mode
-                h = dec.embed(source, tokens[s:s + 1]).to(device)
-                for layer in layers:
-                    h = dec.forward_layer(layer, h)
-                logp = torch.log_softmax(norm(h)[0] @ head.T, dim=-1)         # [T, vocab]
-                y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(device)
-                logp.gather(1, y).sum().backward()
-            del logp
+    labels = torch.empty((n, T), dtype=torch.int64, device=normed.device)
+    lse = torch.empty((n, T), dtype=normed.dtype, device=normed.device)
+    logits = torch.empty((T, source.shape(dec.head_name)[0]), dtype=normed.dtype, device=normed.device)
+    for s in range(n):
+        for v0, w in _head_chunks(dec, source, rows, normed.device):
+            logits[:, v0:v0 + w.shape[0]] = normed[s] @ w.T
+        lse[s] = torch.logsumexp(logits, dim=-1)
+        probs = logits.sub_(lse[s][:, None]).exp_()  # in place: one [T, vocab] buffer
+        labels[s] = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(normed.device)
+        progress(f"Fisher: labels of sequence {s + 1}/{n}")
+    return labels, lse
+
+
+def _head_backward(dec: StreamedDecoder, source: WeightSource, hidden: "torch.Tensor", seed: int,
+                   head_fisher: Callable[["torch.Tensor", "torch.Tensor"], None] | None,
+                   progress: Callable[[str], None]) -> "torch.Tensor":
+    """Gradient of each window's sampled log-likelihood ``Σ_t log p(y_t)`` with respect to the last decoder
+    layer's output ``hidden`` [n, T, H]. With ``head_fisher``, it is called with each chunk of the output
+    matrix's rows and their Fisher (sum over windows of each window's squared gradient, not yet divided by
+    the tokens).
+
+    d loss / d logits = onehot(y) − p: the vocabulary is walked in chunks of the output matrix (read twice:
+    the softmax needs every chunk first, for sampling) and no whole-vocabulary gradient ever exists.
+    """
+    torch = dec.torch
+    n, T, H = hidden.shape
+    norm = dec.build_norm(source, hidden.device).requires_grad_(False)
+    with torch.no_grad():
+        normed = norm(hidden)
+        labels, lse = _sample_labels(dec, source, normed, seed, progress)
+        flat, y, lse = normed.reshape(n * T, H), labels.reshape(-1), lse.reshape(-1)
+        d_normed = torch.zeros_like(flat)
+        for v0, w in _head_chunks(dec, source, _head_rows(n * T, H), hidden.device):
+            d_logits = (flat @ w.T).sub_(lse[:, None]).exp_().neg_()  # −p [tokens, rows]
+            hit = torch.nonzero((y >= v0) & (y < v0 + w.shape[0]))[:, 0]
+            d_logits[hit, y[hit] - v0] += 1
+            d_normed.addmm_(d_logits, w)
+            if head_fisher is not None:
+                acc = torch.zeros_like(w)
+                for s in range(n):  # the square of each window's own gradient, as in one backward per window
+                    g = d_logits[s * T:(s + 1) * T].T @ flat[s * T:(s + 1) * T]
+                    acc.addcmul_(g, g)
+                head_fisher(w, acc)
+    # through the final norm (per token: all windows at once)
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_(True)
+        norm(h).backward(d_normed.reshape(n, T, H))
+    return h.grad
+
+
+def _backward_layer(dec: StreamedDecoder, source: WeightSource, i: int, saved: Path, grad: "torch.Tensor",
+                    names: list[str], device: str, pass_down: bool
+                    ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Back-propagate ``grad`` (d loss / d output of layer ``i``, [n, T, H]) through layer ``i`` re-run from
+    its ``saved`` input, one window at a time. Returns (name, weight, Fisher summed over windows) of the
+    analysed ``names``; with ``pass_down``, ``grad`` becomes d loss / d input of the layer (in place)."""
+    torch = dec.torch
+    layer = dec.build_layer(i, source, device)
+    params = {}
+    for rel, p in layer.named_parameters():
+        full = f"model.layers.{i}.{rel}"
+        p.requires_grad_(full in names)
+        if full in names:
+            params[full] = p
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    inputs = np.load(saved, mmap_mode="r")
+    with torch.enable_grad():  # whatever the caller's grad mode
+        for s in range(grad.shape[0]):
+            x = torch.from_numpy(np.array(inputs[s:s + 1])).to(device).requires_grad_(pass_down)
+            dec.forward_layer(layer, x).backward(grad[s:s + 1])
+            # one backward pass per window and the square of its gradient: the estimator of the module doc
             for n, p in params.items():
                 acc[n].addcmul_(p.grad, p.grad)
                 p.grad = None
-            progress(s)
-    finally:
-        for hk in hooks:
-            hk.remove()
-    n_tok = int(tokens.size)
-    diag = {n: (a / n_tok).cpu().numpy() for n, a in acc.items()}
-    sq_mean = {n: (v / n_tok).cpu().numpy().astype(np.float32) for n, v in sq_sum.items()}
-    return Fisher(diag, sq_mean, int(tokens.shape[0]), n_tok)
+            if pass_down:
+                grad[s] = x.grad[0]  # this window's gradient is spent: its slot takes the one for layer i - 1
+    del inputs
+    saved.unlink()  # its disk is free as soon as the layer is done
+    return [(n, params[n].detach().cpu().numpy(), acc.pop(n).cpu().numpy()) for n in names]
+
+
+def _predict_layer(fisher: list[tuple[str, np.ndarray, np.ndarray]], types: dict[str, list[Target]],
+                   sq_mean: dict[str, np.ndarray], n_tok: int, threads: int | None,
+                   progress: Callable[[str], None]) -> dict[str, dict[Target, float]]:
+    """Predicted KLD per type of one layer's analysed tensors ((name, weight, Fisher sum over ``n_tok``
+    tokens)); ``sq_mean``: imatrix weights for the quantizer, empty for plain RTN."""
+    out = {}
+    for name, w, f in fisher:
+        f /= n_tok
+        out[name] = {t: predicted_kld(name, w, f, t, sq_mean.get(name), threads) for t in types[name]}
+        progress(f"predicting {name}")
+    return out
 
 
 def predicted_kld(name: str, weight: np.ndarray, fisher: np.ndarray, t: Target,
@@ -127,18 +288,3 @@ def predicted_kld(name: str, weight: np.ndarray, fisher: np.ndarray, t: Target,
         err *= err
         total += float(np.einsum("ij,ij->", err, fisher[r0:r0 + rows], dtype=np.float64))
     return 0.5 * total
-
-
-def sensitivity(source: WeightSource, fisher: Fisher, types: dict[str, list[Target]], *, use_imatrix: bool,
-                threads: int | None = None, progress: Callable[[str], None] = lambda n: None
-                ) -> dict[str, dict[Target, float]]:
-    """Predicted KLD per tensor (HF name) and candidate type. ``use_imatrix``: quantize the decoder linears
-    with their input statistics, as the calibrated methods do (the output matrix always by plain RTN, as
-    the pipeline quantizes it)."""
-    out: dict[str, dict[Target, float]] = {}
-    for name, cands in types.items():
-        w = np.ascontiguousarray(source.full(name), dtype=np.float32)
-        imp = fisher.sq_mean.get(name) if use_imatrix else None
-        out[name] = {t: predicted_kld(name, w, fisher.diag[name], t, imp, threads) for t in cands}
-        progress(name)
-    return out

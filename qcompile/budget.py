@@ -114,21 +114,21 @@ def analyse(cfg: ModelConfig, source, plan: list[PlannedTensor], sizes: SizeMode
             use_imatrix: bool, device: str, seed: int, threads: int | None,
             progress: Callable[[str], None] = lambda s: None) -> tuple[dict[str, dict[T, float]], dict]:
     """Predicted KLD per tunable tensor (GGUF name) and candidate type, from the diagonal Fisher on the
-    first :data:`~calibration.sensitivity.SAMPLES` calibration windows (at most ``SEQLEN`` tokens each);
-    and a description of the analysis for the report."""
+    first :data:`~calibration.sensitivity.SAMPLES` calibration windows (at most ``SEQLEN`` tokens each),
+    one decoder layer in memory at a time; and a description of the analysis for the report.
+
+    ``progress`` is called once per window and once per tunable tensor."""
     from calibration import sensitivity as sens
     by_name = {p.name: p for p in plan}
     sources = {by_name[n].source: n for n in sizes.options}
     windows = np.ascontiguousarray(tokens[:sens.SAMPLES, :sens.SEQLEN])
-    fisher = sens.fisher_diagonal(cfg, source, windows, list(sources), device=device, seed=seed,
-                                  progress=lambda s: progress(f"Fisher: sequence {s + 1}/{len(windows)}"))
     types = {src: [t for t, _ in sizes.options[name]] for src, name in sources.items()}
-    pred = sens.sensitivity(source, fisher, types, use_imatrix=use_imatrix, threads=threads,
-                            progress=lambda n: progress(f"predicting {n}"))
+    res = sens.sensitivity(cfg, source, windows, types, use_imatrix=use_imatrix, device=device, seed=seed,
+                           threads=threads, progress=progress)
     info = {"method": "diagonal Fisher of the model's own predictive distribution (one sampled label per "
                       "position) x squared RTN error" + (" (imatrix-weighted)" if use_imatrix else ""),
-            "sequences": fisher.sequences, "tokens": fisher.tokens, "seed": seed, "device": device}
-    return {sources[src]: v for src, v in pred.items()}, info
+            "sequences": res.sequences, "tokens": res.tokens, "seed": seed, "device": device}
+    return {sources[src]: v for src, v in res.predicted.items()}, info
 
 
 def report(budget: Budget, sizes: SizeModel, base: list[PlannedTensor], alloc: Allocation,
