@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the GGUF (hard link or copy) and a model card; all: both. Adds OUT/manifest.json "
                         "(every file, size, sha256)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each stage's predicted peak memory and time (from the plan and a second of probes "
+                        "of this machine), then stop without writing anything")
+    p.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="run even when the predicted peak memory exceeds the memory available (default: refuse, "
+                        "naming the option that lowers it)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     p.add_argument("--version", action="version", version=f"qcompile {__version__}")
     return p
@@ -150,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                    eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, allow_pickle=args.allow_pickle,
                    keep_embeddings_fp=args.keep_embeddings_fp, float_activations=args.float_activations,
                    package=args.package, max_size=args.max_size, target_bpw=args.target_bpw, threads=args.threads,
-                   quiet=args.quiet, argv=["qcompile", *argv])
+                   dry_run=args.dry_run, memory_check=args.memory_check, quiet=args.quiet, argv=["qcompile", *argv])
     code, rep = guarded("qcompile", lambda: compile_model(opts), "interrupted; no output written")
     if code != EXIT_OK:
         return code
-    if not args.quiet:
+    if not args.quiet and "dry_run" not in rep:
         print(_summary(rep))
     return EXIT_OK
 

@@ -1,0 +1,274 @@
+"""What a compile will cost, predicted from its plan before any work: peak memory and wall time per stage.
+
+Why: a 7B compile on a laptop takes long and uses much of the machine's memory. The user should know
+both before it starts, and a run that cannot fit should stop in its first second with the option that
+makes it fit, not be killed by the kernel an hour in.
+
+**Memory** is written down from what each stage holds at its peak: the model's shapes times bytes per
+value (one decoder layer's weights in the precisions the stage keeps, the calibration activations,
+Hessians, the solver's working matrices, ...), plus the process's baseline. These are the structures of
+the code in ``calibration/`` and ``qcompile/``; a change there that changes what is held changes the
+formula here, and ``tests/test_cost.py`` compares the two on real runs. Memory-mapped files (the
+checkpoint's shards, the GGUF that llama.cpp samples from or verifies) are reported apart: they are page
+cache, shared and reclaimable, not memory the run allocates.
+
+**Time** is each stage's work (values quantized, multiply-adds, decode steps) divided by this machine's
+throughput for that kind of work. Throughputs come from short probes of the same kernels (about a second
+in all, on first use, scaled to ``--threads``); the few constants that no probe measures (Python
+overhead per GPTQ column, per sampled token) were fitted on ``benchmarks/scale_bench.py`` runs.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcompile.arch import ModelConfig
+
+MB = 1 << 20
+GB = 1 << 30
+
+# Process baselines (anonymous RSS), measured: Python + NumPy + gguf + ggml's quantizers, tokenizer and
+# vocabulary loaded (the RTN path never imports torch); + torch and transformers' Qwen modules.
+BASE = 190 * MB
+BASE_TORCH = 430 * MB
+CHUNK_BUFFERS = 3 * 16 * MB          # checkpoint.CHUNK_BYTES: a chunk, its prefetch and its quantized copy
+LLAMA_CHILD = 120 * MB               # the llama.cpp child process (Python, llama-cpp-python) before buffers
+ENGINE_BATCH = 8                     # sequences per forward batch in the layer engine (capture.LayerwiseEngine)
+FORWARD_TOKENS = 2048                # tokens per forward batch of the sensitivity analysis
+# GPTQ factors Hessians up to this many columns in float64 (quantizers/gptq.py), larger ones in float32
+GPTQ_F64_COLS = 12288
+# fitted on benchmarks/scale_bench.py (2-core Xeon with AMX, torch 2.13): seconds per GPTQ column visited
+# in the Python sweep (per row of weights: the sweep's vector work), and per sampled token (NumPy top-p)
+GPTQ_COLUMN_S, GPTQ_COLUMN_ROW_S = 60e-6, 4e-9
+SAMPLE_TOKEN_S = 2.5e-3
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes every formula needs, from config.json."""
+    layers: int
+    hidden: int
+    inter: int
+    q: int          # heads * head_dim
+    kv: int         # kv heads * head_dim
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Shapes":
+        return cls(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim,
+                   cfg.num_kv_heads * cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings)
+
+    @property
+    def layer_linear(self) -> int:
+        """Weights of one decoder layer's linears."""
+        h = self.hidden
+        return h * self.q + 2 * h * self.kv + self.q * h + 3 * h * self.inter
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_linear + self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def stat_inputs(self) -> list[int]:
+        """Input widths of the linear groups that share statistics: q/k/v, o, gate/up, down."""
+        return [self.hidden, self.q, self.hidden, self.inter]
+
+    @property
+    def groups(self) -> list[tuple[int, int]]:
+        """(rows, cols) of each GPTQ solve: q+k+v stacked, o, gate+up stacked, down."""
+        h = self.hidden
+        return [(self.q + 2 * self.kv, h), (h, self.q), (2 * self.inter, h), (h, self.inter)]
+
+
+@dataclass
+class Stage:
+    name: str
+    anon: int           # peak anonymous memory of the process tree during the stage, bytes
+    mapped: int         # memory-mapped file bytes touched during the stage (page cache)
+    seconds: float
+    lower: str = ""     # the option that lowers this stage's memory
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]
+
+    @property
+    def peak(self) -> Stage:
+        return max(self.stages, key=lambda s: s.anon)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.stages)
+
+    def summary(self) -> str:
+        p = self.peak
+        return (f"plan: peak memory ~{p.anon / GB:.1f} GB ({p.name}"
+                + (f"; + {p.mapped / GB:.1f} GB of mapped files" if p.mapped else "")
+                + f"), time ~{_duration(self.seconds)}")
+
+    def table(self) -> str:
+        rows = [f"{'stage':<22} {'memory':>9} {'mapped':>9} {'time':>9}"]
+        for s in self.stages:
+            rows.append(f"{s.name:<22} {s.anon / GB:>7.2f}GB {s.mapped / GB:>7.2f}GB {_duration(s.seconds):>9}")
+        rows.append(f"{'peak / total':<22} {self.peak.anon / GB:>7.2f}GB {'':>9} {_duration(self.seconds):>9}")
+        return "\n".join(rows)
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+# ---- throughput probes --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rates:
+    """This machine's throughput, per second: values quantized by ggml (per type family), values read
+    from a bf16 checkpoint, float32 / bfloat16 / float64 multiply-adds (torch), bytes copied."""
+    rtn: float
+    read: float
+    f32: float
+    bf16: float
+    f64: float
+    copy: float
+
+
+def _best(fn, repeats: int = 3) -> float:
+    fn()  # warm up (thread pools, first-touch pages)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.lru_cache(maxsize=4)
+def rates(threads: int | None = None) -> Rates:
+    """Probe the kernels the stages spend their time in (about a second)."""
+    import torch
+    from quantizers import rtn
+    from gguf import GGMLQuantizationType as T
+    if threads:
+        torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 4096), dtype=np.float32)
+    t_rtn = _best(lambda: rtn.quantize("probe", w, T.Q4_K, threads=threads))
+    raw = (w.view(np.uint32) >> 16).astype(np.uint16)
+    t_read = _best(lambda: (raw.astype(np.uint32) << 16).view(np.float32))
+    n = 1024
+    out = {}
+    for name, dt in (("f32", torch.float32), ("bf16", torch.bfloat16), ("f64", torch.float64)):
+        a = torch.randn(n, n, dtype=torch.float32).to(dt)
+        out[name] = n ** 3 / _best(lambda: a @ a)
+    big = np.ones(32 * MB // 4, np.float32)
+    t_copy = _best(lambda: big.copy())
+    return Rates(w.size / t_rtn, w.size / t_read, out["f32"], out["bf16"], out["f64"], big.nbytes / t_copy)
+
+
+# ---- the stages ------------------------------------------------------------------------------------
+
+def rtn_stream(s: Shapes, r: Rates, name: str = "quantize + write") -> Stage:
+    """RTN straight from the checkpoint into the file: one row-chunk at a time."""
+    return Stage(name, BASE + CHUNK_BUFFERS, 0, s.params / r.rtn + s.params / r.read)
+
+
+def self_generation(s: Shapes, r: Rates, n: int, seqlen: int) -> list[Stage]:
+    """Q8_0 copy (streamed like RTN) then llama.cpp sampling: KV cache (f16) of every sequence, logits
+    of one token per sequence, the mapped Q8_0 file; decode steps read the whole file each."""
+    q8 = int(s.params * 34 / 32)
+    kv = s.layers * 2 * s.kv * 2 * n * (seqlen + 256)
+    logits = n * s.vocab * 4 * 2
+    child = LLAMA_CHILD + kv + logits + s.vocab * 8
+    steps = seqlen - 24  # prompts are ~24 tokens
+    per_step = max(q8 / r.copy, 2 * s.params * n / r.f32)
+    return [Stage("self-calibration copy", BASE_TORCH + CHUNK_BUFFERS, 0, s.params / r.rtn + s.params / r.read),
+            Stage("self-calibration", BASE_TORCH + child, q8, steps * per_step + n * seqlen * SAMPLE_TOKEN_S,
+                  "--calib FILE (or fewer --calib-samples)")]
+
+
+def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -> Stage:
+    """The layer engine (GPTQ / AWQ / imatrix): per layer, the bf16 module, the calibration activations
+    (f32 residual stream in and out), the group statistics (Hessians for GPTQ), the float32 weights of the
+    group being quantized and GPTQ's working set for the widest group."""
+    tokens = n * seqlen
+    hidden = 2 * tokens * s.hidden * 4
+    module = s.layer_linear * 2
+    act = ENGINE_BATCH * seqlen * (4 * s.inter + 4 * s.hidden) * 4
+    hess = sum(c * c for c in s.stat_inputs) * 4 if hessian else 0
+    weights = s.layer_linear * 4 if awq else max(rws * c for rws, c in s.groups) * 4 * 2
+    solve = 0
+    if hessian:
+        c = max(s.stat_inputs)
+        solve = 2 * c * c * (8 if c <= GPTQ_F64_COLS else 4)
+    samples = 2 * min(tokens, 2048) * (2 * s.hidden + s.inter) * 4 if awq else 0
+    anon = BASE_TORCH + hidden + module + act + hess + weights + solve + samples
+    flops = 2 * 2 * s.layer_linear * tokens          # the layer runs twice (statistics, then quantized)
+    t = flops / r.bf16
+    if hessian:
+        t += sum(tokens * c * c for c in s.stat_inputs) / r.f32                       # X^T X
+        t += sum(c ** 3 for c in s.stat_inputs) / r.f64                               # factorisations
+        t += sum(rws * c * c for rws, c in s.groups) / r.f32                          # lazy updates
+        t += sum(c * (GPTQ_COLUMN_S + rws * GPTQ_COLUMN_ROW_S) for rws, c in s.groups)  # column sweep
+    t += s.layer_linear / r.rtn + s.layer_linear / r.read
+    return Stage("calibrated quantization", anon, 0, s.layers * t + (s.params - s.layers * s.layer_linear) / r.rtn,
+                 "--calib-samples / --calib-seqlen")
+
+
+def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, candidates: int = 5) -> Stage:
+    """--max-size: layer-by-layer Fisher (weights, gradients and Fisher of one layer in f32, the gradient
+    of every window's hidden states, one window's activations), then RTN per candidate type."""
+    tokens = n * seqlen
+    layer = 3 * s.layer_linear * 4
+    grads = tokens * s.hidden * 4
+    act = seqlen * (6 * s.inter + 8 * s.hidden) * 4
+    head = 3 * tokens * s.hidden * 4 + seqlen * s.vocab * 4
+    anon = BASE_TORCH + max(layer + grads + act, s.layer_linear * 4 + 2 * grads + head)
+    t = 3 * 2 * s.params * tokens / r.f32 + candidates * s.params * (1 / r.rtn + 2 / r.read)
+    return Stage("sensitivity", anon, 0, t, "--calib-samples (the analysis uses at most 16 x 512)")
+
+
+def verify(s: Shapes, r: Rates, tokens: int, artifact_bytes: int) -> list[Stage]:
+    """Reference path (fp and dequantized model side by side, one layer each, f32), then the runtime."""
+    hidden = 2 * 2 * tokens * s.hidden * 4
+    layers = 2 * s.layer_linear * 4
+    head = 3 * 64 * MB
+    t = 2 * 2 * s.params * tokens / r.f32 + s.params / r.read + s.params / r.rtn
+    return [Stage("verify (PyTorch)", BASE_TORCH + hidden + layers + head, 0, t, "--eval-tokens"),
+            Stage("verify (runtime)", BASE_TORCH + LLAMA_CHILD + 128 * s.vocab * 4, artifact_bytes,
+                  2 * s.params * 128 / r.f32 + artifact_bytes / r.copy)]
+
+
+def folder_export(s: Shapes, r: Rates, artifact_bytes: int) -> Stage:
+    """ONNX / OpenVINO: every quantized tensor is held until the graph is written."""
+    return Stage("export", BASE_TORCH + 2 * artifact_bytes, 0, 4 * artifact_bytes / r.copy)
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, or the cgroup's limit less its usage if lower."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                avail = min(avail or 1 << 62, int(limit) - int(f.read()))
+    except OSError:
+        pass
+    return avail
+
+
+def threads_default(threads: int | None) -> int:
+    return threads or os.cpu_count() or 1

@@ -1,0 +1,86 @@
+"""Peak memory of a running command and its children, as the kernel reports it (Linux ``/proc``).
+
+Two figures, because they mean different things for a model compiler:
+
+* **anonymous** memory (``RssAnon``): what the processes allocated themselves: arrays, tensors, the
+  Python heap. This is what must fit in RAM, and what qcompile's memory bound is about.
+* **file** pages (``RssFile``): memory-mapped files (safetensors shards read in place, a GGUF that
+  llama.cpp maps). They are the page cache's: shared, and dropped under memory pressure.
+
+GNU time's and ``getrusage``'s maximum RSS add both together (and only per process), so they cannot tell
+a model held in a float copy from a model file that is merely mapped; sampling ``/proc`` can.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _rss_kb(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) of one process in KiB; zeros once it has exited."""
+    anon = file = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1])
+                elif line.startswith("RssFile:"):
+                    file = int(line.split()[1])
+    except OSError:
+        pass
+    return anon, file
+
+
+def tree_rss_kb(pid: int) -> tuple[int, int]:
+    """(anonymous, file) KiB summed over ``pid`` and all its descendants."""
+    todo, anon, file = [pid], 0, 0
+    while todo:
+        p = todo.pop()
+        a, f = _rss_kb(p)
+        anon, file = anon + a, file + f
+        todo += _children(p)
+    return anon, file
+
+
+@dataclass
+class Peak:
+    seconds: float
+    anon_mb: float       # peak of the tree's summed anonymous RSS
+    total_mb: float      # peak of the tree's summed anonymous + file RSS
+    returncode: int
+
+
+def run(cmd: list, *, log: Path | None = None, every: float = 0.02, env: dict | None = None) -> Peak:
+    """Run ``cmd`` (output to ``log``, else discarded), sampling its process tree every ``every`` seconds."""
+    t0 = time.perf_counter()
+    with open(log, "w") if log else open(os.devnull, "w") as out:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})})
+        anon = total = 0
+
+        def poll() -> None:
+            nonlocal anon, total
+            while p.poll() is None:
+                a, f = tree_rss_kb(p.pid)
+                anon, total = max(anon, a), max(total, a + f)
+                time.sleep(every)
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        rc = p.wait()
+        th.join()
+    return Peak(time.perf_counter() - t0, anon / 1024, total / 1024, rc)
