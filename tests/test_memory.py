@@ -1,0 +1,76 @@
+"""The memory bound: the calibrated stages hold about one decoder layer, whatever the layer count.
+
+Two checkpoints of the same width, 2 and 12 layers (a "tiny but wide-enough" model: 45 M parameters,
+180 MB in float32). Each path runs as a real ``qcompile`` process while its process tree's anonymous
+memory is sampled (:mod:`qcompile.memwatch`). Streaming means the 24-layer run peaks where the 2-layer
+run does; a path that materialised the model in float32 (the old self-calibration through transformers'
+``generate``, the old whole-graph Fisher of ``--max-size``) would need at least the 10 extra layers'
+150 MB more. The bound allowed, 45 MB, is under a third of that, so the test cannot pass by accident.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import requires_llama
+from qcompile import memwatch, tiny
+
+WIDE = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,
+            tie_word_embeddings=True)
+LAYERS = (2, 12)
+PER_LAYER_F32_MB = 4 * (2 * 512 * 512 + 2 * 128 * 512 + 3 * 512 * 2048 + 512 * 4 + 2 * 128) / 2**20
+GROWTH_MB = 45
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory) -> dict[int, object]:
+    out = {}
+    for n in LAYERS:
+        d = tmp_path_factory.mktemp(f"wide{n}")
+        tiny.build_tokenizer(d)
+        tiny.build_model(d, seed=5, num_hidden_layers=n, **WIDE)
+        out[n] = d
+    return out
+
+
+def _peak(model, out, *args) -> memwatch.Peak:
+    r = memwatch.run([sys.executable, "-m", "qcompile", model, "--out", out, "--no-verify", "-q", "--threads", "2",
+                      *args], log=out.parent / f"{out.name}.log")
+    assert r.returncode == 0, (out.parent / f"{out.name}.log").read_text()[-2000:]
+    return r
+
+
+def _check(peaks: dict[int, memwatch.Peak]) -> None:
+    whole_f32_growth = (LAYERS[1] - LAYERS[0]) * PER_LAYER_F32_MB
+    assert whole_f32_growth > 3 * GROWTH_MB  # the test's premise: a whole-model f32 path could not hide
+    growth = peaks[LAYERS[1]].anon_mb - peaks[LAYERS[0]].anon_mb
+    print({n: round(p.anon_mb) for n, p in peaks.items()}, f"growth {growth:.0f} MB, f32 model growth "
+          f"{whole_f32_growth:.0f} MB")
+    assert growth < GROWTH_MB
+
+
+@requires_llama()
+def test_default_bits4_holds_one_layer(wide_models, tmp_path):
+    """``--bits 4`` without --calib: self-calibration (Q8_0 copy + llama.cpp sampling) and GPTQ."""
+    peaks = {n: _peak(m, tmp_path / f"d{n}", "--bits", "4", "--calib-samples", "4", "--calib-seqlen", "32")
+             for n, m in wide_models.items()}
+    rep = json.loads((tmp_path / f"d{LAYERS[1]}" / "report.json").read_text())
+    assert rep["target"]["method"] == "gptq" and rep["calibration"].startswith("self-generated")
+    _check(peaks)
+
+
+def test_max_size_holds_one_layer(wide_models, tmp_path):
+    """``--max-size``: the Fisher sensitivity analysis, layer by layer."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny.builtin_text())
+    peaks = {}
+    for n, m in wide_models.items():
+        base = _peak(m, tmp_path / f"q{n}", "--quant", "Q4_K_M", "--method", "rtn")
+        size = json.loads((tmp_path / f"q{n}" / "report.json").read_text())["artifact"]["bytes"]
+        peaks[n] = _peak(m, tmp_path / f"m{n}", "--quant", "Q4_K_M", "--method", "rtn", "--max-size",
+                         str(int(size * 1.05)), "--calib", calib, "--calib-samples", "4", "--calib-seqlen", "32")
+        assert "allocation" in json.loads((tmp_path / f"m{n}" / "report.json").read_text())
+        assert base.anon_mb < peaks[n].anon_mb  # the analysis ran (and cost something)
+    _check(peaks)
