@@ -31,13 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tools import SHARED, table, tools  # noqa: E402
 from synthetic import CONFIGS, build  # noqa: E402
+from unseen_bench import qcompile_source  # noqa: E402
 from qcompile import memwatch  # noqa: E402
 
 ROWS = ("rtn", "default", "gptq", "maxsize", "onnx", "openvino")
@@ -47,18 +47,9 @@ SELF = (32, 256)       # qcompile's self-calibration default (calibration/selfge
 FILE = (128, 512)      # --calib FILE default on a CPU
 
 
-def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return sha + ("+dirty" if dirty else "")
-
-
-def run(cmd: list, log: Path) -> dict:
+def run(cmd: list, log: Path, env: dict | None = None) -> dict:
     """Run ``cmd``: wall seconds, GNU time's max RSS (MB) and the sampled peak anonymous RSS of the tree (MB)."""
-    r = memwatch.run(["/usr/bin/time", "-f", "QCOMPILE_MAXRSS_KB=%M", *cmd], log=log, every=0.1)
+    r = memwatch.run(["/usr/bin/time", "-f", "QCOMPILE_MAXRSS_KB=%M", *cmd], log=log, every=0.1, env=env)
     text = log.read_text(errors="replace")
     if r.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({r.returncode}); see {log}:\n{text[-2000:]}")
@@ -75,7 +66,7 @@ def calib_file(work: Path) -> Path:
 
 
 def ours(row: str, model: Path, out: Path, calib: Path, max_size: int | None) -> list:
-    q = ["qcompile", model, "--out", out, "--no-verify", "--force", "-q"]
+    q = [sys.executable, "-m", "qcompile", model, "--out", out, "--no-verify", "--force", "-q"]
     return {
         "rtn": q + ["--quant", "Q4_K_M", "--method", "rtn"],
         "default": q + ["--bits", "4"],
@@ -107,14 +98,16 @@ def peer(row: str, model: Path, work: Path, calib: Path, t: dict) -> dict:
 
 
 def measure_row(size: str, layers: int | None, row: str, work: Path, calib: Path, t: dict, cache: dict,
-                with_peer: bool) -> dict:
-    """Both sides of one row at one layer count. Cached: ours by commit (a dirty tree is never cached), the
-    peer by llama.cpp version (it does not change with our code)."""
+                with_peer: bool, code: tuple[Path, str, str]) -> dict:
+    """Both sides of one row at one layer count. Cached: ours by the code version it ran (``code``: the
+    clean export of a commit to import qcompile from, its cache key, its label), the peer by llama.cpp
+    version (it does not change with our code)."""
     from importlib import metadata
+    src, key_code, label = code
     model = build(size, work / f"synth-{size}-{layers or 'all'}", layers)
     d = work / f"out-{size}-{layers or 'all'}-{row}"
     d.mkdir(parents=True, exist_ok=True)
-    res: dict = {"commit": commit()}
+    res: dict = {"commit": label}
     peer_row = "rtn" if row == "maxsize" else row
     if with_peer and peer_row in PEERS:
         key = f"peer|{size}|{layers}|{peer_row}|llama-cpp-python {metadata.version('llama_cpp_python')}"
@@ -123,12 +116,11 @@ def measure_row(size: str, layers: int | None, row: str, work: Path, calib: Path
         res["peer"] = cache[key]
     max_size = res.get("peer", {}).get("bytes")
     if row != "maxsize" or max_size:
-        key = f"ours|{size}|{layers}|{row}|{res['commit']}"
+        key = f"ours|{size}|{layers}|{row}|{key_code}"
         if key not in cache:
-            r = run(ours(row, model, d, calib, max_size), d / "qcompile.log")
-            if res["commit"].endswith("+dirty"):
-                return {**res, "ours": r}
-            cache[key] = r
+            # PYTHONSAFEPATH: neither the cwd nor a child's may shadow the exported source
+            cache[key] = run(ours(row, model, d, calib, max_size), d / "qcompile.log",
+                             env={"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"})
         res["ours"] = cache[key]
     return res
 
@@ -140,11 +132,14 @@ def main() -> None:
     ap.add_argument("--layers", default="7B=4,2",
                     help="cut configurations: SIZE=L1,L2 (run at L1 and L2 layers, extrapolate); comma-separated")
     ap.add_argument("--no-peer", action="store_true", help="qcompile rows only")
+    ap.add_argument("--code", default="head",
+                    help="qcompile to measure: head (a clean export of HEAD, default), a commit, or tree (as it is)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "scale")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     cuts = {k: [int(x) for x in v.split(",")] for k, v in (s.split("=") for s in a.layers.split(";") if s)}
     t = tools()
+    src, key_code, label, _ = qcompile_source(a.work, a.code)
     calib = calib_file(a.work)
     cache_file = a.work / "results.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
@@ -155,7 +150,7 @@ def main() -> None:
         for row in a.rows:
             runs = []
             for n in counts:
-                runs.append(measure_row(size, n, row, a.work, calib, t, cache, not a.no_peer))
+                runs.append(measure_row(size, n, row, a.work, calib, t, cache, not a.no_peer, (src, key_code, label)))
                 cache_file.write_text(json.dumps(cache, indent=1))
             rows.append(summarise(size, row, counts, full, runs))
     print(f"machine: {os.cpu_count()} cores; synthetic Qwen2.5 checkpoints (benchmarks/synthetic.py); wall clock "
