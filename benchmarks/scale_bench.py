@@ -54,7 +54,8 @@ def run(cmd: list, log: Path, env: dict | None = None) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({r.returncode}); see {log}:\n{text[-2000:]}")
     kb = int(text.rsplit("QCOMPILE_MAXRSS_KB=", 1)[1].split()[0])
-    return {"s": r.seconds, "rss_mb": kb / 1024, "anon_mb": r.anon_mb}
+    # the 1-minute load average at the end: > the core count means others shared the CPU (slower rows)
+    return {"s": r.seconds, "rss_mb": kb / 1024, "anon_mb": r.anon_mb, "load": os.getloadavg()[0]}
 
 
 def calib_file(work: Path) -> Path:
