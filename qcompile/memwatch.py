@@ -2,9 +2,9 @@
 
 Two figures, because they mean different things for a model compiler:
 
-* **anonymous** memory (``RssAnon``): what the processes allocated themselves: arrays, tensors, the
+* **anonymous** memory (``Pss_Anon``): what the processes allocated themselves: arrays, tensors, the
   Python heap. This is what must fit in RAM, and what qcompile's memory bound is about.
-* **file** pages (``RssFile``): memory-mapped files (safetensors shards read in place, a GGUF that
+* **file** pages (``Pss_File``): memory-mapped files (safetensors shards read in place, a GGUF that
   llama.cpp maps). They are the page cache's: shared, and dropped under memory pressure.
 
 GNU time's and ``getrusage``'s maximum RSS add both together (and only per process), so they cannot tell
@@ -32,14 +32,16 @@ def _children(pid: int) -> list[int]:
 
 
 def _rss_kb(pid: int) -> tuple[int, int]:
-    """(RssAnon, RssFile) of one process in KiB; zeros once it has exited."""
+    """(anonymous, file) KiB of one process, proportional: a page shared by n processes (a forked child's
+    copy-on-write pages, a file mapped twice) counts 1/n in each, so sums over a tree count it once.
+    Zeros once the process has exited."""
     anon = file = 0
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith("Pss_Anon:"):
                     anon = int(line.split()[1])
-                elif line.startswith("RssFile:"):
+                elif line.startswith("Pss_File:"):
                     file = int(line.split()[1])
     except OSError:
         pass
@@ -60,8 +62,8 @@ def tree_rss_kb(pid: int) -> tuple[int, int]:
 @dataclass
 class Peak:
     seconds: float
-    anon_mb: float       # peak of the tree's summed anonymous RSS
-    total_mb: float      # peak of the tree's summed anonymous + file RSS
+    anon_mb: float       # peak of the tree's summed anonymous memory (proportional set size)
+    total_mb: float      # peak of the tree's summed anonymous + file memory (proportional set size)
     returncode: int
 
 
