@@ -138,6 +138,20 @@ class Rates:
     copy: float
 
 
+@functools.lru_cache(maxsize=64)
+def rtn_rate(t, cols: int, threads: int | None = None) -> float:
+    """Values per second that RTN onto ``t`` (a GGUF type or an integer grid) reaches on rows of ``cols``."""
+    from quantizers import rtn
+    w = np.random.default_rng(0).standard_normal((max(1, (1 << 20) // cols), cols), dtype=np.float32)
+    return w.size / _best(lambda: rtn.quantize("probe", w, t, threads=threads), repeats=2)
+
+
+def rtn_seconds(work: dict[tuple, int], threads: int | None = None) -> float:
+    """Seconds of RTN for ``work``: (type, row length) -> values, each type probed on its own (ggml's
+    types differ by 10x: Q8_0 or Q5_0 are a scale per block, Q4_K searches its sub-block scales)."""
+    return sum(n / rtn_rate(t, cols, threads) for (t, cols), n in work.items())
+
+
 def _best(fn, repeats: int = 3) -> float:
     fn()  # warm up (thread pools, first-touch pages)
     best = float("inf")
@@ -154,11 +168,11 @@ def rates(threads: int | None = None) -> Rates:
     import torch
     from quantizers import rtn
     from gguf import GGMLQuantizationType as T
-    if threads:
-        torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     w = rng.standard_normal((256, 4096), dtype=np.float32)
     t_rtn = _best(lambda: rtn.quantize("probe", w, T.Q4_K, threads=threads))
+    if threads:
+        torch.set_num_threads(threads)
     raw = (w.view(np.uint32) >> 16).astype(np.uint16)
     t_read = _best(lambda: (raw.astype(np.uint32) << 16).view(np.float32))
     n = 1024
@@ -173,12 +187,13 @@ def rates(threads: int | None = None) -> Rates:
 
 # ---- the stages ------------------------------------------------------------------------------------
 
-def rtn_stream(s: Shapes, r: Rates, name: str = "quantize + write") -> Stage:
-    """RTN straight from the checkpoint into the file: one row-chunk at a time."""
-    return Stage(name, BASE + CHUNK_BUFFERS, 0, s.params / r.rtn + s.params / r.read)
+def rtn_stream(s: Shapes, r: Rates, rtn_s: float, name: str = "quantize + write") -> Stage:
+    """RTN straight from the checkpoint into the file, one row-chunk at a time (``rtn_s``: the quantizers'
+    seconds, :func:`rtn_seconds`)."""
+    return Stage(name, BASE + CHUNK_BUFFERS, 0, rtn_s + s.params / r.read)
 
 
-def self_generation(s: Shapes, r: Rates, n: int, seqlen: int) -> list[Stage]:
+def self_generation(s: Shapes, r: Rates, n: int, seqlen: int, q8_s: float) -> list[Stage]:
     """Q8_0 copy (streamed like RTN) then llama.cpp sampling: KV cache (f16) of every sequence, logits
     of one token per sequence, the mapped Q8_0 file; decode steps read the whole file each."""
     q8 = int(s.params * 34 / 32)
@@ -187,7 +202,7 @@ def self_generation(s: Shapes, r: Rates, n: int, seqlen: int) -> list[Stage]:
     child = LLAMA_CHILD + kv + logits + s.vocab * 8
     steps = seqlen - 24  # prompts are ~24 tokens
     per_step = max(q8 / r.copy, 2 * s.params * n / r.f32)
-    return [Stage("self-calibration copy", BASE_TORCH + CHUNK_BUFFERS, 0, s.params / r.rtn + s.params / r.read),
+    return [Stage("self-calibration copy", BASE_TORCH + CHUNK_BUFFERS, 0, q8_s + s.params / r.read),
             Stage("self-calibration", BASE_TORCH + child, q8, steps * per_step + n * seqlen * SAMPLE_TOKEN_S,
                   "--calib FILE (or fewer --calib-samples)")]
 
@@ -227,7 +242,7 @@ def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, candidates: int = 5) -
     layer = 3 * s.layer_linear * 4
     grads = tokens * s.hidden * 4
     act = seqlen * (6 * s.inter + 8 * s.hidden) * 4
-    head = 3 * tokens * s.hidden * 4 + seqlen * s.vocab * 4
+    head = 3 * tokens * s.hidden * 4 + 3 * seqlen * s.vocab * 4  # one window's logits, softmax, gradient
     anon = BASE_TORCH + max(layer + grads + act, s.layer_linear * 4 + 2 * grads + head)
     t = 3 * 2 * s.params * tokens / r.f32 + candidates * s.params * (1 / r.rtn + 2 / r.read)
     return Stage("sensitivity", anon, 0, t, "--calib-samples (the analysis uses at most 16 x 512)")
@@ -238,15 +253,16 @@ def verify(s: Shapes, r: Rates, tokens: int, artifact_bytes: int) -> list[Stage]
     hidden = 2 * 2 * tokens * s.hidden * 4
     layers = 2 * s.layer_linear * 4
     head = 3 * 64 * MB
-    t = 2 * 2 * s.params * tokens / r.f32 + s.params / r.read + s.params / r.rtn
+    t = 2 * 2 * s.params * tokens / r.f32 + s.params / r.read
     return [Stage("verify (PyTorch)", BASE_TORCH + hidden + layers + head, 0, t, "--eval-tokens"),
             Stage("verify (runtime)", BASE_TORCH + LLAMA_CHILD + 128 * s.vocab * 4, artifact_bytes,
                   2 * s.params * 128 / r.f32 + artifact_bytes / r.copy)]
 
 
-def folder_export(s: Shapes, r: Rates, artifact_bytes: int) -> Stage:
-    """ONNX / OpenVINO: every quantized tensor is held until the graph is written."""
-    return Stage("export", BASE_TORCH + 2 * artifact_bytes, 0, 4 * artifact_bytes / r.copy)
+def folder_export(s: Shapes, r: Rates, artifact_bytes: int, per_param_s: float) -> Stage:
+    """ONNX / OpenVINO: every quantized tensor is held until the graph is written; the time is mostly
+    tracing and serialising, proportional to the parameters (``per_param_s``: fitted per target)."""
+    return Stage("export", BASE_TORCH + 2 * artifact_bytes, 0, s.params * per_param_s * 6.6e8 / r.read)
 
 
 def available_memory() -> int | None:

@@ -105,24 +105,30 @@ def calibration_shape(opts: Options, device: str) -> tuple[str, int, int]:
 
 
 def cost_plan(opts: Options, cfg: ModelConfig, method: quantizers.Method, *, calibrated: bool, budget: bool,
-              artifact_bytes: int, folder: bool, timed: bool) -> cost.Plan:
-    """The run's stages with their predicted peak memory and (``timed``: probes the machine) wall time."""
+              artifact_bytes: int, rtn_work: dict[tuple, int], timed: bool,
+              export_s_per_param: float | None = None) -> cost.Plan:
+    """The run's stages with their predicted peak memory and (``timed``: probes the machine) wall time.
+    ``rtn_work``: (type, row length) -> values that RTN writes; ``export_s_per_param``: a folder target's
+    export time per parameter (None for GGUF, which writes as it quantizes)."""
     device = opts.device if opts.device != "auto" else "cpu"
     spec, n, seqlen = calibration_shape(opts, device)
     shapes = cost.Shapes.of(cfg)
-    r = cost.rates(opts.threads) if timed else cost.Rates(*(float("inf"),) * 6)
+    inf = float("inf")
+    r = cost.rates(opts.threads) if timed else cost.Rates(*(inf,) * 6)
+    seconds = (lambda work: cost.rtn_seconds(work, opts.threads)) if timed else (lambda work: 0.0)
     stages: list[cost.Stage] = []
     if calibrated and spec == "self":
-        stages += cost.self_generation(shapes, r, n, seqlen)
+        q8 = {(T.Q8_0, cols): v for (_, cols), v in rtn_work.items()}
+        stages += cost.self_generation(shapes, r, n, seqlen, seconds(q8))
     if budget:
         from calibration.sensitivity import SAMPLES, SEQLEN
         stages.append(cost.sensitivity(shapes, r, min(n, SAMPLES), min(seqlen, SEQLEN)))
     if method.needs_calibration:
         stages.append(cost.engine(shapes, r, n, seqlen, method.hessian, method.awq))
     else:
-        stages.append(cost.rtn_stream(shapes, r))
-    if folder:
-        stages.append(cost.folder_export(shapes, r, artifact_bytes))
+        stages.append(cost.rtn_stream(shapes, r, seconds(rtn_work)))
+    if export_s_per_param is not None:
+        stages.append(cost.folder_export(shapes, r, artifact_bytes, export_s_per_param))
     if opts.verify:
         stages += cost.verify(shapes, r, opts.eval_tokens, artifact_bytes)
     return cost.Plan(stages)
@@ -287,8 +293,12 @@ def compile_model(opts: Options) -> dict:
     budget, sizes = budget_sizes(opts, cfg, vocab, plan, sch, meta, n_params)  # fails now if it cannot be met
     scheme_name = sch.name if budget is None else f"MIX-{8 * budget.bytes / n_params:.2f}bpw"
     calibrated = method.needs_calibration or budget is not None
+    rtn_work: dict[tuple, int] = {}
+    for p in plan:
+        if len(p.shape) == 2:
+            rtn_work[(p.type, p.shape[-1])] = rtn_work.get((p.type, p.shape[-1]), 0) + int(np.prod(p.shape))
     plan_cost = cost_plan(opts, cfg, method, calibrated=calibrated, budget=budget is not None,
-                          artifact_bytes=budget.bytes if budget else sum(p.nbytes for p in plan), folder=False,
+                          artifact_bytes=budget.bytes if budget else sum(p.nbytes for p in plan), rtn_work=rtn_work,
                           timed=opts.dry_run or long_run(calibrated, n_params))
     check_plan(opts, plan_cost)
     if opts.dry_run:
@@ -443,6 +453,11 @@ def choose_int_type(opts: Options) -> IntType:
     return t
 
 
+# export seconds per parameter on the machine cost.py's constants were fitted on (benchmarks/scale_bench.py,
+# real-config 0.5B: ONNX 18 s, OpenVINO 36 s of tracing, conversion and serialisation for 630 M parameters)
+EXPORT_S_PER_PARAM = {"onnx": 2.9e-8, "openvino": 5.7e-8}
+
+
 def _folder_format(to: str, opts_float: bool = False):
     """(main file, runtime name, runner factory, report extras) of a folder target."""
     if to == "onnx":
@@ -483,9 +498,13 @@ def compile_folder(opts: Options) -> dict:
     # codes + f16 scales + zero points per group; 8-bit lm_head, plus float32 (ONNX) or 8-bit (OpenVINO) embeddings
     est_bytes = int(shapes.layers * shapes.layer_linear * (target.bits / 8 + 2.5 / target.group)
                     + shapes.vocab * shapes.hidden * (2 if opts.to == "openvino" else 5))
+    head = head_type(target)
+    rtn_work = {(target, shapes.hidden): shapes.layers * shapes.layer_linear,
+                (head, shapes.hidden): shapes.vocab * shapes.hidden * (2 if opts.to == "openvino" else 1)}
     plan_cost = cost_plan(opts, cfg, method, calibrated=method.needs_calibration, budget=False,
-                          artifact_bytes=est_bytes, folder=True,
-                          timed=opts.dry_run or long_run(method.needs_calibration, n_params))
+                          artifact_bytes=est_bytes, rtn_work=rtn_work,
+                          timed=opts.dry_run or long_run(method.needs_calibration, n_params),
+                          export_s_per_param=EXPORT_S_PER_PARAM[opts.to])
     check_plan(opts, plan_cost)
     if opts.dry_run:
         return {"dry_run": plan_cost}
