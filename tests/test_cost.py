@@ -43,7 +43,7 @@ def test_memory_terms_scale_with_the_model_not_the_layer_count(tiny_models):
     deeper = cost.Shapes(**{**s.__dict__, "layers": 10 * s.layers})
     wider = cost.Shapes(**{**s.__dict__, "inter": 4 * s.inter})
     for stage in (lambda x: cost.engine(x, r, 32, 256, True, False), lambda x: cost.sensitivity(x, r, 16, 512),
-                  lambda x: cost.rtn_stream(x, r)):
+                  lambda x: cost.rtn_stream(x, r, rtn_s=0.0)):  # its reading time alone
         assert stage(deeper).anon == stage(s).anon
         assert stage(deeper).seconds > 5 * stage(s).seconds
     assert cost.engine(wider, r, 32, 256, True, False).anon > cost.engine(s, r, 32, 256, True, False).anon
