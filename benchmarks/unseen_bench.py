@@ -14,12 +14,13 @@ Rows:
   (calibration.sources.calibration_tokens: ``--peer-samples`` x ``--peer-seqlen`` tokens, ``--peer-seed``),
   decoded and written to a text file for ``llama-imatrix -c SEQLEN --chunks SAMPLES``;
 * ``--ours "LABEL:ARGS"`` (repeatable) — ``qcompile MODEL --to gguf ARGS --out DIR --no-verify``,
-  by default from a clean export of this repository's HEAD commit (``--qcompile-src tree``: the working
-  tree as it is, uncommitted changes included, keyed by their hash).
+  by default from a clean export of this repository's HEAD commit (``--qcompile-src COMMIT``: another
+  commit; ``tree``: the working tree as it is, uncommitted changes included, keyed by their hash).
 
 Every build and every score is cached in ``--work``/results.json, keyed by what changes it: the
-row's command line(s), the model directory's files, the commit (qcompile rows), the set's sha256, ctx
-and chunks. Rerunning with more ``--ours`` rows or sets only computes what is new.
+row's command line(s), the model directory's files, the llama.cpp version, the qcompile code (the git
+tree ids of its folders at the commit, so a commit that changes no code reuses the rows; the commit is
+recorded), the set's sha256, ctx and chunks. Rerunning with more ``--ours`` rows or sets only computes what is new.
 
     python benchmarks/unseen_bench.py [--model DIR] [--ctx 512] [--chunks 6] [--type Q4_K_M]
         [--peer-calib FILE] [--peer-samples 32] [--peer-seqlen 512] [--peer-seed 0] [--no-peers]
@@ -68,23 +69,30 @@ def git(*args: str) -> bytes:
     return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True).stdout
 
 
-def qcompile_source(work: Path, mode: str) -> tuple[Path, str, str]:
-    """(directory to import qcompile from, version key, short label). ``head``: a clean export of HEAD, so
-    other people's uncommitted edits in the tree never leak into a row said to be a commit's."""
-    commit = git("rev-parse", "HEAD").decode().strip()
+def qcompile_source(work: Path, mode: str) -> tuple[Path, str, str, str]:
+    """(directory to import qcompile from, cache key, label, commit). ``head`` or a commit: a clean export of
+    that commit, so other people's uncommitted edits in the tree never leak into a row said to be a
+    commit's; keyed by the git tree ids of the code folders, so commits that change no code reuse the
+    cache. ``tree``: the working tree as it is, keyed by the hash of its changes."""
+    commit = git("rev-parse", "HEAD" if mode in ("head", "tree") else f"{mode}^{{commit}}").decode().strip()
+    trees = []
+    for d in CODE_DIRS:
+        r = subprocess.run(["git", "-C", str(REPO), "rev-parse", f"{commit}:{d}"], capture_output=True, text=True)
+        trees.append(f"{d}={r.stdout.strip() if r.returncode == 0 else '-'}")
+    code = "code " + sha256(" ".join(trees).encode())[:16]
     if mode == "tree":
-        diff = git("diff", "HEAD", "--", *CODE_DIRS)
+        diff = git("diff", commit, "--", *CODE_DIRS)
         untracked = git("ls-files", "--others", "--exclude-standard", "--", *CODE_DIRS).decode().split()
         h = sha256(diff + b"".join(f.encode() + (REPO / f).read_bytes() for f in sorted(untracked)))[:12]
         dirty = bool(diff or untracked)
-        return REPO, f"{commit}+tree:{h}" if dirty else commit, commit[:7] + ("+dirty" if dirty else "")
+        return REPO, f"{code}+tree:{h}" if dirty else code, commit[:7] + ("+dirty" if dirty else ""), commit
     src = work / "src" / commit
     if not (src / ".done").exists():
         src.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(git("archive", "--format=tar", commit))) as t:
             t.extractall(src, filter="data")
         (src / ".done").write_text(commit)
-    return src, commit, commit[:7]
+    return src, code, commit[:7], commit
 
 
 def peer_calib_text(work: Path, model: Path, spec: Path, samples: int, seqlen: int, seed: int) -> tuple[Path, str]:
@@ -133,8 +141,8 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true", help="only the --ours rows")
     ap.add_argument("--ours", action="append", default=[], metavar="LABEL:ARGS",
                     help="a qcompile row: LABEL, a colon, then qcompile options (repeatable)")
-    ap.add_argument("--qcompile-src", choices=["head", "tree"], default="head",
-                    help="run qcompile from a clean export of HEAD (default) or from the working tree")
+    ap.add_argument("--qcompile-src", default="head", metavar="head|tree|COMMIT",
+                    help="run qcompile from a clean export of HEAD (default) or of COMMIT, or from the working tree")
     ap.add_argument("--sets", nargs="+", choices=list(heldout.SETS), default=list(heldout.SETS))
     ap.add_argument("--json", type=Path, help="write the table here too (default: WORK/table.json)")
     args = ap.parse_args()
@@ -211,25 +219,25 @@ def main() -> None:
     else:
         calib_note = "no peer rows"
     if args.ours:
-        src, version, short = qcompile_source(work, args.qcompile_src)
+        src, version, short, commit_id = qcompile_source(work, args.qcompile_src)
     for spec in args.ours:
         label, _, opts = spec.partition(":")
         if not opts:
             ap.error(f"--ours {spec!r}: expected LABEL:ARGS")
         extra = shlex.split(opts)
 
-        def ours(label=label, extra=extra):
+        def ours(label=label, extra=extra, opts=opts):
             out_dir = work / "rows" / f"qcompile-{sha256(f'{version} {opts}'.encode())[:12]}"
             cmd = [sys.executable, "-m", "qcompile", model, "--to", "gguf", *extra, "--out", out_dir, "--no-verify",
                    "--force", "-q"]
             # PYTHONSAFEPATH: neither this process's cwd nor the worker children's may shadow ``src``
             s = measure(cmd, env={"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"}).seconds
             ggufs = sorted(out_dir.glob("*.gguf"))
-            if len(ggufs) != 1:
+            if len(ggufs) != 1:  # (the folder is per code version and options: one artifact)
                 raise SystemExit(f"--ours {label}: expected one GGUF in {out_dir}, found {ggufs}")
             return ggufs[0], s, [f"PYTHONPATH={src} PYTHONSAFEPATH=1 " + " ".join(map(str, cmd))]
         rows.append((f"qcompile {label} @{short}", f"qcompile {opts}", f"qcompile {opts} | model {mid} | {version}",
-                     version, ours))
+                     commit_id, ours))
 
     if not rows:
         ap.error("no rows: give --ours or drop --no-peers")
@@ -252,7 +260,8 @@ def main() -> None:
                                                args.chunks)
             save()
         sc = {n: results["scores"][skey(n)] for n in sets}
-        table_rows.append({"label": label, "method": method, "commit": commit, "build_key": key,
+        table_rows.append({"label": label, "method": method, "commit": commit, "built_at_commit": b["commit"],
+                           "build_key": key,
                            "commands": b["commands"], "seconds": b["seconds"], "bytes": b["bytes"], "scores": sc,
                            "mean_kld": sum(s["kld"] for s in sc.values()) / len(sc),
                            "mean_ppl_ratio": math.exp(sum(math.log(s["ppl"] / s["ppl_base"]) for s in sc.values())
@@ -276,6 +285,9 @@ def main() -> None:
     print(table(["method", "MiB", "time s", *names, "mean", "mean / imatrix peer"],
                 [[*lead(r), *(f"{r['scores'][n]['kld']:.5f}" for n in names), f"{r['mean_kld']:.5f}",
                   fmt(r["mean_kld_vs_imatrix_peer"], ".2f")] for r in table_rows]))
+    errs = [r["scores"][n]["kld_err"] for r in table_rows for n in names]
+    print(f"(llama-perplexity's standard error of each per-set KLD: {min(errs):.5f} to {max(errs):.5f}; every row "
+          f"is scored on the same tokens, so differences between rows are more certain than that)")
     base_ppl = {n: table_rows[0]["scores"][n]["ppl_base"] for n in names}  # the same F16 logits in every row
     print("\nperplexity (F16 first; last column: geometric mean of PPL / F16 PPL over the sets)")
     print(table(["method", *names, "PPL / F16"],
