@@ -496,7 +496,8 @@ def compile_folder(opts: Options) -> dict:
     n_params = sum(int(np.prod(ckpt.entry(n).shape)) for n in cfg.expected_tensor_names())
     shapes = cost.Shapes.of(cfg)
     # codes + f16 scales + zero points per group; 8-bit lm_head, plus float32 (ONNX) or 8-bit (OpenVINO) embeddings
-    est_bytes = int(shapes.layers * shapes.layer_linear * (target.bits / 8 + 2.5 / target.group)
+    group = target.group or shapes.hidden  # a per-channel grid (group 0) has one scale per row
+    est_bytes = int(shapes.layers * shapes.layer_linear * (target.bits / 8 + 2.5 / group)
                     + shapes.vocab * shapes.hidden * (2 if opts.to == "openvino" else 5))
     head = head_type(target)
     rtn_work = {(target, shapes.hidden): shapes.layers * shapes.layer_linear,
