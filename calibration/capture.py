@@ -5,10 +5,18 @@ run it in full precision over the calibration activations while hooks accumulate
 Hessian ``X^T X`` (shared by q/k/v and by gate/up; only for methods that need it, else its diagonal),
 for AWQ search channel scales and fold them into the norms/linears, quantize its linears with the
 chosen method, load the quantized values back and run the layer again to produce the next layer's
-inputs (so later layers see, and compensate, earlier layers' errors). Peak memory: one layer, its Hessians and the
-activations. Finished layers are checkpointed so an interrupted run resumes where it stopped. Each quantized
-tensor's reconstruction error (against the weights it was quantized from: AWQ-folded when AWQ runs) is kept in
-:attr:`LayerwiseEngine.errors` and checkpointed with its layer.
+inputs (so later layers see, and compensate, earlier layers' errors). Finished layers are checkpointed
+so an interrupted run resumes where it stopped. Each quantized tensor's reconstruction error (against the
+weights it was quantized from: AWQ-folded when AWQ runs) is kept in :attr:`LayerwiseEngine.errors` and
+checkpointed with its layer.
+
+Peak memory is one layer's worth, and no large matrix is held twice (a one-layer 7B checkpoint through
+GPTQ on 8192 tokens: 3.3 GiB peak RSS for the whole run, 19 GiB before; ``benchmarks/layer_memory.py``):
+the activations are one [n, T, H] float32 tensor that each layer's second pass overwrites batch by batch;
+the Hessians are normalised in place (large ones also accumulated in place, :mod:`quantizers.linalg`);
+the module's bf16 linears are let go while the quantizer runs; the float32 weights are read one group at
+a time (AWQ, which folds scales into all of them, reads them up front), the group with the widest Hessian
+first; and each Hessian is dropped, or handed to the quantizer to factor in place, at its last use.
 """
 from __future__ import annotations
 
@@ -16,16 +24,17 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from qcompile.arch import ModelConfig
 from qcompile.evaluate import CheckpointSource, StreamedDecoder
-from quantizers import CalibStats, Method
+from quantizers import CalibStats, Method, linalg
 from quantizers.error import ErrorTally
 from quantizers.grids import Target, parse_type
 from quantizers.tensor import QuantizedTensor
@@ -56,34 +65,53 @@ class Stats:
     """Accumulated input statistics of one linear group."""
     sq: np.ndarray                  # float64 [in], sum of x^2 (llama.cpp's imatrix, unnormalised)
     abs: np.ndarray                 # float64 [in], sum of |x| (AWQ's activation scale)
-    hessian: "object" = None        # float32 [in, in] sum of x x^T (numpy on CPU, torch elsewhere) or None
+    hessian: object = None          # float32 [in, in] sum of x x^T (numpy on CPU, torch elsewhere) or None
     sample_every: int = 0           # keep every n-th token for AWQ (0: none)
     samples: list = field(default_factory=list)
     tokens: int = 0
+    # a large NumPy Hessian is summed into its upper triangle only, in place, and mirrored once at the end
+    upper_only: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.upper_only = isinstance(self.hessian, np.ndarray) and linalg.is_large(len(self.hessian))
 
     def add(self, x) -> None:
         """Accumulate a batch of inputs x [tokens, in]."""
         xf = x.float()
-        self.sq += xf.square().sum(0).double().cpu().numpy()
-        self.abs += xf.abs().sum(0).double().cpu().numpy()
+        if xf.data_ptr() == x.data_ptr():  # already float32: copy it, the sums below overwrite it
+            xf = xf.clone()
         if self.hessian is not None:
             # f32 products: bf16 partial sums break positive-definiteness of the near-singular Hessians
             # (o_proj's input under GQA has eigenvalues far below bf16's resolution)
-            if isinstance(self.hessian, np.ndarray):
+            if not isinstance(self.hessian, np.ndarray):
+                self.hessian.addmm_(xf.T, xf)
+            elif self.upper_only:
+                # in place (syrk): a product before the sum would be another n x n temporary, 1.4 GB for
+                # 7B's down_proj
+                linalg.add_gram_upper(self.hessian, xf.cpu().numpy())
+            else:
                 xn = xf.cpu().numpy()  # NumPy recognises a.T @ a and calls BLAS syrk: half the FLOPs
                 self.hessian += xn.T @ xn
-            else:
-                self.hessian.addmm_(xf.T, xf)
         if self.sample_every:
             self.samples.append(x[::self.sample_every].to("cpu", copy=True))
+        # last, in place on xf (|x|, then |x|^2 = x^2 exactly): no more [tokens, in] float32 temporaries
+        # (155 MB each for 7B's down_proj input, 2048 tokens a batch)
+        self.abs += xf.abs_().sum(0).double().cpu().numpy()
+        self.sq += xf.square_().sum(0).double().cpu().numpy()
         self.tokens += x.shape[0]
 
     def calib(self) -> CalibStats:
+        """The mean statistics. The Hessian is handed over, not copied: normalised in place (a large one
+        made symmetric first) and no longer held here, so call this once."""
         n = max(1, self.tokens)
-        h = None
-        if self.hessian is not None:
-            h = self.hessian if isinstance(self.hessian, np.ndarray) else self.hessian.cpu().numpy()
-            h = (h / n).astype(np.float32)
+        h = self.hessian
+        if h is not None:
+            if not isinstance(h, np.ndarray):
+                h = h.cpu().numpy()
+            elif self.upper_only:
+                linalg.mirror_upper(h)
+            h /= n   # the same float32 arithmetic as h / n, without the copy
+            self.hessian = None
         return CalibStats(h, (self.sq / n).astype(np.float32))
 
 
@@ -162,54 +190,80 @@ class LayerwiseEngine:
             return self._load_layer(i)
         if i != self.done + 1:
             raise RuntimeError(f"layers must be requested in order (asked {i}, next is {self.done + 1})")
-        torch = self.torch
         if self.hidden is None:
             self.hidden = self.dec.embed(self.source, self.tokens).to(self.device)
         module = self.dec.build_layer(i, self.source, self.device).to(self.dtype)
         stats = self._collect(module)
+        for lin in LINEARS:  # until the quantized values take their place, their memory is GPTQ's (0.47 GB at 7B)
+            module.get_submodule(lin).weight.data = self.torch.empty(0, dtype=self.dtype, device=self.device)
         prefix = f"model.layers.{i}."
-        # full precision, not the bf16 copies inside the module
-        weights = {lin: self.source.full(f"{prefix}{lin}.weight") for lin in LINEARS}
         calib = {k: st.calib() for k, st in stats.items()}
+        # full precision, not the bf16 copies inside the module: read group by group as they are quantized,
+        # except for AWQ, which folds its scales into all of them first
+        weight: Callable[[str], np.ndarray] = lambda lin: self.source.full(f"{prefix}{lin}.weight")
         fp: dict[str, np.ndarray] = {}     # folded norms/biases, exported instead of the checkpoint's
         if self.method.awq:
-            fp = self._awq(prefix, module, stats, weights, calib)
-        out = self._quantize(prefix, weights, calib)
+            weights = {lin: weight(lin) for lin in LINEARS}
+            fp = self._awq(prefix, stats, weights, calib)
+            weight = weights.pop           # each folded matrix is let go once its group is quantized
+        del stats
+        out = self._quantize(prefix, module, weight, calib)
         for name, v in fp.items():
             out[name] = QuantizedTensor(name, T.F32, (1, v.size), v.reshape(1, -1).astype(np.float32))
-        quantized_from = {f"{prefix}{lin}.weight": w for lin, w in weights.items()} | fp
-        with torch.no_grad():
-            for name, qt in out.items():
-                deq = qt.dequantize()
-                self.errors.add(name, quantized_from[name], qt, deq)
-                tensor = module.get_parameter(name[len(prefix):])
-                tensor.copy_(torch.from_numpy(deq).reshape(tensor.shape).to(self.device))
-        self.hidden = self._run(module)
+            self._install(module, prefix, out[name], v)
+        self._run(module, write_back=True)
         self.done = i
         self._save(i, out)
         self.progress(i)
         return out
 
-    def _quantize(self, prefix: str, weights: dict[str, np.ndarray], calib: dict[str, CalibStats]
+    def _quantize(self, prefix: str, module, weight: Callable[[str], np.ndarray], calib: dict[str, CalibStats]
                   ) -> dict[str, QuantizedTensor]:
-        """Quantize the layer's linears. Those that share input statistics and target type (q/k/v, gate/up)
-        are stacked into one matrix: every method here treats rows independently given the statistics, so
-        this changes nothing but the cost (GPTQ factors each Hessian once and sweeps its columns once)."""
+        """Quantize the layer's linears and load them into ``module``. Those that share input statistics and
+        target type (q/k/v, gate/up) are stacked into one matrix: every method here treats rows independently
+        given the statistics, so this changes nothing but the cost (GPTQ factors each Hessian once and sweeps
+        its columns once). ``weight``: a linear's float32 weights (relative name), called once per linear.
+
+        Memory: groups run widest input first, and each group's statistics are dropped after their last
+        use (which may overwrite the Hessian), so 7B's 1.4 GB down_proj Hessian is gone before the
+        gate/up stack (0.5 GB, and as much again inside GPTQ) is read."""
         groups: dict[tuple, list[str]] = {}
         for lin, stat_of in LINEARS.items():
             groups.setdefault((stat_of, self.types[f"{prefix}{lin}.weight"]), []).append(lin)
+        uses = Counter(stat_of for stat_of, _ in groups)
         parts: dict[str, QuantizedTensor] = {}
-        for (stat_of, target), lins in groups.items():
-            w = np.concatenate([weights[lin] for lin in lins]) if len(lins) > 1 else weights[lins[0]]
-            q = self.method.quantize("+".join(f"{prefix}{lin}.weight" for lin in lins), w, target, calib[stat_of])
-            r0 = 0
-            for lin in lins:
-                n = weights[lin].shape[0]
-                parts[lin] = QuantizedTensor(f"{prefix}{lin}.weight", q.type, (n, q.shape[1]), q.data[r0:r0 + n])
-                r0 += n
+        for stat_of, target in sorted(groups, key=lambda g: -len(calib[g[0]].sq_mean)):
+            uses[stat_of] -= 1
+            stat = calib.pop(stat_of) if uses[stat_of] == 0 else calib[stat_of]
+            stat.last_use = stat_of not in calib
+            parts |= self._quantize_group(prefix, module, groups[stat_of, target], target, stat, weight)
+            del stat
         return {f"{prefix}{lin}.weight": parts[lin] for lin in LINEARS}
 
-    def _awq(self, prefix: str, module, stats: dict[str, Stats], weights: dict[str, np.ndarray],
+    def _quantize_group(self, prefix: str, module, lins: list[str], target: Target, stat: CalibStats,
+                        weight: Callable[[str], np.ndarray]) -> dict[str, QuantizedTensor]:
+        """Quantize linears ``lins`` (sharing ``stat`` and ``target``) as one row-stacked matrix, load them
+        into ``module`` and return them by linear."""
+        names = [f"{prefix}{lin}.weight" for lin in lins]
+        rows = [self.source.shape(n)[0] for n in names]
+        w = _stack(map(weight, lins), rows)
+        q = self.method.quantize("+".join(names), w, target, stat)
+        out, r0 = {}, 0
+        for lin, name, n in zip(lins, names, rows):
+            out[lin] = QuantizedTensor(name, q.type, (n, q.shape[1]), q.data[r0:r0 + n])
+            self._install(module, prefix, out[lin], w[r0:r0 + n])
+            r0 += n
+        return out
+
+    def _install(self, module, prefix: str, qt: QuantizedTensor, reference: np.ndarray) -> None:
+        """Record ``qt``'s reconstruction error against ``reference`` (what it was quantized from, same shape)
+        and put its values into ``module``, in the engine dtype, for the layer's second pass."""
+        deq = qt.dequantize()
+        self.errors.add(qt.name, reference, qt, deq)
+        param = module.get_parameter(qt.name[len(prefix):])
+        param.data = self.torch.from_numpy(deq).reshape(reference.shape).to(self.device, self.dtype)
+
+    def _awq(self, prefix: str, stats: dict[str, Stats], weights: dict[str, np.ndarray],
              calib: dict[str, CalibStats]) -> dict[str, np.ndarray]:
         """Search AWQ scales for each group, fold them into ``weights`` and the producers, and rescale
         the statistics to the folded inputs. Returns the folded producer norms/biases by tensor name."""
@@ -222,18 +276,22 @@ class LayerwiseEngine:
             pairs = [(weights[c], self.types[f"{prefix}{c}.weight"]) for c in consumers]
             scales[producer], _gain = awq.search_scales(self.torch.cat(st.samples), st.abs / st.tokens, pairs)
             st.samples.clear()
-            calib[stat_of] = calib[stat_of].scaled(scales[producer])
+            calib[stat_of].rescale(scales[producer])
         present = set(self.cfg.layer_tensor_names(int(prefix.split(".")[2])))
         params = {rel: self.source.full(prefix + rel).astype(np.float32) for rel in producer_params(scales)
                   if prefix + rel in present}
         fold(scales, weights, params)
         return {prefix + rel: v for rel, v in params.items()}
 
-    def _run(self, module):
-        """The layer over all calibration activations, batch by batch, in the engine dtype; f32 out."""
-        outs = [self.dec.run_layer(module, self.hidden[b:b + self.batch].to(self.dtype)).float()
-                for b in range(0, self.hidden.shape[0], self.batch)]
-        return self.torch.cat(outs)
+    def _run(self, module, write_back: bool = False) -> None:
+        """The layer over all calibration activations, batch by batch, in the engine dtype. ``write_back``:
+        each batch's outputs (f32) replace its inputs in ``self.hidden``: sequences are independent, so the
+        batches still to run are untouched, and no second [n, T, H] tensor is ever made (0.9 GB at 7B
+        with 128 x 512 tokens)."""
+        for b in range(0, self.hidden.shape[0], self.batch):
+            y = self.dec.run_layer(module, self.hidden[b:b + self.batch].to(self.dtype))
+            if write_back:
+                self.hidden[b:b + self.batch] = y
 
     def _collect(self, module) -> dict[str, Stats]:
         torch = self.torch
@@ -259,6 +317,23 @@ class LayerwiseEngine:
             for h in hooks:
                 h.remove()
         return stats
+
+
+def _stack(arrays: Iterable[np.ndarray], rows: list[int]) -> np.ndarray:
+    """Stack matrices by rows, filling one preallocated array as they come (only one of them is held at a time:
+    7B's gate and up are 0.27 GB each); a single matrix is returned as it is."""
+    arrays = iter(arrays)
+    first = next(arrays)
+    if len(rows) == 1:
+        return first
+    out = np.empty((sum(rows), first.shape[1]), first.dtype)
+    out[:rows[0]] = first
+    del first
+    r0 = rows[0]
+    for a, n in zip(arrays, rows[1:]):
+        out[r0:r0 + n] = a
+        r0 += n
+    return out
 
 
 def foldable(producer: str, consumers: tuple[str, ...], weights: dict[str, np.ndarray]) -> bool:

@@ -6,8 +6,8 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -19,24 +19,34 @@ from quantizers.tensor import QuantizedTensor
 @dataclass
 class CalibStats:
     """Input statistics of one linear over the calibration tokens: the mean of x x^T (only for methods
-    that need it) and the mean of x^2 per channel."""
+    that need it) and the mean of x^2 per channel. ``last_use``: the holder hands ``hessian`` over for good,
+    so a quantizer may overwrite it (GPTQ factors a large Hessian in place instead of in a copy)."""
     hessian: np.ndarray | None
     sq_mean: np.ndarray
+    last_use: bool = False
 
     @property
     def importance(self) -> np.ndarray:
         """Per-input-channel mean squared activation (llama.cpp's imatrix)."""
         return np.clip(self.sq_mean, 0, None).astype(np.float32)
 
-    def scaled(self, s: np.ndarray) -> "CalibStats":
-        """The statistics of the inputs ``x / s`` (after AWQ folded ``s`` into the weights)."""
-        h = None if self.hessian is None else (self.hessian / np.outer(s, s)).astype(np.float32)
-        return CalibStats(h, (self.sq_mean / (s * s)).astype(np.float32))
+    def rescale(self, s: np.ndarray) -> None:
+        """In place, the statistics of the inputs ``x / s`` (after AWQ folded ``s`` into the weights).
+
+        The Hessian is divided by ``s s^T`` a band of rows at a time: no second copy of it, nor of
+        ``s s^T`` (each 1.4 GB at 7B's widest input in float32), and the same arithmetic per element."""
+        if self.hessian is not None:
+            rows = max(1, (1 << 22) // len(s))
+            for r0 in range(0, len(s), rows):
+                self.hessian[r0:r0 + rows] /= np.outer(s[r0:r0 + rows], s)
+        self.sq_mean = (self.sq_mean / (s * s)).astype(np.float32)
 
 
 def _gptq(name: str, weight: np.ndarray, target: Target, stats: CalibStats | None) -> QuantizedTensor:
-    from quantizers.gptq import gptq  # imports torch: only when a calibrated run needs it
-    return gptq(name, weight, stats.hessian, target)
+    from quantizers.gptq import (
+        gptq,  # imports torch: only when a calibrated run needs it
+    )
+    return gptq(name, weight, stats.hessian, target, overwrite_hessian=stats.last_use)
 
 
 def _imatrix(name: str, weight: np.ndarray, target: Target, stats: CalibStats | None) -> QuantizedTensor:

@@ -57,6 +57,79 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_inverse():
     assert torch.allclose(u.T @ u, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
 
 
+@pytest.fixture
+def large_hessians(monkeypatch):
+    """Every Hessian takes the large-Hessian path (float32, in place, LAPACK), as 7B's down_proj does."""
+    from quantizers import linalg
+    monkeypatch.setattr(linalg, "LARGE_HESSIAN", 0)
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, IntType(4, 128), IntType(4, 0)], ids=lambda t: t.name)
+def test_gptq_on_a_large_hessian_beats_rtn_by_20_percent(large_hessians, t):
+    """The float32 in-place factorisation: the same gains over RTN as the float64 one, in the Hessian's own
+    memory when the caller hands it over (and without touching it when not)."""
+    w, x = correlated_problem()
+    h = (x.T @ x / len(x)).astype(np.float32)  # as the engine accumulates it
+    e_rtn = out_err(x, w, rtn("w", w, t))
+    e_gptq = out_err(x, w, gptq("w", w, h.copy(), t, overwrite_hessian=True))
+    kept = h.copy()
+    e_act = out_err(x, w, gptq("w", w, kept, t, act_order=True, overwrite_hessian=True))
+    assert np.array_equal(kept, h)  # act_order factors a permuted copy
+    assert e_gptq <= 0.8 * e_rtn, (e_gptq, e_rtn)
+    assert e_act <= 0.8 * e_rtn, (e_act, e_rtn)
+    assert np.array_equal(gptq("w", w, kept, t).data, gptq("w", w, h.copy(), t, overwrite_hessian=True).data)
+    assert np.array_equal(kept, h)
+
+
+def test_large_hessian_factor_and_accumulation_match_the_small_paths(monkeypatch):
+    """The float32 factor (in place, LAPACK) against the float64 one; the in-place syrk accumulation of a
+    large Hessian against NumPy's product."""
+    from quantizers import gptq as G
+    from quantizers import linalg
+    _, x = correlated_problem(4, cols=256, n=1024)
+    x = x.astype(np.float32)
+    h = x.T @ x / len(x)
+    perm = np.random.default_rng(0).permutation(256)
+    for order in (None, perm):
+        ref = G._inverse_factor_f64("w", h, G._diagonal(h), order, 0.01)
+        work = h.copy()
+        got = G._inverse_factor_f32("w", work, G._diagonal(h), order, 0.01, overwrite=True)
+        assert torch.equal(got, torch.triu(got))
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+        assert np.shares_memory(got.numpy(), work) == (order is None)  # in place unless permuted
+    stats = {}
+    for large in (True, False):
+        monkeypatch.setattr(linalg, "LARGE_HESSIAN", 0 if large else 1 << 30)
+        stats[large] = capture.Stats(np.zeros(256), np.zeros(256), np.zeros((256, 256), np.float32))
+        for chunk in np.split(x, 4):
+            stats[large].add(torch.from_numpy(chunk))
+    assert stats[True].upper_only and not stats[False].upper_only
+    big, small = stats[True].calib().hessian, stats[False].calib().hessian
+    assert np.array_equal(big, big.T) and np.allclose(big, small, rtol=1e-5, atol=1e-6 * np.abs(small).max())
+    assert stats[True].hessian is None  # handed over, not copied
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["float64", "float32"])
+def test_gptq_raises_the_damping_until_a_singular_hessian_factors(monkeypatch, large):
+    """64 tokens for 512 channels and a dead one: singular, and float32 rounding makes it slightly indefinite,
+    so a damping of 1e-7 fails; doubling it (deterministically) a few times factors it, and GPTQ then fits
+    those tokens far better than RTN. Without the retries it is an error naming the tensor."""
+    from quantizers import gptq as G
+    from quantizers import linalg
+    if large:
+        monkeypatch.setattr(linalg, "LARGE_HESSIAN", 0)
+    w, x = correlated_problem(5, n=64)
+    x = x.astype(np.float32)
+    x[:, 3] = 0
+    h = x.T @ x / len(x)
+    q = gptq("w", w, h.copy(), T.Q4_K, damp=1e-7, overwrite_hessian=True)
+    assert out_err(x, w, q) <= 0.5 * out_err(x, w, rtn("w", w, T.Q4_K))
+    assert np.array_equal(q.data, gptq("w", w, h.copy(), T.Q4_K, damp=1e-7, overwrite_hessian=True).data)
+    monkeypatch.setattr(G, "DAMP_RETRIES", 0)
+    with pytest.raises(ValueError, match="w: the Hessian does not factor even with damping 1e-07"):
+        gptq("w", w, h, T.Q4_K, damp=1e-7)
+
+
 def test_gptq_output_is_exactly_on_the_grid():
     """The packed bytes decode (ggml) to the values GPTQ chose; re-rounding them changes nothing."""
     w, x = correlated_problem(1, rows=64)
@@ -193,6 +266,22 @@ def test_gptq_run_is_deterministic_and_better_than_rtn(tiny_models, tmp_path):
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
     assert rep["target"]["method"] == "gptq" and "calib.txt" in rep["calibration"]
     assert kld("a") < kld("r")
+
+
+def test_gptq_run_on_large_hessian_paths_is_better_than_rtn(tiny_models, tmp_path, large_hessians, monkeypatch):
+    """End to end with every Hessian on the large paths (summed into one triangle in place, normalised in
+    place, handed to GPTQ at its last use and factored there in float32), as 7B's down_proj is."""
+    handed_over = []
+    real = capture.LayerwiseEngine._quantize_group
+    monkeypatch.setattr(capture.LayerwiseEngine, "_quantize_group",
+                        lambda self, *a: handed_over.append(a[4].last_use) or real(self, *a))
+    calib = _calib_file(tmp_path)
+    args = ["--quant", "Q4_K_M", "--calib", calib, "--calib-samples", "8", "--calib-seqlen", "128", "-q"]
+    for m in ("gptq", "rtn"):
+        assert run_cli(tiny_models["qwen2"], *args, "--method", m, "--out", tmp_path / m) == 0
+    kld = lambda d: json.loads((tmp_path / d / "report.json").read_text())["metrics"]["reference"]["kld_mean"]
+    assert kld("gptq") < kld("rtn")
+    assert sum(handed_over) == 4 * read_config(tiny_models["qwen2"]).num_layers  # one per distinct Hessian
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
