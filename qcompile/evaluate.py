@@ -204,6 +204,7 @@ class StreamedDecoder:
         hf_cfg._attn_implementation = "sdpa"
         self.hf_cfg = hf_cfg
         self.rotary = getattr(mod, f"{cfg.arch.hf_prefix}RotaryEmbedding")(hf_cfg)
+        self._rope_cache: dict = {}
 
     def _t(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
@@ -225,8 +226,27 @@ class StreamedDecoder:
     def forward_layer(self, layer, h):
         """A decoder layer on ``h`` [n, T, H] (causal, positions 0..T-1), recording gradients if enabled."""
         pos = self.torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
-        out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=self.rotary(h, pos))
+        cos, sin = self._rope(h)
+        out = layer(h, attention_mask=None, position_ids=pos,
+                    position_embeddings=(cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)))
         return out[0] if isinstance(out, tuple) else out
+
+    def _rope(self, h):
+        """RoPE's cos/sin for positions 0..T-1 ([1, T, head_dim], ``h``'s dtype), computed once per length on
+        one thread. Why: torch's vectorised cos/sin switch to a scalar tail at chunk boundaries that depend
+        on how a parallel loop was split, which varied from run to run on a loaded machine; the rotary
+        tables then differed in the last bit and so did the calibrated artifacts (1 run in 4 under load)."""
+        key = (h.shape[1], h.device, h.dtype)
+        if key not in self._rope_cache:
+            torch = self.torch
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with torch.no_grad():
+                    self._rope_cache[key] = self.rotary(h[:1], torch.arange(h.shape[1], device=h.device)[None])
+            finally:
+                torch.set_num_threads(threads)
+        return self._rope_cache[key]
 
     def run_layer(self, layer, hidden, batch: int = 0):
         """Apply a decoder layer to ``hidden`` [n, T, H] (``batch`` sequences at a time; 0 = all)."""
