@@ -152,7 +152,42 @@ def additive_masks(model) -> None:
     model.validate_nodes_and_infer_types()
 
 
-def decompressed(qt: QuantizedTensor):
+ROW_CHUNK_BYTES = 64 << 20   # codes unpacked at a time while packing a tensor for the IR
+
+
+def _alloc(shape: tuple[int, ...], dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
+
+
+def _packed_codes(qt: QuantizedTensor, shape: tuple[int, ...], alloc) -> tuple[np.ndarray, dict]:
+    """``qt``'s codes in OpenVINO's layout for ``shape`` (its [N, ...] view): signed around the zero point
+    for a symmetric grid, 4-bit codes two to a byte with the first in the low nibble (OpenVINO's u4/i4),
+    written into ``alloc(shape, dtype)`` a row chunk at a time (the unpacked codes of a 7B head are 0.5 GB;
+    of a chunk, 64 MB). Returns the array and the per-block scales/zero points ([N, ...] flattened)."""
+    t = qt.type
+    n, k = qt.shape
+    packed_shape = shape[:-1] + (shape[-1] // 2 if t.bits == 4 else shape[-1],)
+    out = alloc(packed_shape, np.int8 if t.sym and t.bits == 8 else np.uint8)
+    params: dict[str, list] = {}
+    step = max(1, ROW_CHUNK_BYTES // max(1, k))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        f = QuantizedTensor(qt.name, t, (r1 - r0, k), qt.data[r0:r1]).fields()
+        codes = f.codes.reshape((r1 - r0,) + shape[1:])
+        if t.sym:  # subtract in int16: 8-bit codes reach 255 and the zero point is 128, neither fits int8
+            codes = (codes.astype(np.int16) - t.zero).astype(np.int8)
+        if t.bits == 4:
+            nib = codes.astype(np.uint8) & 0xF
+            codes = nib[..., 0::2] | (nib[..., 1::2] << 4)
+        out[r0:r1] = codes
+        for key, v in f.params.items():
+            params.setdefault(key, []).append(v)
+    if hasattr(out, "flush"):
+        out.flush()
+    return out, {key: np.concatenate(v) for key, v in params.items()}
+
+
+def decompressed(qt: QuantizedTensor, alloc=_alloc):
     """Our integers as OpenVINO's compressed-weight pattern, the one NNCF writes and the CPU plugin fuses
     into its FullyConnected / Gather kernels:
 
@@ -162,31 +197,31 @@ def decompressed(qt: QuantizedTensor):
 
     A per-channel grid is NNCF's ``group_size=-1`` layout: codes [N, K], scales and zero points [N, 1],
     and no Reshape. The codes, scales and zero points are the stored bytes of ``qt``; nothing is rounded
-    again."""
+    again. The codes Constant shares the packed array made by ``alloc(shape, dtype)`` instead of copying
+    it: with a memory map on disk (:meth:`qcompile.spill.Spill.empty`) the whole model's codes are never
+    in anonymous memory while the IR is built and saved."""
     import openvino as ov
     import openvino.opset13 as ops
     t = qt.type
     if not isinstance(t, IntType):
         raise ValueError(f"{qt.name}: {getattr(t, 'name', t)} is not an integer grid")
     n, k = qt.shape
-    f = qt.fields()
     # grouped: one axis per group, so scales broadcast over [N, K/g, g]; per-channel: over [N, K]
     shape = (n, k) if t.per_channel else (n, k // t.group, t.group)
     per_block = shape[:-1] + (1,)
-    codes = f.codes.reshape(shape)
-    # named after the HF tensor, so the IR can be audited weight by weight
+    packed, params = _packed_codes(qt, shape, alloc)
     if t.sym:  # signed codes around the fixed zero point: no Subtract, as NNCF's symmetric modes
-        # subtract in int16: 8-bit codes reach 255 and the zero point is 128, neither fits int8
-        signed = (codes.astype(np.int16) - t.zero).astype(np.int8)
-        w = ops.constant(signed, ov.Type.i4 if t.bits == 4 else ov.Type.i8, name=f"{qt.name}/codes")
-        w = ops.convert(w, ov.Type.f16)
+        typ = ov.Type.i4 if t.bits == 4 else ov.Type.i8
     else:
-        unsigned = ov.Type.u4 if t.bits == 4 else ov.Type.u8
-        w = ops.convert(ops.constant(codes, unsigned, name=f"{qt.name}/codes"), ov.Type.f16)
-        z = ops.constant(f.params["z"].astype(np.uint8).reshape(per_block), unsigned,
-                         name=f"{qt.name}/zero_points")
+        typ = ov.Type.u4 if t.bits == 4 else ov.Type.u8
+    # shared only with an allocator that keeps the array alive (a Spill); else the Constant copies it
+    codes = ov.op.Constant(ov.Tensor(packed, ov.Shape(list(shape)), typ), shared_memory=alloc is not _alloc)
+    codes.set_friendly_name(f"{qt.name}/codes")   # named after the HF tensor: the IR audits weight by weight
+    w = ops.convert(codes, ov.Type.f16)
+    if not t.sym:
+        z = ops.constant(params["z"].astype(np.uint8).reshape(per_block), typ, name=f"{qt.name}/zero_points")
         w = ops.subtract(w, ops.convert(z, ov.Type.f16))
-    d = ops.constant(f.params["d"].astype(np.float16).reshape(per_block), name=f"{qt.name}/scales")
+    d = ops.constant(params["d"].astype(np.float16).reshape(per_block), name=f"{qt.name}/scales")
     w = ops.multiply(w, d)
     if not t.per_channel:
         w = ops.reshape(w, ops.constant(np.array([n, k], np.int64)), False)
@@ -194,7 +229,7 @@ def decompressed(qt: QuantizedTensor):
 
 
 def bind(model, names: list[str], tensors: dict[str, QuantizedTensor], read,
-         params: dict[str, np.ndarray] | None = None, tied: bool = False) -> None:
+         params: dict[str, np.ndarray] | None = None, tied: bool = False, alloc=_alloc) -> None:
     """Replace each weight input (``names``) by constants: a quantized tensor where ``tensors`` has one
     (the lookup of a tied table reads ``model.embed_tokens.weight``, its head ``lm_head.weight``), else the
     float value, ``params[name]`` (AWQ-folded norms/biases) or ``read(name)`` from the checkpoint, stored
@@ -212,7 +247,7 @@ def bind(model, names: list[str], tensors: dict[str, QuantizedTensor], read,
             qt = tensors.get(key)
             if qt is not None:
                 used.add(key)
-                src = decompressed(qt)
+                src = decompressed(qt, alloc)
             else:
                 if fp is None:
                     value = np.asarray(params[name], np.float32) if name in params else read(name)
@@ -238,16 +273,20 @@ def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[s
     import openvino as ov
     from exporters.onnx import _portable_config
     from qcompile.checkpoint import Checkpoint
+    from qcompile.spill import Spill
     tmp = out / f".openvino.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        model = trace_fp(model_dir, cfg)
-        names = [p.get_any_name() for p in model.inputs][3 + 2 * cfg.num_layers:]
-        bind(model, names, tensors, Checkpoint(model_dir, cfg).read, params, cfg.tie_word_embeddings)
-        make_stateful(model, cfg.num_layers)
-        ov.save_model(model, str(tmp / XML_FILE), compress_to_fp16=bool(tensors))
-        del model
+        # the packed codes the graph's Constants share wait on disk, memory-mapped, until the IR is saved
+        with Spill(out / f".openvino.{os.getpid()}.codes") as codes:
+            model = trace_fp(model_dir, cfg)
+            names = [p.get_any_name() for p in model.inputs][3 + 2 * cfg.num_layers:]
+            bind(model, names, tensors, Checkpoint(model_dir, cfg).read, params, cfg.tie_word_embeddings,
+                 alloc=codes.empty)
+            make_stateful(model, cfg.num_layers)
+            ov.save_model(model, str(tmp / XML_FILE), compress_to_fp16=bool(tensors))
+            del model
         for name in SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)

@@ -53,11 +53,11 @@ def _check(peaks: dict[int, memwatch.Peak]) -> None:
 
 @requires_llama()
 def test_default_bits4_holds_one_layer(wide_models, tmp_path):
-    """``--bits 4`` without --calib: self-calibration (Q8_0 copy + llama.cpp sampling) and GPTQ."""
+    """``--bits 4`` without --calib: self-calibration (Q8_0 copy + llama.cpp sampling) and the imatrix."""
     peaks = {n: _peak(m, tmp_path / f"d{n}", "--bits", "4", "--calib-samples", "4", "--calib-seqlen", "32")
              for n, m in wide_models.items()}
     rep = json.loads((tmp_path / f"d{LAYERS[1]}" / "report.json").read_text())
-    assert rep["target"]["method"] == "gptq" and rep["calibration"].startswith("self-generated")
+    assert rep["target"]["method"] == "imatrix" and rep["calibration"].startswith("self-generated")
     _check(peaks)
 
 
@@ -74,3 +74,23 @@ def test_max_size_holds_one_layer(wide_models, tmp_path):
         assert "allocation" in json.loads((tmp_path / f"m{n}" / "report.json").read_text())
         assert base.anon_mb < peaks[n].anon_mb  # the analysis ran (and cost something)
     _check(peaks)
+
+
+def test_gptq_holds_one_layer(wide_models, tmp_path):
+    """GPTQ with a calibration file: Hessians, the sweep and the layer engine's activations."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny.builtin_text())
+    _check({n: _peak(m, tmp_path / f"g{n}", "--bits", "4", "--calib", calib, "--calib-samples", "4",
+                     "--calib-seqlen", "32") for n, m in wide_models.items()})
+
+
+@pytest.mark.parametrize("to", ["onnx"])
+def test_folder_export_holds_one_layer(wide_models, tmp_path, to):
+    """ONNX: the quantized linears wait on disk, memory-mapped, until the graph is written, so the export
+    does not hold the quantized model. 8-bit: the 10 extra layers' codes are then ~110 MB, which an export
+    holding them could not hide under the bound (before the spill it grew 57 MB at 8 bits vs 27 MB after).
+    OpenVINO is not here: its codes are shared from the spill too, but the PyTorch-frontend conversion of
+    the traced float graph still grows with the layer count (228 MB for the 10 extra layers), not fixed yet."""
+    pytest.importorskip(to)
+    _check({n: _peak(m, tmp_path / f"{to}{n}", "--to", to, "--bits", "8", "--method", "rtn")
+            for n, m in wide_models.items()})
