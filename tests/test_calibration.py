@@ -320,7 +320,7 @@ def test_default_bits4_uses_self_calibration_offline(tiny_models, tmp_path, caps
                    "--calib-seqlen", "32", "--no-verify") == 0
     err = capsys.readouterr().err
     assert "calibration: self-generated" in err and "offline default" in err
-    assert json.loads((tmp_path / "report.json").read_text())["target"]["method"] == "gptq"
+    assert json.loads((tmp_path / "report.json").read_text())["target"]["method"] == "imatrix"
 
 
 @requires_llama()
