@@ -85,6 +85,8 @@ class Stats:
             # (o_proj's input under GQA has eigenvalues far below bf16's resolution)
             if not isinstance(self.hessian, np.ndarray):
                 self.hessian.addmm_(xf.T, xf)
+            elif linalg.can_add_gram_bf16(x):
+                linalg.add_gram_bf16(self.hessian, x)  # bf16 inputs, f32 sums, in place: the fastest safe way
             elif self.upper_only:
                 # in place (syrk): a product before the sum would be another n x n temporary, 1.4 GB for
                 # 7B's down_proj

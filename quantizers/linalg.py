@@ -81,3 +81,65 @@ def add_gram_upper(h: np.ndarray, x: np.ndarray) -> None:
     out = ssyrk(1.0, x.T, beta=1.0, c=h.T, trans=0, lower=1, overwrite_c=1)
     if not np.shares_memory(out, h):
         raise RuntimeError("ssyrk did not update the Hessian in place")
+
+
+# ---- X^T X from bfloat16 activations, accumulated in float32 -------------------------------------------
+# The layer engine runs in bfloat16, so the inputs whose Gram matrix GPTQ needs are bfloat16 values. torch
+# has no CPU matmul with bfloat16 inputs and a float32 result (its bf16 matmul rounds the output to bf16,
+# which breaks the positive-definiteness of near-singular Hessians), and NumPy's OpenBLAS is built without
+# bfloat16. MKL's cblas_gemm_bf16bf16f32, which libtorch_cpu links in and exports, is exactly that product
+# (AMX / AVX512-BF16 on CPUs that have them: 3-5x NumPy's float32 syrk on 7B's widths here). A product of
+# two bfloat16 values is exact in float32, so this is the same sum as the float32 product in another order.
+
+_GEMM_BF16 = None   # the ctypes function once checked, or False where unavailable
+
+
+def _gemm_bf16():
+    global _GEMM_BF16
+    if _GEMM_BF16 is None:
+        _GEMM_BF16 = False
+        try:
+            import ctypes
+            import os
+
+            import torch
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            f = lib.cblas_gemm_bf16bf16f32
+        except (OSError, AttributeError, ImportError):
+            return False
+        f.restype = None
+        f.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                           ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        _GEMM_BF16 = f
+        if not _self_check():   # an MKL with another integer ABI would compute garbage: never use it then
+            _GEMM_BF16 = False
+    return _GEMM_BF16
+
+
+def _self_check() -> bool:
+    import torch
+    x = torch.linspace(-3, 3, 37 * 24).reshape(37, 24).to(torch.bfloat16)
+    h = np.zeros((24, 24), np.float32)
+    _call(h, x)
+    xf = x.float().numpy().astype(np.float64)
+    return bool(np.allclose(h, xf.T @ xf, rtol=1e-5, atol=1e-5))
+
+
+def _call(h: np.ndarray, x) -> None:
+    tokens, n = x.shape
+    # row-major (101): h = 1 * x^T (112: transposed) x (111: as is) + 1 * h
+    _GEMM_BF16(101, 112, 111, n, n, tokens, 1.0, x.data_ptr(), n, x.data_ptr(), n, 1.0, h.ctypes.data, n)
+
+
+def can_add_gram_bf16(x) -> bool:
+    """Whether :func:`add_gram_bf16` can take ``x`` (a CPU bfloat16 tensor, where MKL's kernel exists)."""
+    import torch
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and bool(_gemm_bf16())
+
+
+def add_gram_bf16(h: np.ndarray, x) -> None:
+    """``h += x^T x`` in place for float32 ``h`` [n, n] (C-contiguous) and a bfloat16 torch tensor ``x``
+    [tokens, n], accumulated in float32, both triangles (no temporary)."""
+    if not (h.flags.c_contiguous and h.dtype == np.float32 and h.shape == (x.shape[1], x.shape[1])):
+        raise ValueError("add_gram_bf16 needs a C-contiguous float32 [n, n] matrix")
+    _call(h, x.contiguous())

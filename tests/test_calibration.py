@@ -358,3 +358,24 @@ def test_self_generation_without_llama_cpp_is_one_line(tiny_models, tmp_path, ca
     assert err[-1] == ("qcompile: error: self-generated calibration (the default of --bits 4 without --calib) "
                        "samples with llama.cpp: pip install 'qcompile[llama]', or pass --calib FILE")
     assert not any(p.suffix == ".gguf" for p in tmp_path.iterdir())
+
+
+def test_bf16_gram_is_the_float32_sum_of_exact_products():
+    """MKL's bf16 x bf16 -> f32 product (the engine's Hessians): products of bf16 values are exact in f32, so it
+    agrees with a float64 reference to float32 rounding of the sums, is exactly symmetric and repeatable, and
+    adds to what the matrix held."""
+    from quantizers import linalg
+    x = (torch.randn(1000, 160, generator=torch.Generator().manual_seed(0)) * torch.rand(160) * 4).to(torch.bfloat16)
+    if not linalg.can_add_gram_bf16(x):
+        pytest.skip("this torch has no MKL bf16 GEMM")
+    ref = x.double().numpy()
+    ref = ref.T @ ref
+    h = np.ones((160, 160), np.float32)
+    linalg.add_gram_bf16(h, x)
+    h -= 1
+    assert float(np.abs(h - ref).max() / np.abs(ref).max()) < 1e-6
+    a, b = np.zeros_like(h), np.zeros_like(h)
+    linalg.add_gram_bf16(a, x)
+    linalg.add_gram_bf16(b, x)
+    assert np.array_equal(a, b) and np.array_equal(a, a.T)
+    assert float(np.abs(a - h).max() / np.abs(ref).max()) < 1e-6
