@@ -69,11 +69,9 @@ class Stats:
     sample_every: int = 0           # keep every n-th token for AWQ (0: none)
     samples: list = field(default_factory=list)
     tokens: int = 0
-    # a large NumPy Hessian is summed into its upper triangle only, in place, and mirrored once at the end
-    upper_only: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.upper_only = isinstance(self.hessian, np.ndarray) and linalg.is_large(len(self.hessian))
+    # set once a batch went into the upper triangle only (a large NumPy Hessian from float32 inputs, by
+    # syrk in place): calib() mirrors it then; the other routes write the whole matrix
+    upper_only: bool = False
 
     def add(self, x) -> None:
         """Accumulate a batch of inputs x [tokens, in]."""
@@ -87,10 +85,11 @@ class Stats:
                 self.hessian.addmm_(xf.T, xf)
             elif linalg.can_add_gram_bf16(x):
                 linalg.add_gram_bf16(self.hessian, x)  # bf16 inputs, f32 sums, in place: the fastest safe way
-            elif self.upper_only:
+            elif linalg.is_large(len(self.hessian)):
                 # in place (syrk): a product before the sum would be another n x n temporary, 1.4 GB for
                 # 7B's down_proj
                 linalg.add_gram_upper(self.hessian, xf.cpu().numpy())
+                self.upper_only = True
             else:
                 xn = xf.cpu().numpy()  # NumPy recognises a.T @ a and calls BLAS syrk: half the FLOPs
                 self.hessian += xn.T @ xn

@@ -541,8 +541,7 @@ def compile_folder(opts: Options) -> dict:
             fingerprint=fingerprint(res.path.resolve(), tokens.tobytes(), method.name, target.name, opts.to))
     errors = ErrorTally()
     # the graph is built only once every linear is quantized: until then they wait on disk, memory-mapped
-    spill = Spill(out / f".{opts.to}.spill")
-    with spill:
+    with Spill(out / f".{opts.to}.spill") as spill:
         with _progress(opts, total=cfg.num_layers, unit="layer", desc=f"{method.name} {target.name}") as bar:
             tensors = quantize_decoder(cfg, source, target, engine, opts.threads,
                                        on_layer=lambda i: bar.update(1), errors=errors, keep=spill.put)
@@ -574,32 +573,32 @@ def compile_folder(opts: Options) -> dict:
             for f in files:
                 f.unlink(missing_ok=True)
             raise
-        timings["total"] = time.perf_counter() - t0
-        size = sum(f.stat().st_size for f in files)
-        rep = {
-            "tool": {"name": "qcompile", "command": opts.argv},
-            "model": model_info(res, cfg, n_params),
-            "target": {"format": opts.to, "scheme": target.name, "bits": target.bits, "group_size": target.group,
-                       "symmetric": target.sym, "method": method.name,
-                       "lm_head": ("float32" if opts.to == "onnx" else "float16") if opts.keep_embeddings_fp
-                       else head_type(target).name,
-                       "embeddings": tensors["model.embed_tokens.weight"].type.name
-                       if "model.embed_tokens.weight" in tensors else ("float32" if opts.to == "onnx" else "float16"),
-                       **extras},
-            "calibration": calib_info,
-            "artifact": {"path": main_file, "bytes": size,
-                         "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": report.sha256_file(f)}
-                                   for f in files],
-                         "bits_per_weight": 8.0 * size / n_params},
-            "tensors": [{"name": n, "type": q.type.name, "shape": list(q.shape), "bytes": q.nbytes,
-                         "rel_error": errors.rel_error(n)} for n, q in tensors.items()],
-            "metrics": metrics,
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "versions": report.versions(),
-        }
-        report.write_report(out / "report.json", rep)
-        rep["artifact"]["full_path"] = str(out / main_file)
-        return rep
+    timings["total"] = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in files)
+    rep = {
+        "tool": {"name": "qcompile", "command": opts.argv},
+        "model": model_info(res, cfg, n_params),
+        "target": {"format": opts.to, "scheme": target.name, "bits": target.bits, "group_size": target.group,
+                   "symmetric": target.sym, "method": method.name,
+                   "lm_head": ("float32" if opts.to == "onnx" else "float16") if opts.keep_embeddings_fp
+                   else head_type(target).name,
+                   "embeddings": tensors["model.embed_tokens.weight"].type.name
+                   if "model.embed_tokens.weight" in tensors else ("float32" if opts.to == "onnx" else "float16"),
+                   **extras},
+        "calibration": calib_info,
+        "artifact": {"path": main_file, "bytes": size,
+                     "files": [{"path": f.name, "bytes": f.stat().st_size, "sha256": report.sha256_file(f)}
+                               for f in files],
+                     "bits_per_weight": 8.0 * size / n_params},
+        "tensors": [{"name": n, "type": q.type.name, "shape": list(q.shape), "bytes": q.nbytes,
+                     "rel_error": errors.rel_error(n)} for n, q in tensors.items()],
+        "metrics": metrics,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": report.versions(),
+    }
+    report.write_report(out / "report.json", rep)
+    rep["artifact"]["full_path"] = str(out / main_file)
+    return rep
 
 
 def decoder_linears(cfg: ModelConfig) -> list[str]:

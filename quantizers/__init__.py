@@ -43,9 +43,7 @@ class CalibStats:
 
 
 def _gptq(name: str, weight: np.ndarray, target: Target, stats: CalibStats | None) -> QuantizedTensor:
-    from quantizers.gptq import (
-        gptq,  # imports torch: only when a calibrated run needs it
-    )
+    from quantizers.gptq import gptq  # imports torch: only when a calibrated run needs it
     return gptq(name, weight, stats.hessian, target, overwrite_hessian=stats.last_use)
 
 
