@@ -13,7 +13,7 @@ printed side by side so that can be checked).
 Rows (each one command, timed as a whole by wall clock; the same calibration text for every row):
 
 * ``rtn``       qcompile --quant Q4_K_M --method rtn          vs  llama.cpp convert (F16) + llama-quantize
-* ``default``   qcompile --bits 4 (self-calibration, GPTQ)    vs  convert + llama-imatrix on as many tokens
+* ``default``   qcompile --bits 4 (self-calibration, imatrix) vs  convert + llama-imatrix on as many tokens
                                                                   (32 x 256) + llama-quantize --imatrix
 * ``gptq``      qcompile --bits 4 --calib FILE (128 x 512)    vs  convert + llama-imatrix (128 x 512) + quantize
 * ``maxsize``   qcompile --bits 4 --method rtn --max-size (llama.cpp's Q4_K_M size; 16 x 512 calibration)
@@ -80,6 +80,18 @@ def ours(row: str, model: Path, out: Path, calib: Path, max_size: int | None) ->
     }[row]
 
 
+def predict(cmd: list, env: dict) -> dict:
+    """qcompile's own forecast for ``cmd`` (``--dry-run``: the plan's peak memory and total time)."""
+    import subprocess
+    r = subprocess.run([str(c) for c in cmd] + ["--dry-run"], capture_output=True, text=True, check=False,
+                       env={**os.environ, **env})
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("peak / total")), None)
+    if r.returncode != 0 or line is None:
+        raise RuntimeError(f"--dry-run failed ({r.returncode}):\n{r.stdout[-1000:]}{r.stderr[-2000:]}")
+    gb = float(line.split()[3].removesuffix("GB"))
+    return {"s": float(line.rsplit("(", 1)[1].split()[0]), "anon_mb": gb * 1024}
+
+
 def peer(row: str, model: Path, work: Path, calib: Path, t: dict) -> dict:
     """llama.cpp's pipeline for ``row``: convert to F16, [imatrix,] quantize; times and peaks combined."""
     f16, out = work / "f16.gguf", work / "llama-Q4_K_M.gguf"
@@ -118,11 +130,14 @@ def measure_row(size: str, layers: int | None, row: str, work: Path, calib: Path
     max_size = res.get("peer", {}).get("bytes")
     if row != "maxsize" or max_size:
         key = f"ours|{size}|{layers}|{row}|{key_code}"
+        # PYTHONSAFEPATH: neither the cwd nor a child's may shadow the exported source
+        env = {"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"}
         if key not in cache:
-            # PYTHONSAFEPATH: neither the cwd nor a child's may shadow the exported source
-            cache[key] = run(ours(row, model, d, calib, max_size), d / "qcompile.log",
-                             env={"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"})
+            cache[key] = run(ours(row, model, d, calib, max_size), d / "qcompile.log", env=env)
         res["ours"] = cache[key]
+        if key + "|predicted" not in cache:
+            cache[key + "|predicted"] = predict(ours(row, model, d, calib, max_size), env)
+        res["predicted"] = cache[key + "|predicted"]
     return res
 
 
@@ -156,8 +171,10 @@ def main() -> None:
             rows.append(summarise(size, row, counts, full, runs))
     print(f"machine: {os.cpu_count()} cores; synthetic Qwen2.5 checkpoints (benchmarks/synthetic.py); wall clock "
           "of each whole command; RSS = GNU time max RSS of the process tree (mapped files included), "
-          "anon = sampled peak anonymous RSS of the tree")
-    print(table(["size", "row", "qcompile s", "RSS MB", "anon MB", "peer", "peer s", "peer RSS MB",
+          "anon = sampled peak anonymous RSS of the tree; predicted = the same command's --dry-run plan "
+          "(total time; peak memory, which the plan counts without mapped files: compare with anon)")
+    print(table(["size", "row", "qcompile s", "RSS MB", "anon MB", "predicted s", "pred/meas", "predicted MB",
+                 "pred/meas", "peer", "peer s", "peer RSS MB",
                  "time ratio", "RSS ratio", "commit", "note"], rows))
 
 
@@ -172,6 +189,7 @@ def summarise(size: str, row: str, counts: list, full: int | None, runs: list[di
         b = (t1 - t2) / (l1 - l2)
         return t1 + b * (full - l1)  # linear in the layer count
     o_s, o_rss, o_anon = pick("ours", "s"), pick("ours", "rss_mb"), pick("ours", "anon_mb")
+    e_s, e_anon = pick("predicted", "s"), pick("predicted", "anon_mb")
     p_s, p_rss = pick("peer", "s"), pick("peer", "rss_mb")
     f = lambda x, d=0: "-" if x is None else f"{x:.{d}f}"
     note = ""
@@ -179,7 +197,8 @@ def summarise(size: str, row: str, counts: list, full: int | None, runs: list[di
         per = {n: (r.get("ours", {}).get("rss_mb"), r.get("ours", {}).get("s")) for n, r in zip(counts, runs)}
         note = f"{full} layers extrapolated from " + ", ".join(
             f"{n}: {f(s)} s / {f(m)} MB" for n, (m, s) in per.items())
-    return [size, row, f(o_s), f(o_rss), f(o_anon), PEERS.get(row, "llama.cpp Q4_K_M size" if row == "maxsize" else "-"),
+    pr = lambda e, o: "-" if not (e and o) else f"{e / o:.2f}"
+    return [size, row, f(o_s), f(o_rss), f(o_anon), f(e_s), pr(e_s, o_s), f(e_anon), pr(e_anon, o_anon), PEERS.get(row, "llama.cpp Q4_K_M size" if row == "maxsize" else "-"),
             f(p_s), f(p_rss), "-" if not (o_s and p_s) else f"{o_s / p_s:.2f}",
             "-" if not (o_rss and p_rss) else f"{o_rss / p_rss:.2f}", runs[0].get("commit", "-"), note]
 

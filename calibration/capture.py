@@ -57,6 +57,7 @@ SCALE_GROUPS = [
     # (AutoAWQ skips this pair for the same reason)
     ("self_attn.v_proj", "self_attn.o_proj", ("self_attn.o_proj",)),
 ]
+BATCH_TOKENS = 2048  # tokens per forward batch of the layer engine
 AWQ_TOKENS = 2048   # calibration tokens kept per input for AWQ's scale search
 
 
@@ -120,7 +121,7 @@ class LayerwiseEngine:
     """Produces the quantized linears of each layer in order (call :meth:`layer` with 0, 1, 2, ...)."""
 
     def __init__(self, cfg: ModelConfig, source: CheckpointSource, tokens: np.ndarray,
-                 types: dict[str, Target], method: Method, *, device: str = "cpu", batch: int = 8,
+                 types: dict[str, Target], method: Method, *, device: str = "cpu", batch: int | None = None,
                  work_dir: Path | None = None, fingerprint: str = "", resume: bool = False,
                  dtype: str = "bfloat16", progress: Callable[[int], None] = lambda i: None):
         import torch
@@ -128,7 +129,10 @@ class LayerwiseEngine:
         # Layers run in bf16 (3x the matmul throughput of f32 on CPUs with AVX512-BF16/AMX, and the usual
         # choice of GPTQ tools on GPUs); the residual stream between layers and the Hessian sums stay f32.
         self.dtype = getattr(torch, dtype)
-        self.device, self.batch, self.progress = device, batch, progress
+        # sequences per forward batch: BATCH_TOKENS tokens (8 x 256), so the batch's activations stay the
+        # same size whatever the sequence length (a 7B layer's MLP on 8 x 512 tokens holds 1.5 GB)
+        self.batch = batch or max(1, BATCH_TOKENS // max(1, tokens.shape[1]))
+        self.device, self.progress = device, progress
         self.dec = StreamedDecoder(cfg)
         self.work = work_dir
         self.fingerprint = fingerprint

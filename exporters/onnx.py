@@ -26,6 +26,7 @@ import numpy as np
 
 from qcompile.arch import ModelConfig
 from qcompile.checkpoint import Checkpoint
+from qcompile.spill import release
 from quantizers.grids import IntType
 from quantizers.tensor import QuantizedTensor
 
@@ -169,19 +170,33 @@ class ExternalData:
         self.path, self.f, self.offset = path, open(path, "wb"), 0
 
     def __call__(self, array: np.ndarray, name: str):
-        import onnx
-        from onnx import helper, numpy_helper
+        from onnx import numpy_helper
         a = np.ascontiguousarray(array)
         if a.nbytes < self.INLINE:
             return numpy_helper.from_array(a, name)
-        t = onnx.TensorProto(name=name, dims=a.shape, data_type=helper.np_dtype_to_tensor_dtype(a.dtype),
+        return self.stream(name, a.shape, a.dtype, [a])
+
+    def stream(self, name: str, shape: tuple[int, ...], dtype, parts):
+        """An external tensor written from ``parts`` (consecutive pieces in row-major order, e.g. row
+        chunks of a checkpoint tensor), so not even one whole tensor need be in memory."""
+        import onnx
+        from onnx import helper
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        t = onnx.TensorProto(name=name, dims=shape, data_type=helper.np_dtype_to_tensor_dtype(dtype),
                              data_location=onnx.TensorProto.EXTERNAL)
-        for k, v in (("location", self.path.name), ("offset", self.offset), ("length", a.nbytes)):
+        for k, v in (("location", self.path.name), ("offset", self.offset), ("length", nbytes)):
             t.external_data.add(key=k, value=str(v))
-        self.f.write(memoryview(a).cast("B"))
-        pad = -a.nbytes % self.ALIGN
+        written = 0
+        for part in parts:
+            part = np.ascontiguousarray(part, dtype)
+            self.f.write(memoryview(part).cast("B"))
+            written += part.nbytes
+        if written != nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes for a {nbytes}-byte tensor")
+        pad = -nbytes % self.ALIGN
         self.f.write(b"\0" * pad)
-        self.offset += a.nbytes + pad
+        self.offset += nbytes + pad
         return t
 
     def close(self) -> None:
@@ -193,12 +208,16 @@ def _inline(array: np.ndarray, name: str):
     return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
-def bind_weights(model, read, params: dict[str, np.ndarray] | None = None, store=_inline) -> None:
+def bind_weights(model, read, params: dict[str, np.ndarray] | None = None, store=_inline,
+                 rows=None) -> None:
     """Replace every parameter input still read by the graph with an initializer: ``params[name]`` when
     given (AWQ-folded norms/biases), else ``read(name)`` (float32, straight from the checkpoint); inputs
     nobody reads (weights of swapped linears) are dropped. A ``Transpose`` that is a weight's only reader
     is folded into a transposed initializer, as constant folding would have done; one with other readers
-    (a tied table that is also the float head) stays, so the matrix is stored once."""
+    (a tied table that is also the float head) stays, so the matrix is stored once.
+    With ``rows(name)`` (``Checkpoint.iter_rows``) and a streaming ``store`` (:class:`ExternalData`), a
+    large untransposed matrix goes to the file row chunk by row chunk: the float32 embeddings of a 7B
+    (2.2 GB) are never whole in memory."""
     g = model.graph
     ins = set(io_names(0)[0]) | {i.name for i in g.input if i.name.startswith("past_key_values.")}
     readers: dict[str, list] = {}
@@ -214,9 +233,15 @@ def bind_weights(model, read, params: dict[str, np.ndarray] | None = None, store
         if not users:
             continue
         hf = inp.name
+        shape = tuple(d.dim_value for d in inp.type.tensor_type.shape.dim)
+        transposed = len(users) == 1 and users[0].op_type == "Transpose"
+        if (rows is not None and hasattr(store, "stream") and hf not in params and not transposed
+                and len(shape) == 2 and np.prod(shape) * 4 >= getattr(store, "INLINE", 0)):
+            g.initializer.append(store.stream(inp.name, shape, np.float32, (c for _, c in rows(hf))))
+            continue
         value = np.asarray(params[hf], np.float32) if hf in params else read(hf)
-        value = value.reshape([d.dim_value for d in inp.type.tensor_type.shape.dim])
-        if len(users) == 1 and users[0].op_type == "Transpose":
+        value = value.reshape(shape)
+        if transposed:
             t = users[0]
             perm = list(next(a.ints for a in t.attribute if a.name == "perm"))
             g.initializer.append(store(value.transpose(perm), t.output[0]))
@@ -274,6 +299,7 @@ def swap_in(model, tensors: dict[str, QuantizedTensor], store=_inline, accuracy_
             nodes.append(node)
             continue
         b, scales, zp = matmulnbits_arrays(qt)
+        release(qt.data)   # a spilled tensor's pages, read once: back to the page cache
         prefix = lin.replace(".", "_")
         names = [f"{prefix}.qweight", f"{prefix}.scales"] + ([f"{prefix}.zero_points"] if zp is not None else [])
         added += [store(a, nm) for a, nm in zip((b, scales, zp), names)]
@@ -335,7 +361,8 @@ def write_onnx(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, 
         store = ExternalData(tmp / DATA_FILE)
         try:
             swap_in(model, tensors, store, accuracy_level)
-            bind_weights(model, Checkpoint(model_dir, cfg).read, params, store)
+            ckpt = Checkpoint(model_dir, cfg)
+            bind_weights(model, ckpt.read, params, store, rows=ckpt.iter_rows)
         finally:
             store.close()
         onnx.save_model(model, str(tmp / ONNX_FILE))

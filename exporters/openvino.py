@@ -34,6 +34,7 @@ import numpy as np
 
 from exporters.onnx import SIDE_FILES, io_names, publish
 from qcompile.arch import ModelConfig
+from qcompile.spill import release
 from quantizers.grids import IntType
 from quantizers.tensor import QuantizedTensor
 
@@ -180,11 +181,16 @@ def _packed_codes(qt: QuantizedTensor, shape: tuple[int, ...], alloc) -> tuple[n
             nib = codes.astype(np.uint8) & 0xF
             codes = nib[..., 0::2] | (nib[..., 1::2] << 4)
         out[r0:r1] = codes
+        # a spill's pages, written (codes) or read (the quantized blocks): page cache, not our resident set
+        release(out)
+        release(qt.data)
         for key, v in f.params.items():
             params.setdefault(key, []).append(v)
     if hasattr(out, "flush"):
         out.flush()
-    return out, {key: np.concatenate(v) for key, v in params.items()}
+    params = {key: np.concatenate(v) for key, v in params.items()}   # views into qt.data: reads every page
+    release(qt.data)
+    return out, params
 
 
 def decompressed(qt: QuantizedTensor, alloc=_alloc):
@@ -285,7 +291,8 @@ def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[s
             bind(model, names, tensors, Checkpoint(model_dir, cfg).read, params, cfg.tie_word_embeddings,
                  alloc=codes.empty)
             make_stateful(model, cfg.num_layers)
-            ov.save_model(model, str(tmp / XML_FILE), compress_to_fp16=bool(tensors))
+            with codes.trimmed():
+                ov.save_model(model, str(tmp / XML_FILE), compress_to_fp16=bool(tensors))
             del model
         for name in SIDE_FILES:
             if (model_dir / name).is_file():

@@ -84,6 +84,13 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
 _END = object()
 
 
+def _to_f32(buf: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw checkpoint values as float32 (bf16: the 16 bits are a float32's upper half)."""
+    if dtype == "BF16":
+        return (buf.astype(np.uint32) << 16).view(np.float32)
+    return buf.astype(np.float32, copy=False)
+
+
 def _prefetched(items: Iterator, depth: int = 1) -> Iterator:
     """Run a generator one item ahead on a daemon thread; its exceptions re-raise in the consumer."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -192,17 +199,20 @@ class Checkpoint:
         if name in self._pickled:
             t = self._pickled[name].reshape(e.rows, e.cols)[start:stop]
             buf = t.contiguous().view(-1).view(torch_int_view(t)).numpy().view(dt)
+            out = _to_f32(buf, e.dtype)
         else:
-            buf = np.empty((stop - start) * e.cols, dtype=dt)
+            # read and convert a slice at a time into the float32 result: a whole 7B embedding table costs
+            # its float32 size (2.2 GB), not that plus its raw bytes plus a conversion temporary (5.4 GB)
+            out = np.empty((stop - start) * e.cols, dtype=np.float32)
+            step = max(1, CHUNK_BYTES // 4 // max(1, e.cols)) * e.cols   # whole rows per slice
+            buf = np.empty(min(step, out.size), dtype=dt)
             with open(e.path, "rb", buffering=0) as f:
                 f.seek(e.offset + start * row_bytes)
-                got = f.readinto(memoryview(buf).cast("B"))
-            if got != buf.nbytes:
-                raise QCompileError(f"{e.path}: truncated while reading {name!r}")
-        if e.dtype == "BF16":
-            out = (buf.astype(np.uint32) << 16).view(np.float32)
-        else:
-            out = buf.astype(np.float32, copy=False)
+                for i in range(0, out.size, step):
+                    part = buf[:min(step, out.size - i)]
+                    if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+                        raise QCompileError(f"{e.path}: truncated while reading {name!r}")
+                    out[i:i + part.size] = _to_f32(part, e.dtype)
         # one cheap reduction (NaN/Inf propagate through a sum); the exact scan only runs when it trips
         if not np.isfinite(out.sum()) and not np.isfinite(out).all():
             bad = int(np.flatnonzero(~np.isfinite(out))[0]) + start * e.cols

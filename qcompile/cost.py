@@ -37,7 +37,7 @@ BASE = 190 * MB
 BASE_TORCH = 430 * MB
 CHUNK_BUFFERS = 3 * 16 * MB          # checkpoint.CHUNK_BYTES: a chunk, its prefetch and its quantized copy
 LLAMA_CHILD = 120 * MB               # the llama.cpp child process (Python, llama-cpp-python) before buffers
-ENGINE_BATCH = 8                     # sequences per forward batch in the layer engine (capture.LayerwiseEngine)
+ENGINE_BATCH_TOKENS = 2048           # tokens per forward batch in the layer engine (capture.BATCH_TOKENS)
 FORWARD_TOKENS = 2048                # tokens per forward batch of the sensitivity analysis
 # GPTQ factors Hessians up to this many columns in float64 (quantizers/gptq.py), larger ones in float32
 GPTQ_F64_COLS = 12288
@@ -116,7 +116,9 @@ class Plan:
         rows = [f"{'stage':<22} {'memory':>9} {'mapped':>9} {'time':>9}"]
         for s in self.stages:
             rows.append(f"{s.name:<22} {s.anon / GB:>7.2f}GB {s.mapped / GB:>7.2f}GB {_duration(s.seconds):>9}")
-        rows.append(f"{'peak / total':<22} {self.peak.anon / GB:>7.2f}GB {'':>9} {_duration(self.seconds):>9}")
+        # the total also in seconds, for scripts that compare it with a measurement (benchmarks/scale_bench.py)
+        rows.append(f"{'peak / total':<22} {self.peak.anon / GB:>7.2f}GB {'':>9} {_duration(self.seconds):>9}"
+                    f"  ({self.seconds:.0f} s)")
         return "\n".join(rows)
 
 
@@ -214,7 +216,7 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     tokens = n * seqlen
     hidden = 2 * tokens * s.hidden * 4
     module = s.layer_linear * 2
-    act = ENGINE_BATCH * seqlen * (4 * s.inter + 4 * s.hidden) * 4
+    act = max(1, ENGINE_BATCH_TOKENS // seqlen) * seqlen * (4 * s.inter + 4 * s.hidden) * 4
     hess = sum(c * c for c in s.stat_inputs) * 4 if hessian else 0
     weights = s.layer_linear * 4 if awq else max(rws * c for rws, c in s.groups) * 4 * 2
     solve = 0

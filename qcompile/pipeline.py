@@ -20,7 +20,7 @@ from exporters.gguf import PlannedTensor, file_size, header_bytes, write_gguf
 from qcompile import budget as mix, cost, evaluate, llama_worker, packaging, report
 from qcompile.arch import ModelConfig, read_config
 from qcompile.checkpoint import Checkpoint
-from qcompile.spill import Spill
+from qcompile.spill import Spill, release
 from qcompile.errors import QCompileError, UsageError, is_write_error, write_failed
 from qcompile.resolve import resolve
 from qcompile.tokenizer import Vocab, load_vocab
@@ -671,6 +671,7 @@ def _rtn_rows(ckpt: Checkpoint, source: str, name: str, t: IntType, threads: int
         if data is None:
             data = (spill.empty if spill else np.empty)((rows, q.data.shape[1]), q.data.dtype)
         data[r0:r0 + len(chunk)] = q.data
+        release(data)   # written pages go to the page cache, not the resident set
     if spill is not None:
         data.flush()
     return QuantizedTensor(name, t, (rows, cols), data)
