@@ -111,12 +111,14 @@ def peer(row: str, model: Path, work: Path, calib: Path, t: dict) -> dict:
 
 
 def measure_row(size: str, layers: int | None, row: str, work: Path, calib: Path, t: dict, cache: dict,
-                with_peer: bool, code: tuple[Path, str, str]) -> dict:
+                with_peer: bool, code: tuple[Path, str, str], pcode: tuple[Path, str, str] | None = None) -> dict:
     """Both sides of one row at one layer count. Cached: ours by the code version it ran (``code``: the
     clean export of a commit to import qcompile from, its cache key, its label), the peer by llama.cpp
-    version (it does not change with our code)."""
+    version (it does not change with our code), the forecast by the code that made it (``pcode``,
+    default ``code``)."""
     from importlib import metadata
     src, key_code, label = code
+    psrc, pkey, plabel = pcode or code
     model = build(size, work / f"synth-{size}-{layers or 'all'}", layers)
     d = work / f"out-{size}-{layers or 'all'}-{row}"
     d.mkdir(parents=True, exist_ok=True)
@@ -131,13 +133,14 @@ def measure_row(size: str, layers: int | None, row: str, work: Path, calib: Path
     if row != "maxsize" or max_size:
         key = f"ours|{size}|{layers}|{row}|{key_code}"
         # PYTHONSAFEPATH: neither the cwd nor a child's may shadow the exported source
-        env = {"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"}
         if key not in cache:
-            cache[key] = run(ours(row, model, d, calib, max_size), d / "qcompile.log", env=env)
+            cache[key] = run(ours(row, model, d, calib, max_size), d / "qcompile.log",
+                             env={"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"})
         res["ours"] = cache[key]
-        if key + "|predicted" not in cache:
-            cache[key + "|predicted"] = predict(ours(row, model, d, calib, max_size), env)
-        res["predicted"] = cache[key + "|predicted"]
+        pk = f"ours|{size}|{layers}|{row}|{pkey}|predicted"
+        if pk not in cache:
+            cache[pk] = predict(ours(row, model, d, calib, max_size), {"PYTHONPATH": str(psrc), "PYTHONSAFEPATH": "1"})
+        res["predicted"] = {**cache[pk], "commit": plabel}
     return res
 
 
@@ -150,12 +153,15 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true", help="qcompile rows only")
     ap.add_argument("--code", default="head",
                     help="qcompile to measure: head (a clean export of HEAD, default), a commit, or tree (as it is)")
+    ap.add_argument("--predict-code", default=None,
+                    help="qcompile whose --dry-run forecast is shown (head, a commit or tree; default: --code)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "scale")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     cuts = {k: [int(x) for x in v.split(",")] for k, v in (s.split("=") for s in a.layers.split(";") if s)}
     t = tools()
     src, key_code, label, _ = qcompile_source(a.work, a.code)
+    pcode = qcompile_source(a.work, a.predict_code)[:3] if a.predict_code else None
     calib = calib_file(a.work)
     cache_file = a.work / "results.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
@@ -166,7 +172,8 @@ def main() -> None:
         for row in a.rows:
             runs = []
             for n in counts:
-                runs.append(measure_row(size, n, row, a.work, calib, t, cache, not a.no_peer, (src, key_code, label)))
+                runs.append(measure_row(size, n, row, a.work, calib, t, cache, not a.no_peer, (src, key_code, label),
+                                        pcode))
                 cache_file.write_text(json.dumps(cache, indent=1))
             rows.append(summarise(size, row, counts, full, runs))
     print(f"machine: {os.cpu_count()} cores; synthetic Qwen2.5 checkpoints (benchmarks/synthetic.py); wall clock "
@@ -200,7 +207,10 @@ def summarise(size: str, row: str, counts: list, full: int | None, runs: list[di
     pr = lambda e, o: "-" if not (e and o) else f"{e / o:.2f}"
     return [size, row, f(o_s), f(o_rss), f(o_anon), f(e_s), pr(e_s, o_s), f(e_anon), pr(e_anon, o_anon), PEERS.get(row, "llama.cpp Q4_K_M size" if row == "maxsize" else "-"),
             f(p_s), f(p_rss), "-" if not (o_s and p_s) else f"{o_s / p_s:.2f}",
-            "-" if not (o_rss and p_rss) else f"{o_rss / p_rss:.2f}", runs[0].get("commit", "-"), note]
+            "-" if not (o_rss and p_rss) else f"{o_rss / p_rss:.2f}",
+            runs[0].get("commit", "-") + (f" (forecast {runs[0]['predicted']['commit']})"
+                                          if runs[0].get("predicted", {}).get("commit", runs[0].get("commit"))
+                                          != runs[0].get("commit") else ""), note]
 
 
 if __name__ == "__main__":

@@ -212,7 +212,13 @@ class Checkpoint:
                     part = buf[:min(step, out.size - i)]
                     if f.readinto(memoryview(part).cast("B")) != part.nbytes:
                         raise QCompileError(f"{e.path}: truncated while reading {name!r}")
-                    out[i:i + part.size] = _to_f32(part, e.dtype)
+                    dst = out[i:i + part.size]
+                    if e.dtype == "BF16":  # in place: the 16 bits become a float32's upper half
+                        u = dst.view(np.uint32)
+                        u[:] = part
+                        u <<= 16
+                    else:
+                        dst[:] = part
         # one cheap reduction (NaN/Inf propagate through a sum); the exact scan only runs when it trips
         if not np.isfinite(out.sum()) and not np.isfinite(out).all():
             bad = int(np.flatnonzero(~np.isfinite(out))[0]) + start * e.cols

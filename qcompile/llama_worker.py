@@ -66,6 +66,28 @@ def _generate(req: dict) -> None:
 TOP_K = 2048  # candidates sorted per draw before falling back to the whole vocabulary
 
 
+def descending(logits: np.ndarray, low: np.ndarray) -> np.ndarray | None:
+    """Token ids by logit, largest first, ties by id; the ``low`` tokens last (by id): exactly
+    ``np.argsort(-p, kind="stable")`` for ``p`` = exp((logits - max) / temperature) with ``p[low] = 0``,
+    but about 5x faster on a 150k vocabulary.
+
+    Why by hand: NumPy's stable argsort of floats is a merge sort (~20 ms here per draw, the whole cost of
+    sampling from a flat distribution), while its unstable sort of unsigned integers is vectorised. Each
+    key packs the logit's order (the float32 bits mapped to a monotone uint32, inverted) above the token
+    id, so keys are unique and any sort gives the stable order. Returns None where that is not the
+    order of ``p``: a NaN logit, or one so far below the maximum that ``p`` underflows to 0 (ties that
+    the logits do not have)."""
+    lg = np.ascontiguousarray(logits, np.float32) + np.float32(0.0)  # -0.0 -> +0.0: equal logits, equal keys
+    if not np.isfinite(lg).all():
+        return None
+    bits = lg.view(np.uint32).astype(np.uint64)
+    mono = np.where(bits >> 31, bits ^ 0xFFFFFFFF, bits | 0x80000000)   # float order as unsigned order
+    key = (np.uint64(0xFFFFFFFF) - mono) << np.uint64(32)
+    key[low] = np.uint64(0xFFFFFFFF) << np.uint64(32)
+    key |= np.arange(lg.size, dtype=np.uint64)
+    return (np.sort(key) & np.uint64(0xFFFFFFFF)).astype(np.intp)
+
+
 def _sample(req: dict) -> None:
     """Seeded sampling of many continuations at once: one token of every sequence per ``llama_decode``.
 
@@ -113,7 +135,8 @@ def _sample(req: dict) -> None:
 
     def draw(row: int) -> int:
         """Temperature + nucleus (top-p) sampling from the logits of batch row ``row``."""
-        z = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, row), shape=(n_vocab,)).astype(np.float64) / temp
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
+        z = logits.astype(np.float64) / temp
         z[eog] = -np.inf
         p = np.exp(z - z.max())
         total = p.sum()
@@ -121,8 +144,11 @@ def _sample(req: dict) -> None:
         # 150k vocabulary per draw dominated the run), and everything when they do not hold top_p
         head = np.argpartition(-p, TOP_K)[:TOP_K] if n_vocab > TOP_K else np.arange(n_vocab)
         if p[head].sum() < top_p * total:
-            head = np.arange(n_vocab)
-        order = head[np.argsort(-p[head], kind="stable")]
+            order = descending(logits, eog) if (p[~eog] > 0).all() else None
+            if order is None:
+                order = np.argsort(-p, kind="stable")
+        else:
+            order = head[np.argsort(-p[head], kind="stable")]
         cum = np.cumsum(p[order]) / total
         keep = order[: int(np.searchsorted(cum, top_p)) + 1]  # smallest set holding top_p of the mass
         return int(rng.choice(keep, p=p[keep] / p[keep].sum()))

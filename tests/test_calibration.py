@@ -379,3 +379,23 @@ def test_bf16_gram_is_the_float32_sum_of_exact_products():
     linalg.add_gram_bf16(b, x)
     assert np.array_equal(a, b) and np.array_equal(a, a.T)
     assert float(np.abs(a - h).max() / np.abs(ref).max()) < 1e-6
+
+
+@pytest.mark.parametrize("scale,ties", [(0.05, False), (3.0, False), (1.0, True)])
+def test_nucleus_order_equals_the_stable_argsort_of_the_probabilities(scale, ties):
+    """Self-calibration's sampler sorts a flat distribution's whole vocabulary by packed integer keys
+    (llama_worker.descending) instead of a stable float argsort: the order, and so every sampled token,
+    must be exactly the stable argsort's, ties (equal logits, -0.0, end-of-generation tokens) included."""
+    from qcompile.llama_worker import descending
+    rng = np.random.default_rng(int(scale * 100) + ties)
+    logits = (rng.standard_normal(151936) * scale).astype(np.float32)
+    if ties:  # a coarse grid: many equal logits, some of them -0.0
+        logits = (np.round(logits * 8) / 8).astype(np.float32)
+        logits[rng.integers(0, logits.size, 100)] = -0.0
+    low = np.zeros(logits.size, bool)
+    low[rng.integers(0, logits.size, 7)] = True
+    z = logits.astype(np.float64) / 0.8
+    z[low] = -np.inf
+    p = np.exp(z - z.max())
+    np.testing.assert_array_equal(descending(logits, low), np.argsort(-p, kind="stable"))
+    assert descending(np.array([0.0, np.nan], np.float32), np.zeros(2, bool)) is None
