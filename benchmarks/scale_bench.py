@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -89,7 +90,11 @@ def predict(cmd: list, env: dict) -> dict:
     if r.returncode != 0 or line is None:
         raise RuntimeError(f"--dry-run failed ({r.returncode}):\n{r.stdout[-1000:]}{r.stderr[-2000:]}")
     gb = float(line.split()[3].removesuffix("GB"))
-    return {"s": float(line.rsplit("(", 1)[1].split()[0]), "anon_mb": gb * 1024}
+    lines = r.stdout.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("stage"))
+    stages = {m[1]: float(m[2]) for ln in lines[first + 1:] if not ln.startswith("peak / total")
+              for m in [re.match(r"^(.*?)\s+([\d.]+)GB\s+[\d.]+GB\s+", ln)] if m}
+    return {"s": float(line.rsplit("(", 1)[1].split()[0]), "anon_mb": gb * 1024, "stages_gb": stages}
 
 
 def peer(row: str, model: Path, work: Path, calib: Path, t: dict) -> dict:

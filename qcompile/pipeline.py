@@ -119,15 +119,16 @@ def calibration_shape(opts: Options, device: str) -> tuple[str, int, int]:
 
 def cost_plan(opts: Options, cfg: ModelConfig, method: quantizers.Method, *, calibrated: bool, budget: bool,
               artifact_bytes: int, rtn_work: dict[tuple, int], timed: bool,
-              export_s_per_param: float | None = None) -> cost.Plan:
+              export_to: str | None = None) -> cost.Plan:
     """The run's stages with their predicted peak memory and (``timed``: probes the machine) wall time.
-    ``rtn_work``: (type, row length) -> values that RTN writes; ``export_s_per_param``: a folder target's
-    export time per parameter (None for GGUF, which writes as it quantizes)."""
+    ``rtn_work``: (type, row length) -> values that RTN writes; ``export_to``: a folder target's name
+    (``onnx``/``openvino``; None for GGUF, which writes as it quantizes)."""
     device = opts.device if opts.device != "auto" else "cpu"
     spec, n, seqlen = calibration_shape(opts, device)
     shapes = cost.Shapes.of(cfg)
     inf = float("inf")
-    r = cost.rates(opts.threads) if timed else cost.Rates(*(inf,) * 6)
+    flops = calibrated or budget or method.needs_calibration or export_to is not None or opts.verify
+    r = cost.rates(opts.threads, flops) if timed else cost.Rates(*(inf,) * 6)
     seconds = (lambda work: cost.rtn_seconds(work, opts.threads)) if timed else (lambda work: 0.0)
     stages: list[cost.Stage] = []
     if calibrated and spec == "self":
@@ -140,8 +141,8 @@ def cost_plan(opts: Options, cfg: ModelConfig, method: quantizers.Method, *, cal
         stages.append(cost.engine(shapes, r, n, seqlen, method.hessian, method.awq))
     else:
         stages.append(cost.rtn_stream(shapes, r, seconds(rtn_work)))
-    if export_s_per_param is not None:
-        stages.append(cost.folder_export(shapes, r, artifact_bytes, export_s_per_param))
+    if export_to is not None:
+        stages.append(cost.folder_export(shapes, r, export_to))
     if opts.verify:
         stages += cost.verify(shapes, r, opts.eval_tokens, artifact_bytes)
     return cost.Plan(stages)
@@ -466,11 +467,6 @@ def choose_int_type(opts: Options) -> IntType:
     return t
 
 
-# export seconds per parameter on the machine cost.py's constants were fitted on (benchmarks/scale_bench.py,
-# real-config 0.5B: ONNX 18 s, OpenVINO 36 s of tracing, conversion and serialisation for 630 M parameters)
-EXPORT_S_PER_PARAM = {"onnx": 2.9e-8, "openvino": 5.7e-8}
-
-
 def _folder_format(to: str, opts_float: bool = False):
     """(main file, runtime name, runner factory, report extras) of a folder target."""
     if to == "onnx":
@@ -518,7 +514,7 @@ def compile_folder(opts: Options) -> dict:
     plan_cost = cost_plan(opts, cfg, method, calibrated=method.needs_calibration, budget=False,
                           artifact_bytes=est_bytes, rtn_work=rtn_work,
                           timed=opts.dry_run or long_run(method.needs_calibration, n_params),
-                          export_s_per_param=EXPORT_S_PER_PARAM[opts.to])
+                          export_to=opts.to)
     check_plan(opts, plan_cost)
     if opts.dry_run:
         return {"dry_run": plan_cost}
