@@ -84,11 +84,18 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
 _END = object()
 
 
-def _to_f32(buf: np.ndarray, dtype: str) -> np.ndarray:
-    """Raw checkpoint values as float32 (bf16: the 16 bits are a float32's upper half)."""
+def _to_f32(buf: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Raw checkpoint values as float32 (bf16: the 16 bits are a float32's upper half); into ``out`` (a
+    float32 array of ``buf``'s size) in place when given, with no temporary."""
+    if out is None:
+        out = np.empty(buf.shape, np.float32)
     if dtype == "BF16":
-        return (buf.astype(np.uint32) << 16).view(np.float32)
-    return buf.astype(np.float32, copy=False)
+        u = out.view(np.uint32)
+        u[...] = buf
+        u <<= 16
+    else:
+        out[...] = buf
+    return out
 
 
 def _prefetched(items: Iterator, depth: int = 1) -> Iterator:
@@ -212,13 +219,7 @@ class Checkpoint:
                     part = buf[:min(step, out.size - i)]
                     if f.readinto(memoryview(part).cast("B")) != part.nbytes:
                         raise QCompileError(f"{e.path}: truncated while reading {name!r}")
-                    dst = out[i:i + part.size]
-                    if e.dtype == "BF16":  # in place: the 16 bits become a float32's upper half
-                        u = dst.view(np.uint32)
-                        u[:] = part
-                        u <<= 16
-                    else:
-                        dst[:] = part
+                    _to_f32(part, e.dtype, out[i:i + part.size])
         # one cheap reduction (NaN/Inf propagate through a sum); the exact scan only runs when it trips
         if not np.isfinite(out.sum()) and not np.isfinite(out).all():
             bad = int(np.flatnonzero(~np.isfinite(out))[0]) + start * e.cols

@@ -74,9 +74,9 @@ def descending(logits: np.ndarray, low: np.ndarray) -> np.ndarray | None:
     Why by hand: NumPy's stable argsort of floats is a merge sort (~20 ms here per draw, the whole cost of
     sampling from a flat distribution), while its unstable sort of unsigned integers is vectorised. Each
     key packs the logit's order (the float32 bits mapped to a monotone uint32, inverted) above the token
-    id, so keys are unique and any sort gives the stable order. Returns None where that is not the
-    order of ``p``: a NaN logit, or one so far below the maximum that ``p`` underflows to 0 (ties that
-    the logits do not have)."""
+    id, so keys are unique and any sort gives the stable order. Returns None for a non-finite logit.
+    The caller must also check that no ``p`` outside ``low`` underflowed to 0: such ties are in ``p``
+    but not in the logits, and there this is not ``p``'s order."""
     lg = np.ascontiguousarray(logits, np.float32) + np.float32(0.0)  # -0.0 -> +0.0: equal logits, equal keys
     if not np.isfinite(lg).all():
         return None
