@@ -88,6 +88,12 @@ def size_model(plan: list[PlannedTensor], cfg: ModelConfig, header: int) -> Size
     return SizeModel(fixed, options)
 
 
+def base_bytes(sizes: SizeModel, plan: list[PlannedTensor]) -> int:
+    """The file's bytes with every tunable tensor at its type in ``plan`` (the base scheme's mix)."""
+    types = {p.name: p.type for p in plan}
+    return sizes.fixed + sum(dict(opts)[types[name]] for name, opts in sizes.options.items())
+
+
 def check_budget(budget: Budget, sizes: SizeModel, n_params: int) -> None:
     """A budget the candidates cannot meet, or one so large that no choice is needed, is an error."""
     def show(b: int) -> str:
@@ -140,8 +146,7 @@ def report(budget: Budget, sizes: SizeModel, base: list[PlannedTensor], alloc: A
         "request": budget.request, "budget_bytes": budget.bytes, "bytes": sizes.fixed + alloc.bytes,
         "fixed_bytes": sizes.fixed, "smallest_bytes": sizes.smallest, "largest_bytes": sizes.largest,
         "predicted_kld": alloc.kld, "predicted_kld_lower_bound": alloc.lower_bound,
-        "base_bytes": sizes.fixed + sum(b for name, opts in sizes.options.items() for t, b in opts
-                                        if t == base_types[name]),
+        "base_bytes": base_bytes(sizes, base),
         "base_predicted_kld": sum(predicted[n][t] for n, t in base_types.items()),
         "sensitivity": info,
         "tensors": {name: {"type": alloc.choice[name].type.name,

@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ORTModelForCausalLM layout) with int4/int8 MatMulNBits weights; openvino: an IR folder "
                         "(OVModelForCausalLM / openvino_genai layout, stateful KV cache) with u4/u8 weights")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--bits", type=int, choices=[4, 8], help="preset (default 4): gguf 4 -> Q4_K_M (llama.cpp's "
-                                                              "mix), 8 -> Q8_0; onnx/openvino 4 -> INT4_G128, 8 -> INT8_G128")
+    g.add_argument("--bits", type=int, choices=[4, 8], help="preset (default 4): gguf 4 -> the size of "
+                   "llama.cpp's Q4_K_M, each linear's type chosen by measured sensitivity (as --max-size; with "
+                   "--calib, or --method rtn: Q4_K_M's own types; --quant Q4_K_M: always those), 8 -> Q8_0; "
+                   "onnx/openvino 4 -> INT4_G128, 8 -> INT8_G128")
     g.add_argument("--quant", metavar="TYPE", type=str.upper,
                    help=f"gguf: a llama.cpp mix or one GGUF type: {', '.join(available())}; onnx/openvino: an integer "
                         "grid INT{4,8}_G{16..256}[_SYM] (asymmetric unless _SYM); openvino also takes per-channel "

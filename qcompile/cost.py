@@ -249,8 +249,11 @@ def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, candidates: int = 5) -
     act = seqlen * (6 * s.inter + 8 * s.hidden) * 4
     head = 3 * tokens * s.hidden * 4 + 3 * seqlen * s.vocab * 4  # one window's logits, softmax, gradient
     anon = BASE_TORCH + max(layer + grads + act, s.layer_linear * 4 + 2 * grads + head)
-    t = 3 * 2 * s.params * tokens / r.f32 + candidates * s.params * (1 / r.rtn + 2 / r.read)
-    return Stage("sensitivity", anon, 0, t, "--calib-samples (the analysis uses at most 16 x 512)")
+    # decoder layers: forward, forward again with gradients, backward, under bfloat16 autocast; the output
+    # matrix in float32: logits for sampling, again for the gradient, the gradient itself and its Fisher
+    t = 3 * 2 * s.layers * s.layer_linear * tokens / r.bf16 + 4 * 2 * s.vocab * s.hidden * tokens / r.f32
+    t += candidates * s.params * (1 / r.rtn + 2 / r.read)
+    return Stage("sensitivity", anon, 0, t, "--calib-samples (the analysis uses at most 8 x 512)")
 
 
 def verify(s: Shapes, r: Rates, tokens: int, artifact_bytes: int) -> list[Stage]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -98,19 +99,26 @@ def test_compile_writes_artifact_and_report(tiny_models, tmp_path, capsys):
     out = tmp_path / "o"
     assert run_cli(tiny_models["qwen3"], "--bits", "4", "--out", out, "-q") == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["qwen3-Q4_K_M.gguf", "report.json"]
+    assert len(files) == 2 and files[1] == "report.json"
+    gguf = out / files[0]
+    # --bits 4 is Q4_K_M's size, its types chosen by sensitivity (pipeline.preset_sized)
+    assert re.fullmatch(r"qwen3-MIX-\d\.\d\dbpw\.gguf", gguf.name), gguf.name
     # both readable like any file the user makes (a temp file from mkstemp is 0600)
-    assert (out / "report.json").stat().st_mode & 0o777 == (out / "qwen3-Q4_K_M.gguf").stat().st_mode & 0o777
+    assert (out / "report.json").stat().st_mode & 0o777 == gguf.stat().st_mode & 0o777
     rep = json.loads((out / "report.json").read_text())
     assert rep["schema_version"] == 2
     assert rep["model"]["architecture"] == "Qwen3ForCausalLM"
-    assert rep["target"]["scheme"] == "Q4_K_M"
-    assert rep["artifact"]["bytes"] == (out / "qwen3-Q4_K_M.gguf").stat().st_size
+    alloc = rep["allocation"]
+    assert alloc["request"] == "--bits 4 (the size of Q4_K_M)"
+    assert alloc["bytes"] <= alloc["budget_bytes"] == alloc["base_bytes"]
+    assert alloc["predicted_kld"] <= alloc["base_predicted_kld"]
+    assert rep["target"]["scheme"] == gguf.name[len("qwen3-"):-len(".gguf")]
+    assert rep["artifact"]["bytes"] == gguf.stat().st_size == alloc["bytes"]
     assert len(rep["artifact"]["sha256"]) == 64
     r = rep["metrics"]["reference"]
     assert 0 < r["kld_mean"] < 0.5 and 0.3 < r["top1"] <= 1 and r["ppl_quant"] > 1
     # tensor types in the file are the ones the report lists
-    types = {t.name: t.tensor_type.name for t in GGUFReader(out / "qwen3-Q4_K_M.gguf").tensors}
+    types = {t.name: t.tensor_type.name for t in GGUFReader(gguf).tensors}
     assert types == {t["name"]: t["type"] for t in rep["tensors"]}
     assert "blk.0.attn_q_norm.weight" in types
 
