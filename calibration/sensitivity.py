@@ -112,7 +112,7 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
 
 def _autocast(torch, device: str):
     """bfloat16 autocast for the decoder layers' forward and backward passes (weights, Fisher and the
-    hidden states between layers stay float32; the output matrix's pass is float32).
+    hidden states between layers stay float32; the output matrix's products: :func:`_mm`).
 
     Why: the Fisher only ranks tensors and types, and its estimate is noisier than bfloat16's rounding: on
     the real 0.5B with 8 or 16 windows, in float32 or under autocast, the allocation at Q4_K_M's size chose
@@ -121,6 +121,14 @@ def _autocast(torch, device: str):
     kept beside the float32 ones (a cast per window is cheap next to the window's matmuls)."""
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=BF16,
                           cache_enabled=False)
+
+
+def _mm(torch, a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
+    """``a @ b`` as float32, computed in bfloat16 when :data:`BF16` (the output matrix's products: logits,
+    their gradient, the Fisher of its rows; 4 passes over vocab x hidden x tokens, float32 sums kept)."""
+    if not BF16:
+        return a @ b
+    return (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()
 
 
 def _by_layer(cfg: ModelConfig, names: list[str]) -> dict[int, list[str]]:
@@ -202,7 +210,7 @@ def _sample_labels(dec: StreamedDecoder, source: WeightSource, normed: "torch.Te
     logits = torch.empty((T, source.shape(dec.head_name)[0]), dtype=normed.dtype, device=normed.device)
     for s in range(n):
         for v0, w in _head_chunks(dec, source, rows, normed.device):
-            logits[:, v0:v0 + w.shape[0]] = normed[s] @ w.T
+            logits[:, v0:v0 + w.shape[0]] = _mm(torch, normed[s], w.T)
         lse[s] = torch.logsumexp(logits, dim=-1)
         probs = logits.sub_(lse[s][:, None]).exp_()  # in place: one [T, vocab] buffer
         labels[s] = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(normed.device)
@@ -230,14 +238,14 @@ def _head_backward(dec: StreamedDecoder, source: WeightSource, hidden: "torch.Te
         flat, y, lse = normed.reshape(n * T, H), labels.reshape(-1), lse.reshape(-1)
         d_normed = torch.zeros_like(flat)
         for v0, w in _head_chunks(dec, source, _head_rows(n * T, H), hidden.device):
-            d_logits = (flat @ w.T).sub_(lse[:, None]).exp_().neg_()  # −p [tokens, rows]
+            d_logits = _mm(torch, flat, w.T).sub_(lse[:, None]).exp_().neg_()  # −p [tokens, rows]
             hit = torch.nonzero((y >= v0) & (y < v0 + w.shape[0]))[:, 0]
             d_logits[hit, y[hit] - v0] += 1
-            d_normed.addmm_(d_logits, w)
+            d_normed += _mm(torch, d_logits, w)
             if head_fisher is not None:
                 acc = torch.zeros_like(w)
                 for s in range(n):  # the square of each window's own gradient, as in one backward per window
-                    g = d_logits[s * T:(s + 1) * T].T @ flat[s * T:(s + 1) * T]
+                    g = _mm(torch, d_logits[s * T:(s + 1) * T].T, flat[s * T:(s + 1) * T])
                     acc.addcmul_(g, g)
                 head_fisher(w, acc)
     # through the final norm (per token: all windows at once)
