@@ -13,10 +13,10 @@ printed side by side so that can be checked).
 Rows (each one command, timed as a whole by wall clock; the same calibration text for every row):
 
 * ``rtn``       qcompile --quant Q4_K_M --method rtn          vs  llama.cpp convert (F16) + llama-quantize
-* ``default``   qcompile --bits 4 (self-calibration, imatrix) vs  convert + llama-imatrix on as many tokens
-                                                                  (32 x 256) + llama-quantize --imatrix
+* ``default``   qcompile --bits 4 (self-calibration, imatrix, vs  convert + llama-imatrix on as many tokens
+                  types by sensitivity at Q4_K_M's size)          (32 x 256) + llama-quantize --imatrix
 * ``gptq``      qcompile --bits 4 --calib FILE (128 x 512)    vs  convert + llama-imatrix (128 x 512) + quantize
-* ``maxsize``   qcompile --bits 4 --method rtn --max-size (llama.cpp's Q4_K_M size; 16 x 512 calibration)
+* ``maxsize``   qcompile --bits 4 --method rtn --max-size (llama.cpp's Q4_K_M size; 8 x 512 calibration)
 * ``onnx`` / ``openvino``   qcompile --to onnx|openvino --bits 4 --method rtn (int4 g128)
 
 Peak memory: GNU time's maximum RSS of the command's process tree (children included: the llama.cpp
@@ -75,7 +75,7 @@ def ours(row: str, model: Path, out: Path, calib: Path, max_size: int | None) ->
         "gptq": q + ["--bits", "4", "--method", "gptq", "--calib", calib, "--calib-samples", FILE[0],
                      "--calib-seqlen", FILE[1]],
         "maxsize": q + ["--bits", "4", "--method", "rtn", "--max-size", max_size, "--calib", calib,
-                        "--calib-samples", 16, "--calib-seqlen", 512],
+                        "--calib-samples", 8, "--calib-seqlen", 512],
         "onnx": q + ["--to", "onnx", "--bits", "4", "--method", "rtn"],
         "openvino": q + ["--to", "openvino", "--bits", "4", "--method", "rtn"],
     }[row]

@@ -63,29 +63,20 @@ def _generate(req: dict) -> None:
     llm.close()
 
 
-TOP_K = 2048  # candidates sorted per draw before falling back to the whole vocabulary
+TOP_K = 2048  # the most candidates a draw keeps (top-p within the top 2048 tokens)
 
 
-def descending(logits: np.ndarray, low: np.ndarray) -> np.ndarray | None:
-    """Token ids by logit, largest first, ties by id; the ``low`` tokens last (by id): exactly
-    ``np.argsort(-p, kind="stable")`` for ``p`` = exp((logits - max) / temperature) with ``p[low] = 0``,
-    but about 5x faster on a 150k vocabulary.
+def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The token ids a draw chooses from, most probable first (ties by id): the smallest set holding
+    ``top_p`` of the mass of ``p`` (unnormalised probabilities), within the :data:`TOP_K` most probable.
 
-    Why by hand: NumPy's stable argsort of floats is a merge sort (~20 ms here per draw, the whole cost of
-    sampling from a flat distribution), while its unstable sort of unsigned integers is vectorised. Each
-    key packs the logit's order (the float32 bits mapped to a monotone uint32, inverted) above the token
-    id, so keys are unique and any sort gives the stable order. Returns None for a non-finite logit.
-    The caller must also check that no ``p`` outside ``low`` underflowed to 0: such ties are in ``p``
-    but not in the logits, and there this is not ``p``'s order."""
-    lg = np.ascontiguousarray(logits, np.float32) + np.float32(0.0)  # -0.0 -> +0.0: equal logits, equal keys
-    if not np.isfinite(lg).all():
-        return None
-    bits = lg.view(np.uint32).astype(np.uint64)
-    mono = np.where(bits >> 31, bits ^ 0xFFFFFFFF, bits | 0x80000000)   # float order as unsigned order
-    key = (np.uint64(0xFFFFFFFF) - mono) << np.uint64(32)
-    key[low] = np.uint64(0xFFFFFFFF) << np.uint64(32)
-    key |= np.arange(lg.size, dtype=np.uint64)
-    return (np.sort(key) & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    Why the cap: a real model's nucleus is a few hundred tokens; where it is wider the model is unsure and
+    the long tail is noise, and sorting a 150k vocabulary per draw dominated sampling on flat distributions
+    (7 ms per draw even with a vectorised sort, 60-70 s of a 0.5B self-calibration)."""
+    head = np.argpartition(-p, TOP_K)[:TOP_K] if p.size > TOP_K else np.arange(p.size)
+    order = head[np.argsort(-p[head], kind="stable")]
+    cum = np.cumsum(p[order]) / p.sum()
+    return order[: int(np.searchsorted(cum, top_p)) + 1]
 
 
 def _sample(req: dict) -> None:
@@ -139,18 +130,7 @@ def _sample(req: dict) -> None:
         z = logits.astype(np.float64) / temp
         z[eog] = -np.inf
         p = np.exp(z - z.max())
-        total = p.sum()
-        # the nucleus usually lies in the top few hundred tokens: sort those only (a full argsort of a
-        # 150k vocabulary per draw dominated the run), and everything when they do not hold top_p
-        head = np.argpartition(-p, TOP_K)[:TOP_K] if n_vocab > TOP_K else np.arange(n_vocab)
-        if p[head].sum() < top_p * total:
-            order = descending(logits, eog) if (p[~eog] > 0).all() else None
-            if order is None:
-                order = np.argsort(-p, kind="stable")
-        else:
-            order = head[np.argsort(-p[head], kind="stable")]
-        cum = np.cumsum(p[order]) / total
-        keep = order[: int(np.searchsorted(cum, top_p)) + 1]  # smallest set holding top_p of the mass
+        keep = nucleus(p, top_p)
         return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
 
     out = [list(p[:length]) for p in prompts]

@@ -381,21 +381,20 @@ def test_bf16_gram_is_the_float32_sum_of_exact_products():
     assert float(np.abs(a - h).max() / np.abs(ref).max()) < 1e-6
 
 
-@pytest.mark.parametrize("scale,ties", [(0.05, False), (3.0, False), (1.0, True)])
-def test_nucleus_order_equals_the_stable_argsort_of_the_probabilities(scale, ties):
-    """Self-calibration's sampler sorts a flat distribution's whole vocabulary by packed integer keys
-    (llama_worker.descending) instead of a stable float argsort: the order, and so every sampled token,
-    must be exactly the stable argsort's, ties (equal logits, -0.0, end-of-generation tokens) included."""
-    from qcompile.llama_worker import descending
-    rng = np.random.default_rng(int(scale * 100) + ties)
-    logits = (rng.standard_normal(151936) * scale).astype(np.float32)
-    if ties:  # a coarse grid: many equal logits, some of them -0.0
-        logits = (np.round(logits * 8) / 8).astype(np.float32)
-        logits[rng.integers(0, logits.size, 100)] = -0.0
-    low = np.zeros(logits.size, bool)
-    low[rng.integers(0, logits.size, 7)] = True
-    z = logits.astype(np.float64) / 0.8
-    z[low] = -np.inf
-    p = np.exp(z - z.max())
-    np.testing.assert_array_equal(descending(logits, low), np.argsort(-p, kind="stable"))
-    assert descending(np.array([0.0, np.nan], np.float32), np.zeros(2, bool)) is None
+@pytest.mark.parametrize("scale", [0.05, 8.0])
+def test_nucleus_is_top_p_within_the_top_k(scale):
+    """Self-calibration's candidates: the smallest most-probable set holding top_p of the mass, in stable
+    descending order, but never more than TOP_K tokens (a flat distribution's nucleus is the whole tail)."""
+    from qcompile.llama_worker import TOP_K, nucleus
+    rng = np.random.default_rng(int(scale * 100))
+    p = np.exp(rng.standard_normal(151936) * scale)
+    p[rng.integers(0, p.size, 7)] = 0.0  # end-of-generation tokens
+    order = np.argsort(-p, kind="stable")
+    cum = np.cumsum(p[order]) / p.sum()
+    full = order[: int(np.searchsorted(cum, 0.95)) + 1]
+    got = nucleus(p, 0.95)
+    if full.size <= TOP_K:  # peaked (scale 8): exactly the top-p set
+        np.testing.assert_array_equal(got, full)
+    else:                   # flat (scale 0.05): the TOP_K most probable, in order
+        np.testing.assert_array_equal(got, order[:TOP_K])
+    assert (scale == 8.0) == (full.size <= TOP_K)  # both cases are exercised
