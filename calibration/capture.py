@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from qcompile.evaluate import CheckpointSource, StreamedDecoder
 from quantizers import CalibStats, Method, linalg
 from quantizers.error import ErrorTally
 from quantizers.grids import Target, parse_type
+from qcompile.spill import release
 from quantizers.tensor import QuantizedTensor
 
 # linear module (relative to the layer) -> the module whose input statistics it uses
@@ -59,6 +61,7 @@ SCALE_GROUPS = [
 ]
 BATCH_TOKENS = 2048  # tokens per forward batch of the layer engine
 AWQ_TOKENS = 2048   # calibration tokens kept per input for AWQ's scale search
+SPILL_RESIDUAL_BYTES = 256 << 20  # on the CPU, a larger residual stream waits in a file mapping
 
 
 @dataclass
@@ -138,6 +141,7 @@ class LayerwiseEngine:
         self.fingerprint = fingerprint
         self.done = -1          # last layer whose outputs are in self.hidden
         self.hidden = None
+        self._mapped: np.ndarray | None = None  # the file mapping behind self.hidden, when spilled
         self.tokens = tokens
         self.errors = ErrorTally()  # per HF tensor name, for report.json
         if self.work is not None:
@@ -153,7 +157,11 @@ class LayerwiseEngine:
         if not state.is_file() or (self.work / "fingerprint").read_text() != self.fingerprint:
             return False
         self.done = json.loads(state.read_text())["layer"]
-        self.hidden = self.torch.load(self.work / "hidden.pt").to(self.device)
+        saved = self.torch.load(self.work / "hidden.pt", mmap=True)
+        self.hidden = self._new_residual()
+        for b in range(0, saved.shape[0], self.batch):
+            self.hidden[b:b + self.batch] = saved[b:b + self.batch].to(self.device)
+            self._release()
         return True
 
     def _save(self, i: int, tensors: dict[str, QuantizedTensor]) -> None:
@@ -168,6 +176,7 @@ class LayerwiseEngine:
         (self.work / f".errors-{i:03d}.json").write_text(json.dumps(errors))
         os.replace(self.work / f".errors-{i:03d}.json", self.work / f"errors-{i:03d}.json")
         self.torch.save(self.hidden.cpu(), self.work / ".hidden.pt")
+        self._release()
         os.replace(self.work / ".hidden.pt", self.work / "hidden.pt")
         (self.work / ".state.json").write_text(json.dumps({"layer": i}))
         os.replace(self.work / ".state.json", self.work / "state.json")
@@ -185,6 +194,7 @@ class LayerwiseEngine:
         return out
 
     def finish(self) -> None:
+        self.hidden = self._mapped = None  # unmaps a spilled stream (its file is already unlinked)
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -196,7 +206,10 @@ class LayerwiseEngine:
         if i != self.done + 1:
             raise RuntimeError(f"layers must be requested in order (asked {i}, next is {self.done + 1})")
         if self.hidden is None:
-            self.hidden = self.dec.embed(self.source, self.tokens).to(self.device)
+            self.hidden = self._new_residual()
+            for b in range(0, self.hidden.shape[0], self.batch):  # the same rows as one call, batch by batch
+                self.hidden[b:b + self.batch] = self.dec.embed(self.source, self.tokens[b:b + self.batch])
+                self._release()
         module = self.dec.build_layer(i, self.source, self.device).to(self.dtype)
         stats = self._collect(module)
         for lin in LINEARS:  # until the quantized values take their place, their memory is GPTQ's (0.47 GB at 7B)
@@ -288,6 +301,24 @@ class LayerwiseEngine:
         fold(scales, weights, params)
         return {prefix + rel: v for rel, v in params.items()}
 
+    def _new_residual(self):
+        """An empty float32 [n, T, hidden] residual stream for the calibration windows. On the CPU, one of
+        more than :data:`SPILL_RESIDUAL_BYTES` lives in an unlinked temporary file, memory-mapped (in the
+        run's work folder when it has one): 128 x 512 tokens of a 7B are 0.94 GB, which would put GPTQ's
+        7B layer over 4 GB. Each batch's pages leave the resident set once used (:meth:`_release`): the
+        engine reads and writes the stream in order, so the page cache holds it, not the process."""
+        n, t = self.tokens.shape
+        shape = (n, t, self.cfg.hidden_size)
+        if self.device != "cpu" or n * t * self.cfg.hidden_size * 4 <= SPILL_RESIDUAL_BYTES:
+            return self.torch.empty(shape, dtype=self.torch.float32, device=self.device)
+        with tempfile.TemporaryFile(dir=self.work) as f:  # the mapping keeps the file alive until dropped
+            self._mapped = np.memmap(f, dtype=np.float32, mode="w+", shape=shape)
+        return self.torch.from_numpy(self._mapped)
+
+    def _release(self) -> None:
+        if self._mapped is not None:
+            release(self._mapped)
+
     def _run(self, module, write_back: bool = False) -> None:
         """The layer over all calibration activations, batch by batch, in the engine dtype. ``write_back``:
         each batch's outputs (f32) replace its inputs in ``self.hidden``: sequences are independent, so the
@@ -297,6 +328,7 @@ class LayerwiseEngine:
             y = self.dec.run_layer(module, self.hidden[b:b + self.batch].to(self.dtype))
             if write_back:
                 self.hidden[b:b + self.batch] = y
+            self._release()
 
     def _collect(self, module) -> dict[str, Stats]:
         torch = self.torch

@@ -114,10 +114,10 @@ def _autocast(torch, device: str):
     """bfloat16 autocast for the decoder layers' forward and backward passes (weights, Fisher and the
     hidden states between layers stay float32; the output matrix's products: :func:`_mm`).
 
-    Why: the Fisher only ranks tensors and types, and its estimate is noisier than bfloat16's rounding: on
-    the real 0.5B with 8 or 16 windows, in float32 or under autocast, the allocation at Q4_K_M's size chose
-    the same type for all 291 tensors, while autocast cut the analysis from 201 s to 123 s (16 windows;
-    90 s with 8) on 2 cores with AMX. ``cache_enabled=False``: no bfloat16 copy of a 7B layer's weights is
+    Why: the Fisher only ranks tensors and types, and its estimate is noisier than bfloat16's rounding
+    (benchmarks/sensitivity_bench.py, real 0.5B at Q4_K_M's size, 2 cores with AMX: 16 windows in float32
+    241 s, 8 windows in bfloat16 139 s, 8 of 169 choices different — other windows of text move about as
+    many). ``cache_enabled=False``: no bfloat16 copy of a 7B layer's weights is
     kept beside the float32 ones (a cast per window is cheap next to the window's matmuls)."""
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=BF16,
                           cache_enabled=False)

@@ -216,8 +216,11 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     """The layer engine (GPTQ / AWQ / imatrix): per layer, the bf16 module, the calibration activations
     (f32 residual stream in and out), the group statistics (Hessians for GPTQ), the float32 weights of the
     group being quantized and GPTQ's working set for the widest group."""
+    from calibration.capture import SPILL_RESIDUAL_BYTES
     tokens = n * seqlen
-    hidden = 2 * tokens * s.hidden * 4
+    # the f32 residual stream, updated in place; past SPILL_RESIDUAL_BYTES it is a file mapping whose pages
+    # are dropped batch by batch (page cache, not the run's memory)
+    hidden = tokens * s.hidden * 4 if tokens * s.hidden * 4 <= SPILL_RESIDUAL_BYTES else 0
     module = s.layer_linear * 2
     act = max(1, ENGINE_BATCH_TOKENS // seqlen) * seqlen * (4 * s.inter + 4 * s.hidden) * 4
     hess = sum(c * c for c in s.stat_inputs) * 4 if hessian else 0

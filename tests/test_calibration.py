@@ -284,12 +284,20 @@ def test_gptq_run_on_large_hessian_paths_is_better_than_rtn(tiny_models, tmp_pat
     assert sum(handed_over) == 4 * read_config(tiny_models["qwen2"]).num_layers  # one per distinct Hessian
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
-def test_interrupted_run_resumes_to_the_identical_file(tiny_models, tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,spill", [("gptq", False), ("awq+gptq", False), ("gptq", True)])
+def test_interrupted_run_resumes_to_the_identical_file(tiny_models, tmp_path, monkeypatch, method, spill):
+    """... and with ``spill``, the interrupted and the resumed run keep the residual stream in a file mapping
+    (as a 7B's 128 x 512 windows do): still the clean run's file, byte for byte."""
     calib = _calib_file(tmp_path)
     args = [tiny_models["qwen3"], "--quant", "Q4_K_M", "--method", method, "--calib", calib, "--calib-samples", "8",
             "--calib-seqlen", "128", "-q", "--no-verify"]
     assert run_cli(*args, "--out", tmp_path / "clean") == 0
+    if spill:
+        monkeypatch.setattr(capture, "SPILL_RESIDUAL_BYTES", 0)
+        mapped = []
+        new = capture.LayerwiseEngine._new_residual
+        monkeypatch.setattr(capture.LayerwiseEngine, "_new_residual",
+                            lambda self: (h := new(self), mapped.append(self._mapped is not None))[0])
     real_layer = capture.LayerwiseEngine.layer
     calls = []
 
@@ -308,6 +316,7 @@ def test_interrupted_run_resumes_to_the_identical_file(tiny_models, tmp_path, mo
     assert run_cli(*args, "--out", tmp_path / "r", "--resume") == 0
     assert len(computed) == 2  # only layers 2 and 3 were recomputed
     assert (tmp_path / "r" / "qwen3-Q4_K_M.gguf").read_bytes() == (tmp_path / "clean" / "qwen3-Q4_K_M.gguf").read_bytes()
+    assert mapped == [True, True] if spill else True  # the interrupted run's stream and the resumed one's
     assert not any(p.name.endswith(".resume") for p in (tmp_path / "r").iterdir())
     # the per-tensor errors of the layers finished before the interruption were checkpointed with them
     tensors = lambda d: json.loads((tmp_path / d / "report.json").read_text())["tensors"]

@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""What the sensitivity analysis (``--max-size`` and the default ``--bits 4``) costs and how stable its
+choice is: the allocation at llama.cpp's Q4_K_M size on the real 0.5B (``../shared/tools/real_qwen.py``'s
+Qwen2.5-Coder-0.5B-Instruct: a dequantized Q4_K_M release with function-preserving channel rescaling, not
+Qwen's published weights), from the Fisher on N windows of 256 python-docs tokens, in float32 or with the
+bfloat16 products the pipeline uses. Prints each setting's wall time, predicted KLD and how many of the
+tensors' types differ from the first setting's choice.
+
+    python benchmarks/sensitivity_bench.py [--model DIR] [--settings 16:fp32 8:bf16 4:bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tools import SHARED  # noqa: E402
+from kld_bench import REAL, real_model  # noqa: E402
+
+
+def allocation(model: Path, windows: int, bf16: bool) -> tuple[float, float, dict[str, str]]:
+    """(seconds of the analysis, predicted KLD, GGUF name -> chosen type) at Q4_K_M's size."""
+    from calibration import sensitivity as sens
+    from calibration.sources import calibration_tokens
+    from qcompile import budget as mix
+    from qcompile import evaluate, pipeline as pl
+    sens.BF16, sens.SAMPLES = bf16, windows
+    opts = pl.Options(model=str(model), to="gguf", bits=4, out=Path("unused"), method="imatrix")
+    res = pl.resolve(str(model))
+    cfg = pl.read_config(res.path)
+    vocab = pl.load_vocab(res.path, cfg.vocab_size)
+    sch = pl.choose_scheme(opts)
+    ckpt = pl.Checkpoint(res.path, cfg)
+    plan = pl.make_plan(cfg, ckpt, sch)
+    n_params = sum(int(np.prod(p.shape)) for p in plan)
+    meta = dict(name=res.name, size_label=pl.size_label(n_params, 0, 0, 0), file_type=sch.file_type)
+    budget, sizes = pl.budget_sizes(opts, cfg, vocab, plan, sch, meta, n_params, preset_sized=True)
+    tokens = calibration_tokens(str(SHARED / "corpora" / "python-docs.txt"), res.path, windows, 256, 0)
+    t0 = time.perf_counter()
+    predicted, _ = mix.analyse(cfg, evaluate.CheckpointSource(ckpt), plan, sizes, tokens, use_imatrix=True,
+                               device="cpu", seed=0, threads=None)
+    seconds = time.perf_counter() - t0
+    chosen, alloc = mix.choose_mix(plan, sizes, predicted, budget)
+    return seconds, alloc.kld, {p.name: p.type.name for p in chosen if p.name in sizes.options}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=REAL)
+    ap.add_argument("--settings", nargs="+", default=["16:fp32", "8:bf16", "4:bf16"],
+                    help="WINDOWS:fp32|bf16 (the first is the reference choice)")
+    args = ap.parse_args()
+    model = real_model(args.model).resolve()
+    print(f"model: {model} (real_qwen.py: a dequantized Q4_K_M release, rescaled off-grid)")
+    print("| windows x 256 tokens | products | analysis s | predicted KLD | types differing from the first row |")
+    print("|---|---|---|---|---|")
+    ref = None
+    for setting in args.settings:
+        n, kind = setting.split(":")
+        s, kld, types = allocation(model, int(n), kind == "bf16")
+        ref = ref or types
+        diff = sum(types[k] != ref[k] for k in ref)
+        print(f"| {n} | {kind} | {s:.1f} | {kld:.5f} | {diff} of {len(ref)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
