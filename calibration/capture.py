@@ -29,17 +29,21 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from qcompile.arch import ModelConfig
 from qcompile.evaluate import CheckpointSource, StreamedDecoder
+from qcompile.spill import release
 from quantizers import CalibStats, Method, linalg
 from quantizers.error import ErrorTally
 from quantizers.grids import Target, parse_type
-from qcompile.spill import release
 from quantizers.tensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    import torch
 
 # linear module (relative to the layer) -> the module whose input statistics it uses
 LINEARS = {
@@ -158,10 +162,7 @@ class LayerwiseEngine:
             return False
         self.done = json.loads(state.read_text())["layer"]
         saved = self.torch.load(self.work / "hidden.pt", mmap=True)
-        self.hidden = self._new_residual()
-        for b in range(0, saved.shape[0], self.batch):
-            self.hidden[b:b + self.batch] = saved[b:b + self.batch].to(self.device)
-            self._release()
+        self.hidden = self._new_residual(lambda rows: saved[rows])
         return True
 
     def _save(self, i: int, tensors: dict[str, QuantizedTensor]) -> None:
@@ -206,10 +207,8 @@ class LayerwiseEngine:
         if i != self.done + 1:
             raise RuntimeError(f"layers must be requested in order (asked {i}, next is {self.done + 1})")
         if self.hidden is None:
-            self.hidden = self._new_residual()
-            for b in range(0, self.hidden.shape[0], self.batch):  # the same rows as one call, batch by batch
-                self.hidden[b:b + self.batch] = self.dec.embed(self.source, self.tokens[b:b + self.batch])
-                self._release()
+            # the same rows as one call, batch by batch
+            self.hidden = self._new_residual(lambda rows: self.dec.embed(self.source, self.tokens[rows]))
         module = self.dec.build_layer(i, self.source, self.device).to(self.dtype)
         stats = self._collect(module)
         for lin in LINEARS:  # until the quantized values take their place, their memory is GPTQ's (0.47 GB at 7B)
@@ -301,19 +300,25 @@ class LayerwiseEngine:
         fold(scales, weights, params)
         return {prefix + rel: v for rel, v in params.items()}
 
-    def _new_residual(self):
-        """An empty float32 [n, T, hidden] residual stream for the calibration windows. On the CPU, one of
-        more than :data:`SPILL_RESIDUAL_BYTES` lives in an unlinked temporary file, memory-mapped (in the
-        run's work folder when it has one): 128 x 512 tokens of a 7B are 0.94 GB, which would put GPTQ's
-        7B layer over 4 GB. Each batch's pages leave the resident set once used (:meth:`_release`): the
-        engine reads and writes the stream in order, so the page cache holds it, not the process."""
+    def _new_residual(self, part: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """A float32 [n, T, hidden] residual stream for the calibration windows, filled batch by batch with
+        ``part(rows)`` (the windows' slice). On the CPU, one of more than :data:`SPILL_RESIDUAL_BYTES` lives
+        in an unlinked temporary file, memory-mapped (in the run's work folder when it has one): 128 x 512
+        tokens of a 7B are 0.94 GB, which would put GPTQ's 7B layer over 4 GB. Each batch's pages leave the
+        resident set once used (:meth:`_release`): the engine reads and writes the stream in order, so the
+        page cache holds it, not the process."""
         n, t = self.tokens.shape
         shape = (n, t, self.cfg.hidden_size)
         if self.device != "cpu" or n * t * self.cfg.hidden_size * 4 <= SPILL_RESIDUAL_BYTES:
-            return self.torch.empty(shape, dtype=self.torch.float32, device=self.device)
-        with tempfile.TemporaryFile(dir=self.work) as f:  # the mapping keeps the file alive until dropped
-            self._mapped = np.memmap(f, dtype=np.float32, mode="w+", shape=shape)
-        return self.torch.from_numpy(self._mapped)
+            hidden = self.torch.empty(shape, dtype=self.torch.float32, device=self.device)
+        else:
+            with tempfile.TemporaryFile(dir=self.work) as f:  # the mapping keeps the file alive until dropped
+                self._mapped = np.memmap(f, dtype=np.float32, mode="w+", shape=shape)
+            hidden = self.torch.from_numpy(self._mapped)
+        for b in range(0, n, self.batch):
+            hidden[b:b + self.batch] = part(slice(b, b + self.batch)).to(self.device)
+            self._release()
+        return hidden
 
     def _release(self) -> None:
         if self._mapped is not None:

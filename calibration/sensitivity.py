@@ -117,13 +117,13 @@ def _autocast(torch, device: str):
     Why: the Fisher only ranks tensors and types, and its estimate is noisier than bfloat16's rounding
     (benchmarks/sensitivity_bench.py, real 0.5B at Q4_K_M's size, 2 cores with AMX: 16 windows in float32
     241 s, 8 windows in bfloat16 139 s, 8 of 169 choices different — other windows of text move about as
-    many). ``cache_enabled=False``: no bfloat16 copy of a 7B layer's weights is
-    kept beside the float32 ones (a cast per window is cheap next to the window's matmuls)."""
+    many). ``cache_enabled=False``: no bfloat16 copy of a 7B layer's weights is kept beside the float32
+    ones (a cast per window is cheap next to the window's matmuls)."""
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=BF16,
                           cache_enabled=False)
 
 
-def _mm(torch, a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
+def _mm(torch, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as float32, computed in bfloat16 when :data:`BF16` (the output matrix's products: logits,
     their gradient, the Fisher of its rows; 4 passes over vocab x hidden x tokens, float32 sums kept)."""
     if not BF16:

@@ -214,7 +214,7 @@ def self_generation(s: Shapes, r: Rates, n: int, seqlen: int, q8_s: float) -> li
 
 def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -> Stage:
     """The layer engine (GPTQ / AWQ / imatrix): per layer, the bf16 module, the calibration activations
-    (f32 residual stream in and out), the group statistics (Hessians for GPTQ), the float32 weights of the
+    (the f32 residual stream, rewritten in place), the group statistics (Hessians for GPTQ), the float32 weights of the
     group being quantized and GPTQ's working set for the widest group."""
     from calibration.capture import SPILL_RESIDUAL_BYTES
     tokens = n * seqlen

@@ -430,15 +430,14 @@ def budget_sizes(opts: Options, cfg: ModelConfig, vocab: Vocab, plan: list[Plann
     size) and the file's size model around ``plan`` (the base scheme's types; ``n_params`` weights in all).
     A budget no choice of candidates can meet is an error here, before any work."""
     budget = mix.parse_budget(opts.max_size, opts.target_bpw, n_params)
-    if budget is None and preset_sized:
-        sizes = mix.size_model(plan, cfg, header_bytes(cfg, vocab, plan, **meta))
-        return mix.Budget(mix.base_bytes(sizes, plan), f"--bits 4 (the size of {sch.name})"), sizes
-    if budget is None:
+    if budget is None and not preset_sized:
         return None, None
-    if not sch.quantized:
+    if budget is not None and not sch.quantized:
         raise UsageError(f"{budget.request}: the base scheme {sch.name} is not quantized; use --bits or a "
                          "quantized --quant (its types are kept for the embeddings)")
     sizes = mix.size_model(plan, cfg, header_bytes(cfg, vocab, plan, **meta))
+    if budget is None:  # the base mix's own bytes: one of the allocations, so always within reach
+        return mix.Budget(mix.base_bytes(sizes, plan), f"--bits 4 (the size of {sch.name})"), sizes
     mix.check_budget(budget, sizes, n_params)
     return budget, sizes
 

@@ -296,8 +296,12 @@ def test_interrupted_run_resumes_to_the_identical_file(tiny_models, tmp_path, mo
         monkeypatch.setattr(capture, "SPILL_RESIDUAL_BYTES", 0)
         mapped = []
         new = capture.LayerwiseEngine._new_residual
-        monkeypatch.setattr(capture.LayerwiseEngine, "_new_residual",
-                            lambda self: (h := new(self), mapped.append(self._mapped is not None))[0])
+
+        def recorded(self, part):
+            hidden = new(self, part)
+            mapped.append(self._mapped is not None)
+            return hidden
+        monkeypatch.setattr(capture.LayerwiseEngine, "_new_residual", recorded)
     real_layer = capture.LayerwiseEngine.layer
     calls = []
 
