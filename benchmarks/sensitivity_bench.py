@@ -3,10 +3,11 @@
 choice is: the allocation at llama.cpp's Q4_K_M size on the real 0.5B (``../shared/tools/real_qwen.py``'s
 Qwen2.5-Coder-0.5B-Instruct: a dequantized Q4_K_M release with function-preserving channel rescaling, not
 Qwen's published weights), from the Fisher on N windows of 256 python-docs tokens, in float32 or with the
-bfloat16 products the pipeline uses. Prints each setting's wall time, predicted KLD and how many of the
-tensors' types differ from the first setting's choice.
+bfloat16 products the pipeline uses, each type's prediction on every row or on one row in R (the
+pipeline's ratio estimator, ``sensitivity.ROW_SAMPLE``). Prints each setting's wall time, predicted KLD
+and how many of the tensors' types differ from the first setting's choice.
 
-    python benchmarks/sensitivity_bench.py [--model DIR] [--settings 16:fp32 8:bf16 4:bf16]
+    python benchmarks/sensitivity_bench.py [--model DIR] [--settings 8:bf16:1 8:bf16:8 16:fp32:1]
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ from _tools import SHARED  # noqa: E402
 from kld_bench import REAL, real_model  # noqa: E402
 
 
-def allocation(model: Path, windows: int, bf16: bool) -> tuple[float, float, dict[str, str]]:
+def allocation(model: Path, windows: int, bf16: bool, row_sample: int) -> tuple[float, float, dict[str, str]]:
     """(seconds of the analysis, predicted KLD, GGUF name -> chosen type) at Q4_K_M's size."""
     from calibration import sensitivity as sens
     from calibration.sources import calibration_tokens
     from qcompile import budget as mix
     from qcompile import evaluate, pipeline as pl
-    sens.BF16, sens.SAMPLES = bf16, windows
+    sens.BF16, sens.SAMPLES, sens.ROW_SAMPLE = bf16, windows, row_sample
     opts = pl.Options(model=str(model), to="gguf", bits=4, out=Path("unused"), method="imatrix")
     res = pl.resolve(str(model))
     cfg = pl.read_config(res.path)
@@ -52,20 +53,23 @@ def allocation(model: Path, windows: int, bf16: bool) -> tuple[float, float, dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=REAL)
-    ap.add_argument("--settings", nargs="+", default=["16:fp32", "8:bf16", "4:bf16"],
-                    help="WINDOWS:fp32|bf16 (the first is the reference choice)")
+    ap.add_argument("--settings", nargs="+", default=["8:bf16:1", "8:bf16:8", "16:fp32:1"],
+                    help="WINDOWS:fp32|bf16:ROWS, ROWS = predict on one row in ROWS (the first is the reference "
+                         "choice)")
     args = ap.parse_args()
     model = real_model(args.model).resolve()
     print(f"model: {model} (real_qwen.py: a dequantized Q4_K_M release, rescaled off-grid)")
-    print("| windows x 256 tokens | products | analysis s | predicted KLD | types differing from the first row |")
-    print("|---|---|---|---|---|")
+    print("| windows x 256 tokens | products | rows predicted | analysis s | predicted KLD | types differing from "
+          "the first row |")
+    print("|---|---|---|---|---|---|")
     ref = None
     for setting in args.settings:
-        n, kind = setting.split(":")
-        s, kld, types = allocation(model, int(n), kind == "bf16")
+        n, kind, rows = setting.split(":")
+        s, kld, types = allocation(model, int(n), kind == "bf16", int(rows))
         ref = ref or types
         diff = sum(types[k] != ref[k] for k in ref)
-        print(f"| {n} | {kind} | {s:.1f} | {kld:.5f} | {diff} of {len(ref)} |", flush=True)
+        print(f"| {n} | {kind} | {'all' if int(rows) <= 1 else f'1 in {rows}'} | {s:.1f} | {kld:.5f} | "
+              f"{diff} of {len(ref)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -243,9 +243,10 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
                  "--calib-samples / --calib-seqlen")
 
 
-def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, candidates: int = 5) -> Stage:
+def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, predict_s: float = 0.0) -> Stage:
     """--max-size: layer-by-layer Fisher (weights, gradients and Fisher of one layer in f32, the gradient
-    of every window's hidden states, one window's activations), then RTN per candidate type."""
+    of every window's hidden states, one window's activations), then the predictions (``predict_s``: the
+    quantizers' seconds, :func:`prediction_work`), each reading the tensor and its Fisher."""
     tokens = n * seqlen
     layer = 3 * s.layer_linear * 4
     grads = tokens * s.hidden * 4
@@ -255,8 +256,27 @@ def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, candidates: int = 5) -
     # decoder layers: forward, forward again with gradients, backward, under bfloat16 autocast; the output
     # matrix in float32: logits for sampling, again for the gradient, the gradient itself and its Fisher
     t = 3 * 2 * s.layers * s.layer_linear * tokens / r.bf16 + 4 * 2 * s.vocab * s.hidden * tokens / r.f32
-    t += candidates * s.params * (1 / r.rtn + 2 / r.read)
+    t += predict_s + 3 * s.params / r.read
     return Stage("sensitivity", anon, 0, t, "--calib-samples (the analysis uses at most 8 x 512)")
+
+
+# ggml's imatrix-weighted scale search (make_qkx3_quants) against the plain one, per K-quant value: fitted
+# on 1536 x 8960 tensors (2 cores): Q4_K 0.97 s vs 0.59 s, Q5_K 1.07 vs 0.59, Q6_K 0.42 vs 0.27
+IMATRIX_SEARCH = 1.7
+
+
+def prediction_work(rtn_work: dict[tuple, int], imatrix: bool) -> dict[tuple, int]:
+    """The RTN the sensitivity analysis runs (``rtn_work``: (type, row length) -> values of the file): the
+    reference type on every value, each other candidate on one row in ``ROW_SAMPLE``
+    (:func:`calibration.sensitivity.predict_types`), the imatrix searches counted at their cost."""
+    from calibration.sensitivity import REFERENCE, ROW_SAMPLE
+    from quantizers.schemes import candidate_types
+    work: dict[tuple, int] = {}
+    for (_, cols), v in rtn_work.items():
+        for t in candidate_types(cols):
+            share = 1 if t == REFERENCE else (IMATRIX_SEARCH if imatrix else 1) / ROW_SAMPLE
+            work[(t, cols)] = work.get((t, cols), 0) + int(v * share)
+    return work
 
 
 def verify(s: Shapes, r: Rates, tokens: int, artifact_bytes: int) -> list[Stage]:

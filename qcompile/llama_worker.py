@@ -104,9 +104,12 @@ def _sample(req: dict) -> None:
     # a sample never ends early: end-of-generation tokens are never drawn
     eog = np.array([L.llama_vocab_is_eog(vocab, t) for t in range(n_vocab)], dtype=bool)
     cp = L.llama_context_default_params()
-    cp.n_ctx = n * length + 256
     cp.n_seq_max = n
-    cp.kv_unified = True  # one cache shared by all sequences: n_ctx counts their tokens together
+    # a cache stream per sequence (n_ctx split evenly): each token attends over its own sequence's cache;
+    # one unified cache made every step attend over all n sequences' slots, masked (real 0.5B, 32 x 256
+    # tokens: 133 s unified, 122 s split, the same tokens)
+    cp.kv_unified = False
+    cp.n_ctx = n * (max(length, max(len(p) for p in prompts)) + 16)
     cp.n_batch = cp.n_ubatch = max(n, max(len(p) for p in prompts))
     cp.n_threads = cp.n_threads_batch = int(req.get("threads") or os.cpu_count() or 1)
     ctx = L.llama_init_from_model(model, cp)

@@ -136,7 +136,8 @@ def cost_plan(opts: Options, cfg: ModelConfig, method: quantizers.Method, *, cal
         stages += cost.self_generation(shapes, r, n, seqlen, seconds(q8))
     if budget:
         from calibration.sensitivity import SAMPLES, SEQLEN
-        stages.append(cost.sensitivity(shapes, r, min(n, SAMPLES), min(seqlen, SEQLEN)))
+        predict = cost.prediction_work(rtn_work, imatrix=method.needs_calibration)
+        stages.append(cost.sensitivity(shapes, r, min(n, SAMPLES), min(seqlen, SEQLEN), seconds(predict)))
     if method.needs_calibration:
         stages.append(cost.engine(shapes, r, n, seqlen, method.hessian, method.awq))
     else:
