@@ -45,6 +45,18 @@ GPTQ_F64_COLS = 12288
 # in the Python sweep (per row of weights: the sweep's vector work), and per sampled token (NumPy top-p)
 GPTQ_COLUMN_S, GPTQ_COLUMN_ROW_S = 60e-6, 4e-9
 SAMPLE_TOKEN_S = 2.5e-3
+# fitted on benchmarks/scale_bench.py's stage times (report.json timings_s; 0.5B, 1.5B and the 7B cut to 2
+# and 4 layers): the share of the probes' throughput a stage's products reach. llama.cpp's AVX2 build
+# decoding 32 sequences at once, of torch's float32 GEMM probe; the Fisher's layers (forward, forward
+# again, backward one 256-token window at a time under autocast), of the bfloat16 probe; the engine's
+# bf16 layer passes (2048-token batches), of the bfloat16 probe. Fitted per 7B layer (the 4-layer run less
+# the 2-layer one, at 73d26c5): self-calibration 45 s, the Fisher 21 s, the imatrix engine 28 s.
+LLAMA_SHARE = 0.65
+FISHER_SHARE = 0.5
+ENGINE_SHARE = 1.1
+# ggml's imatrix-weighted scale search (make_qkx3_quants) against the plain one, per K-quant value: fitted
+# on 1536 x 8960 tensors (2 cores): Q4_K 0.97 s vs 0.59 s, Q5_K 1.07 vs 0.59, Q6_K 0.42 vs 0.27
+IMATRIX_SEARCH = 1.7
 
 
 @dataclass(frozen=True)
@@ -206,16 +218,18 @@ def self_generation(s: Shapes, r: Rates, n: int, seqlen: int, q8_s: float) -> li
     logits = n * s.vocab * 4 * 2
     child = LLAMA_CHILD + kv + logits + s.vocab * 8
     steps = seqlen - 24  # prompts are ~24 tokens
-    per_step = max(q8 / r.copy, 2 * s.params * n / r.f32)
+    products = s.layers * s.layer_linear + s.vocab * s.hidden  # the embedding is a lookup, not a product
+    per_step = max(q8 / r.copy, 2 * products * n / (LLAMA_SHARE * r.f32))
     return [Stage("self-calibration copy", BASE_TORCH + CHUNK_BUFFERS, 0, q8_s + s.params / r.read),
             Stage("self-calibration", BASE_TORCH + child, q8, steps * per_step + n * seqlen * SAMPLE_TOKEN_S,
                   "--calib FILE (or fewer --calib-samples)")]
 
 
-def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -> Stage:
+def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool, search: float = 1.0) -> Stage:
     """The layer engine (GPTQ / AWQ / imatrix): per layer, the bf16 module, the calibration activations
     (the f32 residual stream, rewritten in place), the group statistics (Hessians for GPTQ), the float32 weights of the
-    group being quantized and GPTQ's working set for the widest group."""
+    group being quantized and GPTQ's working set for the widest group. ``search``: ggml's quantization
+    cost relative to plain RTN (:data:`IMATRIX_SEARCH` when it searches with the imatrix)."""
     from calibration.capture import SPILL_RESIDUAL_BYTES
     tokens = n * seqlen
     # the f32 residual stream, updated in place; past SPILL_RESIDUAL_BYTES it is a file mapping whose pages
@@ -225,21 +239,23 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     act = max(1, ENGINE_BATCH_TOKENS // seqlen) * seqlen * (4 * s.inter + 4 * s.hidden) * 4
     hess = sum(c * c for c in s.stat_inputs) * 4 if hessian else 0
     weights = s.layer_linear * 4 if awq else max(rws * c for rws, c in s.groups) * 4 * 2
-    solve = 0
-    if hessian:
-        c = max(s.stat_inputs)
-        solve = 2 * c * c * (8 if c <= GPTQ_F64_COLS else 4)
+    # GPTQ factors a Hessian in float64 (two matrices at most) up to GPTQ_F64_COLS columns, a wider one in
+    # float32 in place (quantizers/gptq.py): no copy of 7B's 1.4 GB down_proj Hessian
+    solve = max((2 * c * c * 8 for c in s.stat_inputs if c <= GPTQ_F64_COLS), default=0) if hessian else 0
     samples = 2 * min(tokens, 2048) * (2 * s.hidden + s.inter) * 4 if awq else 0
-    anon = BASE_TORCH + hidden + module + act + hess + weights + solve + samples
+    # the forward pass (module, a batch's activations) and the solves (a group's float32 weights, the
+    # factorisation) do not overlap: the module's bf16 linears are let go while the quantizer runs
+    anon = BASE_TORCH + hidden + hess + samples + max(module + act, weights + solve)
     flops = 2 * 2 * s.layer_linear * tokens          # the layer runs twice (statistics, then quantized)
-    t = flops / r.bf16
+    t = flops / (ENGINE_SHARE * r.bf16)
     if hessian:
-        t += sum(tokens * c * c for c in s.stat_inputs) / r.f32                       # X^T X
-        t += sum(c ** 3 for c in s.stat_inputs) / r.f64                               # factorisations
+        t += sum(tokens * c * c for c in s.stat_inputs) / r.bf16                      # X^T X, bf16 inputs
+        t += sum(c ** 3 / (r.f64 if c <= GPTQ_F64_COLS else r.f32) for c in s.stat_inputs)  # factorisations
         t += sum(rws * c * c for rws, c in s.groups) / r.f32                          # lazy updates
         t += sum(c * (GPTQ_COLUMN_S + rws * GPTQ_COLUMN_ROW_S) for rws, c in s.groups)  # column sweep
-    t += s.layer_linear / r.rtn + s.layer_linear / r.read
-    return Stage("calibrated quantization", anon, 0, s.layers * t + (s.params - s.layers * s.layer_linear) / r.rtn,
+    t += search * s.layer_linear / r.rtn + s.layer_linear / r.read
+    return Stage("calibrated quantization", anon, 0,
+                 s.layers * t + (s.params - s.layers * s.layer_linear) / r.rtn,  # no imatrix off the layers
                  "--calib-samples / --calib-seqlen")
 
 
@@ -253,16 +269,13 @@ def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, predict_s: float = 0.0
     act = seqlen * (6 * s.inter + 8 * s.hidden) * 4
     head = 3 * tokens * s.hidden * 4 + 3 * seqlen * s.vocab * 4  # one window's logits, softmax, gradient
     anon = BASE_TORCH + max(layer + grads + act, s.layer_linear * 4 + 2 * grads + head)
-    # decoder layers: forward, forward again with gradients, backward, under bfloat16 autocast; the output
-    # matrix in float32: logits for sampling, again for the gradient, the gradient itself and its Fisher
-    t = 3 * 2 * s.layers * s.layer_linear * tokens / r.bf16 + 4 * 2 * s.vocab * s.hidden * tokens / r.f32
+    # decoder layers: forward, forward again with gradients, backward (twice a forward), under bfloat16
+    # autocast; the output matrix's four products in bfloat16 (logits for sampling, again for the gradient,
+    # the gradient itself and its Fisher)
+    t = 4 * 2 * s.layers * s.layer_linear * tokens / (FISHER_SHARE * r.bf16)
+    t += 4 * 2 * s.vocab * s.hidden * tokens / (FISHER_SHARE * r.bf16)
     t += predict_s + 3 * s.params / r.read
     return Stage("sensitivity", anon, 0, t, "--calib-samples (the analysis uses at most 8 x 512)")
-
-
-# ggml's imatrix-weighted scale search (make_qkx3_quants) against the plain one, per K-quant value: fitted
-# on 1536 x 8960 tensors (2 cores): Q4_K 0.97 s vs 0.59 s, Q5_K 1.07 vs 0.59, Q6_K 0.42 vs 0.27
-IMATRIX_SEARCH = 1.7
 
 
 def prediction_work(rtn_work: dict[tuple, int], imatrix: bool) -> dict[tuple, int]:
