@@ -47,12 +47,15 @@ GPTQ_COLUMN_S, GPTQ_COLUMN_ROW_S = 60e-6, 4e-9
 SAMPLE_TOKEN_S = 2.5e-3
 # fitted on benchmarks/scale_bench.py's stage times (report.json timings_s; 0.5B, 1.5B and the 7B cut to 2
 # and 4 layers): the share of the probes' throughput a stage's products reach. llama.cpp's AVX2 build
-# decoding 32 sequences at once, of torch's float32 GEMM probe; the Fisher's layers (forward, forward
-# again, backward one 256-token window at a time under autocast), of the bfloat16 probe; the engine's
-# bf16 layer passes (2048-token batches), of the bfloat16 probe. Fitted per 7B layer (the 4-layer run less
-# the 2-layer one, at 73d26c5): self-calibration 45 s, the Fisher 21 s, the imatrix engine 28 s.
+# decoding 32 sequences at once, of torch's float32 GEMM probe; the Fisher's products (forward, forward
+# again, backward one window at a time under autocast), of the bfloat16 probe (above 1: the probe's
+# 1024-cube product is not AMX's best case), beside a per-window cost in memory traffic; the engine's bf16
+# layer passes (2048-token batches), of the bfloat16 probe. Fitted per 7B layer (the 4-layer run less the
+# 2-layer one, at 73d26c5): self-calibration 45 s, the analysis 21 s (8 x 256 tokens, imatrix-weighted
+# predictions) and 17 s (8 x 512, --max-size with RTN), the imatrix engine 28 s.
 LLAMA_SHARE = 0.65
-FISHER_SHARE = 0.5
+FISHER_SHARE = 2.0
+FISHER_WINDOW_BYTES = 30  # per analysed weight and window (its gradient, the square, the sum, the casts)
 ENGINE_SHARE = 1.1
 # ggml's imatrix-weighted scale search (make_qkx3_quants) against the plain one, per K-quant value: fitted
 # on 1536 x 8960 tensors (2 cores): Q4_K 0.97 s vs 0.59 s, Q5_K 1.07 vs 0.59, Q6_K 0.42 vs 0.27
@@ -272,8 +275,11 @@ def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, predict_s: float = 0.0
     # decoder layers: forward, forward again with gradients, backward (twice a forward), under bfloat16
     # autocast; the output matrix's four products in bfloat16 (logits for sampling, again for the gradient,
     # the gradient itself and its Fisher)
-    t = 4 * 2 * s.layers * s.layer_linear * tokens / (FISHER_SHARE * r.bf16)
-    t += 4 * 2 * s.vocab * s.hidden * tokens / (FISHER_SHARE * r.bf16)
+    t = 4 * 2 * (s.layers * s.layer_linear + s.vocab * s.hidden) * tokens / (FISHER_SHARE * r.bf16)
+    # and per window, whatever its length, every analysed weight's gradient is made, squared and summed
+    # (and under autocast cast to bfloat16): memory traffic, not products
+    analysed = s.layers * s.layer_linear + (0 if s.tied else s.vocab * s.hidden)
+    t += n * analysed * FISHER_WINDOW_BYTES / r.copy
     t += predict_s + 3 * s.params / r.read
     return Stage("sensitivity", anon, 0, t, "--calib-samples (the analysis uses at most 8 x 512)")
 
