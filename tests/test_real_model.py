@@ -72,6 +72,22 @@ def test_real_model_compiles_and_runs_in_llama_cpp(real_model, eval_text, calib_
     assert ref["ppl_quant"] < ref["ppl_fp"] * (1.02 if bits == 8 else 1.15)
     # llama.cpp runs the file and agrees with the dequantized PyTorch model
     assert art["rel_error"] < max_rel and art["top1"] > 0.95, art
+    # and the file is no worse than llama.cpp's own quantizer on the same text: llama-quantize's Q8_0 /
+    # Q4_K_M (no imatrix) of our F16, both scored by `qcompile eval` on the same windows, so a regression
+    # of the calibrated path fails here, not only a collapse past the absolute bounds above
+    ours = next(tmp_path.glob("*.gguf"))
+    assert run_cli(real_model, "--quant", "F16", "--out", tmp_path / "f16", "-q", "--no-verify") == 0
+    theirs = tmp_path / "llama-quantize.gguf"
+    llama_worker.quantize(next((tmp_path / "f16").glob("*.gguf")), theirs,
+                          F.MOSTLY_Q8_0 if bits == 8 else F.MOSTLY_Q4_K_M)
+    kld = {}
+    for name, gguf in (("ours", ours), ("llama-quantize", theirs)):
+        out = tmp_path / f"{name}.json"
+        assert run_cli("eval", real_model, "--artifact", gguf, "--text", eval_text, "--ctx", "512",
+                       "--max-tokens", "1024", "--runtime", "pytorch", "--json", out, "-q") == 0
+        kld[name] = json.loads(out.read_text())["results"]["pytorch"]["kld_mean"]
+    # Q8_0: the same rounding as llama.cpp (a float-summation hair); Q4_K_M: GPTQ must beat plain RTN
+    assert kld["ours"] <= kld["llama-quantize"] * (1.01 if bits == 8 else 1.0), kld
 
 
 def test_real_model_q4_k_m_layout_equals_llama_quantize(real_model, tmp_path):
