@@ -90,42 +90,10 @@ def nncf_folder(py: Path, model: Path, out: Path, mode: str, calib: Path) -> tup
     return out, float(stamp.read_text()) if stamp.exists() else float("nan")
 
 
-def onnx_tensors(onnx_dir: Path) -> dict:
-    """The quantized linears of a ``qcompile --to onnx`` folder, back as QuantizedTensors: each MatMulNBits'
-    packed codes, scales and zero points are exactly the bytes the quantizer produced (the inverse of
-    ``exporters.onnx.matmulnbits_arrays``), so the IR gets the same weights without re-running GPTQ."""
-    import onnx
-    from onnx import numpy_helper
-    from quantizers import grids
-    from quantizers.tensor import QuantizedTensor
-    m = onnx.load(str(onnx_dir / "model.onnx"))
-    init = {i.name: i for i in m.graph.initializer}
-    out = {}
-    for node in m.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        a = {x.name: x.i for x in node.attribute}
-        n, k, bits, g = a["N"], a["K"], a["bits"], a["block_size"]
-        nb = k // g
-        arr = [numpy_helper.to_array(init[i], str(onnx_dir)) for i in node.input[1:]]
-        b, scales = arr[0].reshape(n, nb, -1), arr[1].reshape(n, nb)
-        codes = np.stack([b & 15, b >> 4], -1).reshape(n, k) if bits == 4 else b.reshape(n, k)
-        t = grids.IntType(bits, g, sym=len(arr) < 3)
-        if t.sym:
-            z = np.full((n, nb), t.zero, np.uint8)
-        else:
-            zp = arr[2].reshape(n, -1)
-            z = (np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :nb] if bits == 4 else zp[:, :nb])
-        name = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") + ".weight"
-        f = grids.BlockFields(grids.grid(t), codes.astype(np.uint8),
-                              {"d": scales.astype(np.float16), "z": z.astype(np.uint8)})
-        out[name] = QuantizedTensor.from_fields(name, f)
-    return out
-
-
 def ours_folder(onnx_dir: Path, model: Path, out: Path) -> Path:
     """qcompile's IR with the ONNX GPTQ folder's very weights, written by ``exporters.openvino.write_openvino``
     (what ``--to openvino`` runs), with its 8-bit embeddings."""
+    from exporters.onnx import read_matmulnbits
     from exporters.openvino import write_openvino
     from qcompile.arch import read_config
     from qcompile.checkpoint import Checkpoint
@@ -136,7 +104,7 @@ def ours_folder(onnx_dir: Path, model: Path, out: Path) -> Path:
     if not (out / "openvino_model.xml").exists():
         out.mkdir(parents=True, exist_ok=True)
         cfg = read_config(model)
-        tensors = onnx_tensors(onnx_dir)
+        tensors = read_matmulnbits(onnx_dir)  # no GPTQ re-run: the same weights
         tensors["model.embed_tokens.weight"] = quantize_embeddings(Checkpoint(model, cfg), head_type(IntType(4, 128)),
                                                                    None)
         write_openvino(out, model, cfg, tensors)

@@ -286,6 +286,38 @@ def matmulnbits_arrays(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.
     return b, scales, np.ascontiguousarray(z.reshape(-1))
 
 
+def read_matmulnbits(onnx_dir: Path) -> dict[str, QuantizedTensor]:
+    """The quantized linears of a written model (``model.onnx`` and its external data in ``onnx_dir``) back
+    as QuantizedTensors, by HF weight name: each MatMulNBits' packed codes, scales and zero points are
+    exactly the bytes the quantizer produced (the inverse of :func:`matmulnbits_arrays`)."""
+    import onnx
+    from onnx import numpy_helper
+    from quantizers import grids
+    m = onnx.load(str(onnx_dir / "model.onnx"))
+    init = {i.name: i for i in m.graph.initializer}
+    out = {}
+    for node in m.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in node.attribute}
+        n, k, bits, g = a["N"], a["K"], a["bits"], a["block_size"]
+        nb = k // g
+        arr = [numpy_helper.to_array(init[i], str(onnx_dir)) for i in node.input[1:]]
+        b, scales = arr[0].reshape(n, nb, -1), arr[1].reshape(n, nb)
+        codes = np.stack([b & 15, b >> 4], -1).reshape(n, k) if bits == 4 else b.reshape(n, k)
+        t = IntType(bits, g, sym=len(arr) < 3)
+        if t.sym:
+            z = np.full((n, nb), t.zero, np.uint8)
+        else:
+            zp = arr[2].reshape(n, -1)
+            z = (np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :nb] if bits == 4 else zp[:, :nb])
+        name = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".") + ".weight"
+        f = grids.BlockFields(grids.grid(t), codes.astype(np.uint8),
+                              {"d": scales.astype(np.float16), "z": z.astype(np.uint8)})
+        out[name] = QuantizedTensor.from_fields(name, f)
+    return out
+
+
 def swap_in(model, tensors: dict[str, QuantizedTensor], store=_inline, accuracy_level: int = 4) -> list[str]:
     """Replace the MatMul of every linear in ``tensors`` (HF weight names) by MatMulNBits; return the
     names swapped. Initializers and nodes left unused (the fp weights) are dropped."""

@@ -98,6 +98,18 @@ def test_quantized_graph_equals_dequantized_pytorch_and_generates(tiny_model, tm
     assert 1e-6 < _rel(fast.run(["logits"], _feed(fast, ids))[0], ref) <= 6e-2
 
 
+@pytest.mark.parametrize("t", [IntType(4, 128), IntType(4, 32, sym=True), IntType(8, 64)], ids=lambda t: t.name)
+def test_matmulnbits_read_back_is_the_quantized_tensors(tiny_model, tmp_path, t):
+    """``read_matmulnbits`` inverts the writer: every linear's type and bytes come back from model.onnx_data
+    exactly as the quantizer produced them (the report test and the OpenVINO benchmark rely on it)."""
+    cfg, tensors = _quantize(tiny_model, t)
+    ox.write_onnx(tmp_path, tiny_model, cfg, tensors)
+    back = ox.read_matmulnbits(tmp_path)
+    assert back.keys() == tensors.keys()
+    for name, qt in tensors.items():
+        assert back[name].type == qt.type and np.array_equal(back[name].data, qt.data), name
+
+
 def test_compile_to_onnx_cli_verifies_and_reports(tiny_models, tmp_path):
     assert run_cli(tiny_models["qwen3"], "--to", "onnx", "--bits", "4", "--method", "rtn", "--out", tmp_path,
                    "-q") == 0

@@ -271,38 +271,10 @@ def test_example_workflow_commands_parse_with_our_parsers(monkeypatch):
     assert str(seen["report"].out) in upload["with"]["path"] and upload.get("if") == "always()"
 
 
-def _matmulnbits_weights(onnx_path) -> dict[str, np.ndarray]:
-    """The dequantized [N, K] weight of every MatMulNBits node, read back from the written model (its
-    external data file included), keyed by the linear's HF name: codes low nibble first, (q - zero) * scale."""
-    import onnx
-    from onnx import numpy_helper
-    model = onnx.load(str(onnx_path))  # loads model.onnx_data
-    init = {i.name: i for i in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        a = {x.name: x.i for x in node.attribute}
-        n, k, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
-        qb = numpy_helper.to_array(init[node.input[1]]).reshape(n, -1)
-        scales = numpy_helper.to_array(init[node.input[2]]).astype(np.float32).reshape(n, -1)
-        nb = scales.shape[1]
-        codes = np.stack([qb & 15, qb >> 4], axis=-1).reshape(n, -1) if bits == 4 else qb
-        codes = codes[:, :nb * block].reshape(n, nb, block).astype(np.float32)
-        if len(node.input) > 3 and node.input[3]:
-            z = numpy_helper.to_array(init[node.input[3]]).reshape(n, -1)
-            z = (np.stack([z & 15, z >> 4], axis=-1).reshape(n, -1) if bits == 4 else z)[:, :nb]
-        else:
-            z = np.full((n, nb), 1 << (bits - 1))
-        w = (codes - z[:, :, None].astype(np.float32)) * scales[:, :, None]
-        name = node.name.strip("/").removesuffix("/MatMulNBits").replace("/", ".") + ".weight"
-        out[name] = w.reshape(n, -1)[:, :k]
-    return out
-
-
 def test_onnx_report_has_each_tensors_reconstruction_error(tiny_models, tmp_path):
     """The folder targets record rel_error too, keyed by Hugging Face name (lm_head: summed over row-chunks),
     and it is the error of what was written: the codes read back from model.onnx_data against the checkpoint."""
+    from exporters.onnx import read_matmulnbits
     from qcompile.arch import read_config
     from qcompile.checkpoint import Checkpoint
     model = tiny_models["qwen2"]
@@ -311,9 +283,9 @@ def test_onnx_report_has_each_tensors_reconstruction_error(tiny_models, tmp_path
     rep = json.loads((tmp_path / "report.json").read_text())
     by_name = {t["name"]: t for t in rep["tensors"]}
     ckpt = Checkpoint(model, read_config(model))
-    written = _matmulnbits_weights(tmp_path / "model.onnx")
+    written = read_matmulnbits(tmp_path)  # the codes, scales and zero points in model.onnx_data
     for name in ("model.layers.2.mlp.down_proj.weight", "lm_head.weight"):
-        w, wq = ckpt.read(name), written[name]
+        w, wq = ckpt.read(name), written[name].dequantize()
         assert wq.shape == w.shape
         assert by_name[name]["rel_error"] == pytest.approx(np.linalg.norm(w - wq) / np.linalg.norm(w), rel=1e-4)
     assert by_name["lm_head.weight"]["type"] == "INT8_G128"
