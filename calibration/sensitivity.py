@@ -326,9 +326,10 @@ def predict_types(name: str, weight: np.ndarray, fisher: np.ndarray, types: list
     pick = np.sort(np.random.default_rng(zlib.crc32(name.encode())).choice(rows, rows // ROW_SAMPLE,
                                                                           replace=False))
     w, f = np.ascontiguousarray(weight[pick]), np.ascontiguousarray(fisher[pick])
+    total, part = ref.sum(), ref[pick].sum()
     # a sample whose reference error is zero (no Fisher on those rows) scales by the row count instead
-    scale = ref.sum() / ref[pick].sum() if ref[pick].sum() > 0 else rows / len(pick)
-    return {t: 0.5 * float(ref.sum() if t == REFERENCE else
+    scale = total / part if part > 0 else rows / len(pick)
+    return {t: 0.5 * float(total if t == REFERENCE else
                            scale * _row_errors(name, w, f, t, importance, threads).sum()) for t in types}
 
 

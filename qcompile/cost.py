@@ -85,8 +85,13 @@ class Shapes:
         return h * self.q + 2 * h * self.kv + self.q * h + 3 * h * self.inter
 
     @property
+    def decoder_linear(self) -> int:
+        """Weights of all decoder layers' linears."""
+        return self.layers * self.layer_linear
+
+    @property
     def params(self) -> int:
-        return self.layers * self.layer_linear + self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.decoder_linear + self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
     def stat_inputs(self) -> list[int]:
@@ -221,18 +226,17 @@ def self_generation(s: Shapes, r: Rates, n: int, seqlen: int, q8_s: float) -> li
     logits = n * s.vocab * 4 * 2
     child = LLAMA_CHILD + kv + logits + s.vocab * 8
     steps = seqlen - 24  # prompts are ~24 tokens
-    products = s.layers * s.layer_linear + s.vocab * s.hidden  # the embedding is a lookup, not a product
+    products = s.decoder_linear + s.vocab * s.hidden  # the embedding is a lookup, not a product
     per_step = max(q8 / r.copy, 2 * products * n / (LLAMA_SHARE * r.f32))
     return [Stage("self-calibration copy", BASE_TORCH + CHUNK_BUFFERS, 0, q8_s + s.params / r.read),
             Stage("self-calibration", BASE_TORCH + child, q8, steps * per_step + n * seqlen * SAMPLE_TOKEN_S,
                   "--calib FILE (or fewer --calib-samples)")]
 
 
-def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool, search: float = 1.0) -> Stage:
+def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -> Stage:
     """The layer engine (GPTQ / AWQ / imatrix): per layer, the bf16 module, the calibration activations
     (the f32 residual stream, rewritten in place), the group statistics (Hessians for GPTQ), the float32 weights of the
-    group being quantized and GPTQ's working set for the widest group. ``search``: ggml's quantization
-    cost relative to plain RTN (:data:`IMATRIX_SEARCH` when it searches with the imatrix)."""
+    group being quantized and GPTQ's working set for the widest group."""
     from calibration.capture import SPILL_RESIDUAL_BYTES
     tokens = n * seqlen
     # the f32 residual stream, updated in place; past SPILL_RESIDUAL_BYTES it is a file mapping whose pages
@@ -256,9 +260,10 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool, s
         t += sum(c ** 3 / (r.f64 if c <= GPTQ_F64_COLS else r.f32) for c in s.stat_inputs)  # factorisations
         t += sum(rws * c * c for rws, c in s.groups) / r.f32                          # lazy updates
         t += sum(c * (GPTQ_COLUMN_S + rws * GPTQ_COLUMN_ROW_S) for rws, c in s.groups)  # column sweep
-    t += search * s.layer_linear / r.rtn + s.layer_linear / r.read
+    # GPTQ rounds the layer itself; the other methods through ggml's imatrix-weighted search
+    t += (1.0 if hessian else IMATRIX_SEARCH) * s.layer_linear / r.rtn + s.layer_linear / r.read
     return Stage("calibrated quantization", anon, 0,
-                 s.layers * t + (s.params - s.layers * s.layer_linear) / r.rtn,  # no imatrix off the layers
+                 s.layers * t + (s.params - s.decoder_linear) / r.rtn,  # no imatrix off the layers
                  "--calib-samples / --calib-seqlen")
 
 
@@ -275,10 +280,10 @@ def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, predict_s: float = 0.0
     # decoder layers: forward, forward again with gradients, backward (twice a forward), under bfloat16
     # autocast; the output matrix's four products in bfloat16 (logits for sampling, again for the gradient,
     # the gradient itself and its Fisher)
-    t = 4 * 2 * (s.layers * s.layer_linear + s.vocab * s.hidden) * tokens / (FISHER_SHARE * r.bf16)
+    t = 4 * 2 * (s.decoder_linear + s.vocab * s.hidden) * tokens / (FISHER_SHARE * r.bf16)
     # and per window, whatever its length, every analysed weight's gradient is made, squared and summed
     # (and under autocast cast to bfloat16): memory traffic, not products
-    analysed = s.layers * s.layer_linear + (0 if s.tied else s.vocab * s.hidden)
+    analysed = s.decoder_linear + (0 if s.tied else s.vocab * s.hidden)
     t += n * analysed * FISHER_WINDOW_BYTES / r.copy
     t += predict_s + 3 * s.params / r.read
     return Stage("sensitivity", anon, 0, t, "--calib-samples (the analysis uses at most 8 x 512)")
@@ -314,8 +319,8 @@ def verify(s: Shapes, r: Rates, tokens: int, artifact_bytes: int) -> list[Stage]
 # serialisation, for a decoder layer's (quantized) weights and for the rest (embeddings, head, norms), on
 # the fitting machine (2 cores). Not scaled by a probe: the read probe varied 3x between runs of the same
 # plan (0.54-1.8 G values/s), which swung these forecasts by 30%. And the export's peak over the torch
-# baseline in bytes per value of the vocabulary x hidden matrix. That peak is the tracer's: the weightless model's zero-strided head weight is
-# made contiguous for the head's matmul (ONNX: one float32 copy; OpenVINO's TorchScript trace less); the
+# baseline in bytes per value of the vocabulary x hidden matrix. That peak is the tracer's: the weightless
+# model's zero-strided head weight is made contiguous for the head's matmul (ONNX: one float32 copy; OpenVINO's TorchScript trace less); the
 # quantized tensors wait on disk and the float embeddings stream (qcompile/spill.py, exporters/onnx.py).
 EXPORT_S_PER_PARAM = {"onnx": (7.3e-8, 2.75e-8), "openvino": (7.7e-8, 3.6e-8)}  # (layer weight, other)
 EXPORT_HEAD_BYTES = {"onnx": 4.0, "openvino": 3.3}
@@ -325,9 +330,8 @@ def folder_export(s: Shapes, r: Rates, to: str) -> Stage:
     """ONNX / OpenVINO: the float graph traced without weights, then the quantized tensors (from the spill)
     and the float ones (streamed from the checkpoint) bound in and written."""
     layer_s, other_s = EXPORT_S_PER_PARAM[to]
-    in_layers = s.layers * s.layer_linear
     return Stage("export", BASE_TORCH + int(EXPORT_HEAD_BYTES[to] * s.vocab * s.hidden), 0,
-                 in_layers * layer_s + (s.params - in_layers) * other_s)
+                 s.decoder_linear * layer_s + (s.params - s.decoder_linear) * other_s)
 
 
 def available_memory() -> int | None:

@@ -139,8 +139,7 @@ def cost_plan(opts: Options, cfg: ModelConfig, method: quantizers.Method, *, cal
         predict = cost.prediction_work(rtn_work, imatrix=method.needs_calibration)
         stages.append(cost.sensitivity(shapes, r, min(n, SAMPLES), min(seqlen, SEQLEN), seconds(predict)))
     if method.needs_calibration:
-        search = 1.0 if method.hessian else cost.IMATRIX_SEARCH  # GPTQ rounds itself; the others by ggml
-        stages.append(cost.engine(shapes, r, n, seqlen, method.hessian, method.awq, search))
+        stages.append(cost.engine(shapes, r, n, seqlen, method.hessian, method.awq))
     else:
         stages.append(cost.rtn_stream(shapes, r, seconds(rtn_work)))
     if export_to is not None:
