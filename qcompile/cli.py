@@ -20,6 +20,7 @@ examples:
   qcompile 0.5B --to gguf --quant Q4_0 --out out/ --eval-text wiki.txt
   qcompile 7B --to gguf --bits 4 --out out/ --package all   # + Ollama Modelfile, LM Studio folder, manifest
   qcompile 0.5B --to gguf --max-size 468.6MiB --out out/  # per-tensor types by sensitivity, within 468.6 MiB
+  qcompile 0.5B --to gguf --bits 4 --out out/ --baseline last/report.json   # publish only if no regression
   qcompile 0.5B --to onnx --bits 4 --out onnx/       # onnxruntime folder, int4 g128 MatMulNBits (GPTQ)
   qcompile 0.5B --to openvino --bits 4 --out ov/      # OpenVINO IR folder, u4 g128 compressed weights (GPTQ)
   qcompile 0.5B --to openvino --quant INT8_PC --out ov8/   # u8 per-channel weights (NNCF's int8 default)
@@ -92,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-ctx", type=int, default=256, metavar="N", help="evaluation window length (default 256)")
     p.add_argument("--eval-tokens", type=int, default=1024, metavar="N",
                    help="evaluate at most N tokens of the text (default 1024)")
+    q = p.add_argument_group(
+        "quality gate", "judge the verified metrics before the artifact is renamed into place; on a violation "
+        "exit 1 with the measured figures and write nothing (the budgets of `qcompile check`)")
+    q.add_argument("--max-kld", metavar="X", help="mean KLD ceiling (reference path): a number, or +P%% over "
+                                                 "--baseline's (with --baseline, default +5%%)")
+    q.add_argument("--baseline", type=Path, metavar="REPORT", help="an earlier report.json of the same model and "
+                   "evaluation settings: also perplexity <= +0.5%%, top-1 >= -0.5 points, size <= +1%% unless set")
+    q.add_argument("--max-ppl-increase", metavar="P%", help="with --baseline: perplexity increase allowed "
+                                                              "(default 0.5%%)")
+    q.add_argument("--max-top1-drop", metavar="PTS", type=float, help="with --baseline: top-1 agreement drop "
+                                                                      "allowed, in percentage points (default 0.5)")
     p.add_argument("--family", default="instruct", choices=["instruct", "base", "coder", "math", "qwen3"],
                    help="model family for size aliases (default: instruct)")
     p.add_argument("--offline", action="store_true", help="never download; use local files and the hub cache only")
@@ -158,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                    eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, allow_pickle=args.allow_pickle,
                    keep_embeddings_fp=args.keep_embeddings_fp, float_activations=args.float_activations,
                    package=args.package, max_size=args.max_size, target_bpw=args.target_bpw, threads=args.threads,
-                   dry_run=args.dry_run, memory_check=args.memory_check, quiet=args.quiet, argv=["qcompile", *argv])
+                   dry_run=args.dry_run, memory_check=args.memory_check, quiet=args.quiet, baseline=args.baseline,
+                   max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, max_top1_drop=args.max_top1_drop,
+                   argv=["qcompile", *argv])
     code, rep = guarded("qcompile", lambda: compile_model(opts), "interrupted; no output written")
     if code != EXIT_OK:
         return code

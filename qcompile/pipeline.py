@@ -17,11 +17,12 @@ from gguf import GGMLQuantizationType as T
 from gguf.utility import size_label
 
 from exporters.gguf import PlannedTensor, file_size, header_bytes, write_gguf
-from qcompile import budget as mix, cost, evaluate, llama_worker, packaging, report
+from qcompile import budget as mix, cost, evaluate, gate, llama_worker, packaging, report
 from qcompile.arch import ModelConfig, read_config
 from qcompile.checkpoint import Checkpoint
 from qcompile.spill import Spill, release
 from qcompile.errors import QCompileError, UsageError, is_write_error, write_failed
+from qcompile.report import read_report
 from qcompile.resolve import resolve
 from qcompile.tokenizer import Vocab, load_vocab
 import quantizers
@@ -64,6 +65,10 @@ class Options:
     threads: int | None = None
     dry_run: bool = False             # print the predicted memory and time per stage, then stop
     memory_check: bool = True         # refuse a run predicted not to fit in the available memory
+    baseline: Path | None = None      # quality gate (qcompile.gate): an earlier report.json to compare with
+    max_kld: str | None = None        # ... and its budgets, as `qcompile check` takes them
+    max_ppl_increase: str | None = None
+    max_top1_drop: float | None = None
     quiet: bool = False
     argv: list[str] = field(default_factory=list)
 
@@ -276,6 +281,38 @@ def model_info(res, cfg: ModelConfig, n_params: int) -> dict:
             "vocab_size": cfg.vocab_size, "tied_embeddings": cfg.tie_word_embeddings}
 
 
+@dataclass
+class QualityGate:
+    """The compile's own ``qcompile check``: budgets on the verified metrics, applied before the artifact is
+    renamed into place (a failing artifact is never published)."""
+    budgets: gate.Budgets
+    baseline: dict | None
+    baseline_path: Path | None
+
+    @classmethod
+    def from_options(cls, opts: Options) -> QualityGate | None:
+        """None without budgets; a one-line error now (before any work) for budgets that cannot apply."""
+        budgets = gate.Budgets(opts.max_kld, opts.max_ppl_increase, opts.max_top1_drop)
+        if opts.baseline is None and not budgets.any():
+            return None
+        if not opts.verify:
+            raise UsageError("--max-kld/--baseline judge the verification's metrics: drop --no-verify")
+        base = read_report(opts.baseline) if opts.baseline is not None else None
+        gate.validate(budgets, base)
+        if base is not None and gate.reference(base, opts.baseline).get("ctx") != opts.eval_ctx:
+            raise QCompileError(f"--baseline {opts.baseline}: evaluated with --eval-ctx "
+                                f"{gate.reference(base, opts.baseline).get('ctx')}, this run with {opts.eval_ctx} "
+                                "(not comparable)")
+        return cls(budgets, base, opts.baseline)
+
+    def judge(self, metrics: dict, size: int, n_params: int) -> dict:
+        """The report's ``gate`` entry; raises (exit 1, one line with the measured figures) on a violation."""
+        ok, bad = gate.judge(metrics["reference"], size, n_params, self.baseline, self.budgets)
+        if bad:
+            raise QCompileError("quality gate failed: " + "; ".join(bad) + "; the artifact was not written")
+        return {"baseline": str(self.baseline_path) if self.baseline_path else None, "passed": ok}
+
+
 def compile_model(opts: Options) -> dict:
     """Run the whole pipeline; return the report written beside the artifact."""
     if opts.to not in TARGETS:
@@ -290,8 +327,9 @@ def compile_model(opts: Options) -> dict:
     if budget_opt and opts.pure:
         raise UsageError(f"{budget_opt} chooses a type per tensor; --pure asks for one type everywhere")
     package_targets = packaging.parse_targets(opts.package)
+    quality_gate = QualityGate.from_options(opts)
     if opts.to in ("onnx", "openvino"):
-        return compile_folder(opts)
+        return compile_folder(opts, quality_gate)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # resolve
@@ -375,6 +413,7 @@ def compile_model(opts: Options) -> dict:
             t2 = time.perf_counter()
             metrics = verify(opts, cfg, ckpt, res.path, tmp, eval_text or "")
             timings["verify"] = time.perf_counter() - t2
+        gate_entry = quality_gate.judge(metrics, tmp.stat().st_size, n_params) if quality_gate else None
         os.replace(tmp, artifact)
         if engine is not None:
             engine.finish()
@@ -399,6 +438,7 @@ def compile_model(opts: Options) -> dict:
                      "rel_error": errors.rel_error(p.name)} for p in plan],
         **({"allocation": allocation} if allocation is not None else {}),
         "metrics": metrics,
+        **({"gate": gate_entry} if gate_entry is not None else {}),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": report.versions(),
     }
@@ -499,7 +539,7 @@ def _folder_format(to: str, opts_float: bool = False):
          "verified_with": "CPU plugin, f32 inference, no dynamic activation quantization, f32 KV cache"}
 
 
-def compile_folder(opts: Options) -> dict:
+def compile_folder(opts: Options, quality_gate: QualityGate | None = None) -> dict:
     """resolve -> load -> [calibrate] -> quantize (integer grid) -> export (ONNX graph + MatMulNBits, or the
     OpenVINO IR converted from it) -> verify (PyTorch reference; the runtime vs the dequantized model) -> report."""
     from calibration.capture import LINEARS
@@ -584,6 +624,8 @@ def compile_folder(opts: Options) -> dict:
                 metrics = verify_folder(opts, cfg, ckpt, res.path, runtime, lambda: runner(out, opts.threads), tensors,
                                         eval_text or "")
                 timings["verify"] = time.perf_counter() - t3
+            gate_entry = (quality_gate.judge(metrics, sum(f.stat().st_size for f in files), n_params)
+                          if quality_gate else None)
         except BaseException:
             for f in files:
                 f.unlink(missing_ok=True)
@@ -608,6 +650,7 @@ def compile_folder(opts: Options) -> dict:
         "tensors": [{"name": n, "type": q.type.name, "shape": list(q.shape), "bytes": q.nbytes,
                      "rel_error": errors.rel_error(n)} for n, q in tensors.items()],
         "metrics": metrics,
+        **({"gate": gate_entry} if gate_entry is not None else {}),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": report.versions(),
     }

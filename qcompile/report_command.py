@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  qcompile report out/q4_0 out/q4_k_m out/q8_0 --out report/\n"
                "  qcompile report runs/*/report.json --out report/\n\n"
-               "Needs matplotlib for the plots (pip install 'qcompile[report]').\n"
+               "The plots need matplotlib (pip install 'qcompile[report]'); without it report.html has the "
+               "table only.\n"
                "exit status: 0 written, 1 error (missing run or report.json, unreadable report), 2 usage error "
                "(including a report.json schema_version newer than this qcompile reads).")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
@@ -277,23 +279,34 @@ def page(runs: list[Run], plots: list[tuple[str, bytes, str]]) -> str:
     notes = "\n".join(f"<li>{esc(r.label)}: {esc(_describe(r))}"
                       + ("" if r.has_tensor_errors else " (no per-tensor error data)") + "</li>" for r in runs)
     figs = "\n".join(f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                     f"<figcaption>{esc(caption)}</figcaption></figure>" for alt, png, caption in plots)
+                     f"<figcaption>{esc(caption)}</figcaption></figure>" for alt, png, caption in plots) \
+        or f"<p>{esc(NO_PLOTS)}</p>"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>qcompile report</title>'
             f"<style>{_CSS}</style></head><body>\n<h1>qcompile report</h1>\n"
             f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>\n<ul>\n{notes}\n</ul>\n"
             f"{figs}\n</body></html>\n")
 
 
-def write(runs: list[Run], out: Path) -> tuple[Path, Path]:
-    """Render both files into ``out`` (each written to a temp name and renamed)."""
+def have_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise QCompileError("the plots need matplotlib (pip install 'qcompile[report]')") from None
+        return False
+    return True
+
+
+NO_PLOTS = "plots omitted: matplotlib is not installed (pip install 'qcompile[report]')"
+
+
+def write(runs: list[Run], out: Path) -> tuple[Path, Path]:
+    """Render both files into ``out`` (each written to a temp name and renamed). Without matplotlib (an
+    extra: compiling never needs it) report.md is complete and report.html has the table and notes, and
+    says where the plots went."""
     if out.exists() and not out.is_dir():
         raise QCompileError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    plots = [(alt, png, caption) for (alt, caption), png in zip(CAPTIONS, (quality_plot(runs), layer_plot(runs)))]
+    plots = ([(alt, png, caption) for (alt, caption), png in zip(CAPTIONS, (quality_plot(runs), layer_plot(runs)))]
+             if have_matplotlib() else [])
     md, page_path = out / "report.md", out / "report.html"
     atomic_write_text(md, markdown(runs))
     atomic_write_text(page_path, page(runs, plots))
@@ -307,4 +320,6 @@ def main(argv: list[str]) -> int:
         return code
     for path in written:
         print(f"wrote {path}")
+    if not have_matplotlib():
+        print(f"qcompile report: note: {NO_PLOTS}", file=sys.stderr)
     return EXIT_OK
