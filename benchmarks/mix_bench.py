@@ -16,6 +16,7 @@ Each finished row is cached under ``--work``/results (keyed by the exact command
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tools import measure, table, tools  # noqa: E402
+from _tools import commit, measure, table, tools  # noqa: E402
 from kld_bench import REAL, eval_text, f16_baseline, real_model  # noqa: E402
 from quality import calib_text, llama_score  # noqa: E402
 
@@ -64,15 +65,20 @@ def main() -> None:
     text, calib = eval_text(work), calib_text(work)
     f16, base = baseline(t, model, work, text, args.ctx, args.chunks, args.reuse)
     env = {"PYTHONPATH": str(ROOT)}
+    code, llama = commit(), "llama.cpp " + t["quantize"].parents[2].name
 
     def cached(key: str, cmd: list[str], artifact, run) -> dict:
         """The row for ``key``: from results/ when the same command made it, else run and score it."""
         p = work / "results" / f"{key}.json"
-        if p.exists() and json.loads(p.read_text())["command"] == cmd:
+        # the same command from the same code (a clean commit; a dirty tree is never reused) on the same text
+        ident = {"command": cmd, "code": code if cmd[0] != str(t["quantize"]) else llama,
+                 "eval": hashlib.sha256(text.read_bytes()).hexdigest(), "ctx": args.ctx, "chunks": args.chunks}
+        if p.exists() and not code.endswith("+dirty") and \
+                {k: json.loads(p.read_text()).get(k) for k in ident} == ident:
             return json.loads(p.read_text())
         seconds = run()
         path = artifact()
-        row = {"key": key, "command": cmd, "path": str(path), "bytes": path.stat().st_size, "seconds": seconds,
+        row = {"key": key, **ident, "path": str(path), "bytes": path.stat().st_size, "seconds": seconds,
                "llama": llama_score(t["perplexity"], path, base, text, args.ctx, args.chunks)}
         rep = path.parent / "report.json"
         if rep.is_file():
@@ -109,9 +115,9 @@ def main() -> None:
           f"{calib}")
     fmt_pred = lambda r: "-" if "report" not in r or "allocation" not in r["report"] else \
         f"{r['report']['allocation']['predicted_kld']:.5f} (Q4_K_M: {r['report']['allocation']['base_predicted_kld']:.5f})"
-    print(table(["tool", "types", "bytes", "MiB", "bpw", "KLD", "PPL", "top-1 %", "KLD / our Q4_K_M", "predicted KLD",
-                 "time s"],
-                [[tool, label, r["bytes"], f"{r['bytes'] / 2**20:.1f}", f"{8 * r['bytes'] / n_params:.3f}",
+    print(table(["tool", "types", "code", "bytes", "MiB", "bpw", "KLD", "PPL", "top-1 %", "KLD / our Q4_K_M",
+                 "predicted KLD", "time s"],
+                [[tool, label, r["code"], r["bytes"], f"{r['bytes'] / 2**20:.1f}", f"{8 * r['bytes'] / n_params:.3f}",
                   f"{r['llama']['kld']:.5f}", f"{r['llama']['ppl']:.3f}", f"{r['llama']['top1']:.2f}",
                   f"{r['llama']['kld'] / plain[tool]:.3f}" if tool in plain else "-",
                   fmt_pred(r), f"{r['seconds']:.0f}"] for tool, label, r in rows]))

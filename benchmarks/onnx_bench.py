@@ -7,8 +7,13 @@ Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Three folders:
   today; optimum-onnx pins transformers < 4.58, so it runs over ``qcompile.optimum_overlay``;
 * **fp32 (qcompile)** — the float graph from our own exporter (``torch.onnx.export``, same I/O);
 * **ORT int4** — onnxruntime's ``MatMulNBitsQuantizer`` (block 128, asymmetric, round to nearest) applied
-  to optimum's fp32 graph, the peer;
-* **qcompile int4** — ``qcompile --to onnx --bits 4`` (INT4_G128, GPTQ on held-out calibration text).
+  to optimum's fp32 graph, the peer, with ``accuracy_level`` 4 (int8 activations) and 0 (float), lm_head
+  quantized or left float;
+* **qcompile int4** — ``qcompile --to onnx --bits 4`` (INT4_G128, GPTQ on held-out calibration text), with
+  int8 activations (the default) and ``--float-activations``.
+
+Every row says its activation mode and the code it came from (onnxruntime's version, or the qcompile
+commit); folders are keyed by those and every option, so a cached folder is never another version's.
 
 For each: size on disk, session load time, prompt (prefill) and decode tokens/s on ``--threads`` threads
 with the KV cache, and mean KLD / top-1 / perplexity against the bf16 checkpoint on held-out text
@@ -19,6 +24,7 @@ with the KV cache, and mean KLD / top-1 / perplexity against the bf16 checkpoint
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -28,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tools import measure, table  # noqa: E402
-from kld_bench import REAL, eval_text, real_model  # noqa: E402
+from _tools import commit, measure, table  # noqa: E402
+from kld_bench import MODEL_NOTE, REAL, eval_text, real_model  # noqa: E402
 from quality import calib_text  # noqa: E402
 
 
@@ -63,14 +69,19 @@ def optimum_folder(model: Path, out: Path) -> Path:
     return out
 
 
-def ort_int4_folder(fp32: Path, out: Path, exclude: tuple[str, ...] = ()) -> Path:
-    """onnxruntime's own quantizer over the fp32 graph (the peer); ``exclude``: MatMul nodes left float."""
+def ort_int4_folder(fp32: Path, work: Path, exclude: tuple[str, ...] = (), accuracy_level: int = 0) -> Path:
+    """onnxruntime's own quantizer over the fp32 graph (the peer); ``exclude``: MatMul nodes left float;
+    ``accuracy_level`` 4: int8 activations (what our folders use by default), 0: float activations. The
+    folder is keyed by onnxruntime's version and every setting."""
     import onnx
+    import onnxruntime
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    out = work / (f"ort{onnxruntime.__version__}-int4-acc{accuracy_level}"
+                  + (f"-fp-{'-'.join(e.strip('/').replace('/', '_') for e in exclude)}" if exclude else ""))
     if not (out / "model.onnx").exists():
         out.mkdir(parents=True, exist_ok=True)
         q = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), bits=4, block_size=128, is_symmetric=False,
-                                 nodes_to_exclude=list(exclude))
+                                 nodes_to_exclude=list(exclude), accuracy_level=accuracy_level)
         q.process()
         q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
         for f in fp32.iterdir():
@@ -110,7 +121,7 @@ def speed(folder: Path, threads: int, prompt: int, decode: int) -> dict:
 
 
 def quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
-    out = folder / "eval.json"
+    out = folder / f"eval-{hashlib.sha256(text.read_bytes()).hexdigest()[:12]}-c512-t3072.json"
     if not out.exists():
         measure(["qcompile", "eval", model, "--artifact", folder, "--text", text, "--ctx", 512, "--max-tokens", 3072,
                  "--threads", threads, "--json", out, "-q"])
@@ -134,35 +145,45 @@ def main() -> None:
     text, calib = eval_text(work), calib_text(work)
     fp32_opt = optimum_folder(model, work / "fp32-optimum")
     fp32 = fp32_folder(model, work / "fp32")
-    peer = ort_int4_folder(fp32_opt, work / "ort-int4")
-    # the same with lm_head left float: ours keeps it 8-bit, so this is the fairer quality comparison
-    peer_head = ort_int4_folder(fp32_opt, work / "ort-int4-head-fp", exclude=("/lm_head/MatMul",))
-    ours = work / "qcompile-int4"
-    if not (ours / "model.onnx").exists():
-        measure(["qcompile", model, "--to", "onnx", "--bits", "4", "--calib", calib, "--calib-samples", args.samples,
-                 "--out", ours, "--force", "-q", "--no-verify"])
+    # the peer in both activation modes, and with lm_head left float (ours keeps it 8-bit: the fairer quality
+    # comparison); onnxruntime's int4 RTN is the same weights in both modes
+    import onnxruntime
+    ort = f"onnxruntime {onnxruntime.__version__}"
+    peers = [(f"ORT MatMulNBitsQuantizer int4 RTN{', lm_head float' if ex else ''}", act, ort,
+              ort_int4_folder(fp32_opt, work, ex, level))
+             for ex in ((), ("/lm_head/MatMul",)) for act, level in (("int8 (acc. level 4)", 4), ("float (acc. level 0)", 0))]
+    code = commit()
+    ours = []
+    for act, extra in (("int8 (acc. level 4)", []), ("float (acc. level 0)", ["--float-activations"])):
+        # keyed by the code version and every option; a dirty tree is rebuilt every run, never reused
+        key = hashlib.sha256(f"{code} {args.samples} {extra} {calib.read_bytes()!r}".encode()).hexdigest()[:12]
+        folder = work / f"qcompile-int4-{key}"
+        if code.endswith("+dirty") or not (folder / "model.onnx").exists():
+            measure(["qcompile", model, "--to", "onnx", "--bits", "4", "--calib", calib, "--calib-samples",
+                     args.samples, *extra, "--out", folder, "--force", "-q", "--no-verify"])
+        ours.append(("qcompile int4 GPTQ (lm_head int8)", act, f"qcompile {code}", folder))
     if args.build_only:
         return
     rows = []
-    for label, folder in (("fp32 (optimum export)", fp32_opt), ("fp32 (qcompile export)", fp32),
-                          ("ORT MatMulNBitsQuantizer int4 RTN", peer),
-                          ("ORT MatMulNBitsQuantizer int4 RTN, lm_head float", peer_head),
-                          ("qcompile int4 GPTQ (lm_head int8)", ours)):
+    for label, act, version, folder in (("fp32 (optimum export)", "float", "optimum-onnx", fp32_opt),
+                                        ("fp32 (qcompile export)", "float", f"qcompile {code}", fp32), *peers, *ours):
         size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-        rows.append((label, size, speed(folder, args.threads, args.prompt, args.decode),
+        rows.append((label, act, version, size, speed(folder, args.threads, args.prompt, args.decode),
                      quality(model, folder, text, args.threads)))
-    base_decode = rows[0][2]["decode_tps"]
-    peer_kld, peer_head_kld = rows[2][3]["kld_mean"], rows[3][3]["kld_mean"]
-    print(f"model {model.name}; {args.threads} threads; prompt {args.prompt} tokens, decode {args.decode} tokens; "
-          f"KLD vs the bf16 checkpoint on 6 x 512 held-out tokens")
-    print(table(["model", "size MiB", "load s", "prefill tok/s", "decode tok/s", "decode x fp32", "PPL",
-                 "mean KLD", "KLD / ORT int4", "KLD / ORT int4 head-fp", "top-1 %"],
-                [[label, f"{size / 2**20:.0f}", f"{s['load_s']:.2f}", f"{s['prefill_tps']:.0f}",
+    base_decode = rows[0][4]["decode_tps"]
+    peer_kld = {act: q["kld_mean"] for label, act, _, _, _, q in rows if label == peers[0][0]}
+    peer_head_kld = {act: q["kld_mean"] for label, act, _, _, _, q in rows if label == peers[2][0]}
+    print(f"model {model.name} ({MODEL_NOTE}); {args.threads} threads; prompt {args.prompt} tokens, decode "
+          f"{args.decode} tokens; KLD vs the bf16 checkpoint on 6 x 512 held-out tokens, in onnxruntime; ratios "
+          f"against the peer in the same activation mode")
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"
+    print(table(["model", "activations", "code", "size MiB", "load s", "prefill tok/s", "decode tok/s",
+                 "decode x fp32", "PPL", "mean KLD", "KLD / ORT int4", "KLD / ORT int4 head-fp", "top-1 %"],
+                [[label, act, version, f"{size / 2**20:.0f}", f"{s['load_s']:.2f}", f"{s['prefill_tps']:.0f}",
                   f"{s['decode_tps']:.1f}", f"{s['decode_tps'] / base_decode:.2f}", f"{q['ppl_quant']:.3f}",
-                  f"{q['kld_mean']:.5f}", f"{q['kld_mean'] / peer_kld:.2f}", f"{q['kld_mean'] / peer_head_kld:.2f}",
-                  f"{100 * q['top1']:.1f}"]
-                 for label, size, s, q in rows]))
-
+                  f"{q['kld_mean']:.5f}", fmt(q["kld_mean"] / peer_kld[act] if act in peer_kld else None),
+                  fmt(q["kld_mean"] / peer_head_kld[act] if act in peer_head_kld else None), f"{100 * q['top1']:.1f}"]
+                 for label, act, version, size, s, q in rows]))
 
 if __name__ == "__main__":
     main()

