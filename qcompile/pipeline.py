@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -79,7 +79,13 @@ def choose_scheme(opts: Options) -> Scheme:
     return scheme(BITS_PRESET[opts.bits or 4], pure=opts.pure)
 
 
-def choose_method(opts: Options, low_bit: bool) -> quantizers.Method:
+def needs_imatrix(sch: Scheme) -> bool:
+    """Mixes with tensors llama.cpp will not round without an importance matrix (IQ3_XXS and IQ2_S:
+    llama-quantize refuses them without ``--imatrix``)."""
+    return sch.base in (T.IQ3_XXS,)
+
+
+def choose_method(opts: Options, low_bit: bool, imatrix_required: bool = False) -> quantizers.Method:
     """``auto``: for low-bit targets, GPTQ when calibration data is given (``--calib``), imatrix-weighted
     RTN on self-generated text for ``--bits 4`` without it; RTN otherwise (8-bit and float types gain
     nothing measurable from calibration).
@@ -96,8 +102,13 @@ def choose_method(opts: Options, low_bit: bool) -> quantizers.Method:
         elif opts.calib:
             name = "gptq"
         else:
-            name = "imatrix" if opts.bits == 4 else "rtn"
-    return quantizers.get(name)
+            name = "imatrix" if opts.bits == 4 or imatrix_required else "rtn"
+    method = quantizers.get(name)
+    if imatrix_required and not method.needs_calibration:
+        raise UsageError(f"{opts.quant}: its codebook types need calibration statistics (llama-quantize refuses "
+                         f"them without an imatrix): use --method imatrix or gptq (with --calib FILE, or none "
+                         f"for self-calibration), not --method {name}")
+    return method
 
 
 def calibration_tokens(opts: Options, res, cfg: ModelConfig, ckpt: Checkpoint, device: str
@@ -337,7 +348,10 @@ def compile_model(opts: Options) -> dict:
     cfg = read_config(res.path)
     vocab = load_vocab(res.path, cfg.vocab_size)
     sch = choose_scheme(opts)
-    method = choose_method(opts, sch.quantized and sch.base not in (T.Q8_0, T.Q6_K))
+    method = choose_method(opts, sch.quantized and sch.base not in (T.Q8_0, T.Q6_K), needs_imatrix(sch))
+    # calibrated methods are llama-quantize --imatrix's counterpart: the mix rules that depend on an imatrix
+    # (Q4_0/Q5_0's first ffn_down, IQ4's, IQ3_XXS's attn_v and ffn_down) follow that
+    sch = replace(sch, has_imatrix=method.needs_calibration)
     # load (lazily: headers only; tensors stream during quantization)
     ckpt = Checkpoint(res.path, cfg, allow_pickle=opts.allow_pickle)
     plan = make_plan(cfg, ckpt, sch)

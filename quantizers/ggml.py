@@ -74,6 +74,11 @@ def row_size(type_id: int, n_per_row: int) -> int:
     return int(lib().ggml_row_size(type_id, n_per_row))
 
 
+def block_size(type_id: int) -> int:
+    """Values per block of ggml type ``type_id`` (256 for the K-quants and the IQ2/IQ3 codebooks)."""
+    return int(lib().ggml_get_type_traits(type_id).contents.blck_size)
+
+
 def requires_imatrix(type_id: int) -> bool:
     return bool(lib().ggml_quantize_requires_imatrix(type_id))
 

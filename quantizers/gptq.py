@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from quantizers import ggml, intgrid, linalg
-from quantizers.grids import BlockFields, Grid, IntType, Target, grid, unpack
+from quantizers.grids import GRIDS, BlockFields, Grid, IntType, Target, grid, unpack
 from quantizers.tensor import QuantizedTensor
 
 
@@ -187,23 +187,55 @@ def _damped(diagonal: torch.Tensor, rel: float) -> torch.Tensor:
     return diagonal + rel * torch.mean(diagonal)
 
 
+def _codebook_sweep(W: torch.Tensor, Hinv: torch.Tensor, target: Target, block: int,
+                    importance: np.ndarray) -> np.ndarray:
+    """GPTQ for the codebook i-quants (IQ3_XXS, IQ3_S, IQ2_S): raw blocks [rows, row_bytes].
+
+    Their values are lattice points of a codebook under a scale per super-block: no per-column nearest
+    level exists to choose. So the sweep works a block at a time: ggml's own quantizer rounds the block's
+    error-updated weights (Hessian diagonal as importance, as for the other types), and the block's
+    rounding error is then spread over the columns not yet quantized exactly as GPTQ spreads a column's
+    (column by column through the block, with its codes fixed). Why by hand: no library rounds onto these
+    codebooks with error feedback; ggml rounds, this loop only feeds the error forward."""
+    rows, cols = W.shape
+    nbytes = ggml.row_size(int(target), block)
+    out = np.empty((rows, cols // block * nbytes), dtype=np.uint8)
+    for b, i1 in enumerate(range(0, cols, block)):
+        i2 = i1 + block
+        raw = ggml.quantize_rows(int(target), W[:, i1:i2].numpy(), importance[i1:i2])
+        out[:, b * nbytes:(b + 1) * nbytes] = raw
+        Q1 = torch.from_numpy(ggml.dequantize_rows(int(target), raw, block)).T.contiguous()
+        W1 = W[:, i1:i2].T.contiguous()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(block):
+            err = (W1[i] - Q1[i]) / Hinv1[i, i]
+            W1[i:] -= Hinv1[i, i:][:, None] * err[None, :]
+            Err1[i] = err
+        W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]
+    return out
+
+
 def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: Target, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False, overwrite_hessian: bool = False) -> QuantizedTensor:
     """Quantize ``weight`` [out, in] onto ``target`` (a GGUF block type or an integer grid) with GPTQ;
     ``hessian`` is [in, in]. With ``overwrite_hessian`` a large Hessian (see :mod:`quantizers.linalg`) may
     be factored in place, destroying it; pass it when the caller has no further use for it."""
     rows, cols = weight.shape
+    codebook = not isinstance(target, IntType) and target not in GRIDS
     try:
-        g = grid(target, cols)
+        g = None if codebook else grid(target, cols)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
-    if cols % g.block:
-        raise ValueError(f"{name}: {cols} columns is not a multiple of {target.name}'s block {g.block}")
+    block = ggml.block_size(int(target)) if codebook else g.block
+    if cols % block:
+        raise ValueError(f"{name}: {cols} columns is not a multiple of {target.name}'s block {block}")
     per_channel = isinstance(target, IntType) and target.per_channel
     W = torch.tensor(weight, dtype=torch.float32)
     importance = np.clip(np.diag(hessian).astype(np.float32), 0, None)
     diagonal = _diagonal(hessian)
     W[:, torch.from_numpy(np.diag(hessian) == 0)] = 0.0
+    act_order = act_order and not codebook  # a codebook block is rounded as a whole, in column order
     perm = torch.argsort(_damped(diagonal, damp), descending=True) if act_order else torch.arange(cols)
     order = perm.numpy() if act_order else None    # the factored matrix's column order, unless natural
     # float64 for the factorisation: Qwen's outlier channels give Hessians a dynamic range f32 factors
@@ -212,6 +244,8 @@ def gptq(name: str, weight: np.ndarray, hessian: np.ndarray, target: Target, *, 
         Hinv = _inverse_factor_f32(name, hessian, diagonal, order, damp, overwrite_hessian)
     else:
         Hinv = _inverse_factor_f64(name, hessian, diagonal, order, damp)
+    if codebook:
+        return QuantizedTensor(name, target, (rows, cols), _codebook_sweep(W, Hinv, target, block, importance))
     levels = torch.from_numpy(g.levels)
     mids = (levels[1:] + levels[:-1]) / 2
     nsub = g.block // g.sub

@@ -11,6 +11,8 @@ Q4_0/Q5_0   32    32    d            (levels centred: q-8, q-16)          0
 Q4_1/Q5_1   32    32    d                                                 -m
 Q4_K/Q5_K   256   32    d * sc_j     (6-bit sc_j, packed in 12 bytes)     dmin * m_j
 Q6_K        256   16    d * sc_j     (int8 sc_j; levels q-32)             0
+Q3_K        256   16    d * (sc_j-32) (6-bit sc_j in 12 bytes; q-4)       0
+Q2_K        256   16    d * sc_j     (4-bit sc_j)                         dmin * m_j (4-bit m_j)
 IQ4_NL      32    32    d            (levels: the non-linear iq4 table)   0
 IQ4_XS      256   32    d * (ls_j-32)                                     0
 INTb_Gg      g     g    d            (levels 0..2^b-1; value (q - z) * d)  d * z
@@ -186,6 +188,10 @@ GRIDS: dict[T, Grid] = {
                  _dt(("d", _F16), ("dmin", _F16), ("scales", *_u(12)), ("qh", *_u(32)), ("qs", *_u(128)))),
     T.Q6_K: Grid(T.Q6_K, 256, 16, np.arange(-32, 32, dtype=np.float32),
                  _dt(("ql", *_u(128)), ("qh", *_u(64)), ("scales", "i1", (16,)), ("d", _F16))),
+    T.Q3_K: Grid(T.Q3_K, 256, 16, np.arange(-4, 4, dtype=np.float32),
+                 _dt(("hmask", *_u(32)), ("qs", *_u(64)), ("scales", *_u(12)), ("d", _F16))),
+    T.Q2_K: Grid(T.Q2_K, 256, 16, np.arange(4, dtype=np.float32),
+                 _dt(("scales", *_u(16)), ("qs", *_u(64)), ("d", _F16), ("dmin", _F16))),
     T.IQ4_NL: Grid(T.IQ4_NL, 32, 32, IQ4_LEVELS, _dt(("d", _F16), ("qs", *_u(16)))),
     T.IQ4_XS: Grid(T.IQ4_XS, 256, 32, IQ4_LEVELS,
                    _dt(("d", _F16), ("scales_h", "<u2"), ("scales_l", *_u(4)), ("qs", *_u(128)))),
@@ -344,6 +350,57 @@ def _encode_q6_k(b, q, p):
     b["scales"], b["d"] = p["sc"], p["d"]
 
 
+# Q2_K / Q3_K: value v of a super-block sits in half h = v // 128, pass j = v % 128 // 32 and lane l = v % 32;
+# its low two bits are bits 2j..2j+1 of qs[32h + l] (dequantize_row_q2_K/q3_K walk qs that way), and for
+# Q3_K its third bit is bit 4h + j of hmask[l] (set: the code as is; clear: 4 less, which is the
+# centring of the levels -4..3)
+_SHIFTS = (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+
+
+def _low2_unpack(qs: np.ndarray) -> np.ndarray:
+    return ((qs.reshape(-1, 2, 1, 32) >> _SHIFTS) & 3).reshape(-1, 256)
+
+
+def _low2_pack(q: np.ndarray) -> np.ndarray:
+    return ((q.reshape(-1, 2, 4, 32) & 3) << _SHIFTS).sum(axis=2, dtype=np.uint8).reshape(-1, 64)
+
+
+_HBITS = np.arange(8, dtype=np.uint8).reshape(1, 2, 4, 1)  # hmask bit of (h, j)
+
+
+def _codec_q3_k(b):
+    low = _low2_unpack(b["qs"])
+    high = ((b["hmask"][:, None, None, :] >> _HBITS) & 1).reshape(-1, 256)
+    s = b["scales"]
+    k = np.arange(16)
+    lo4 = np.where(k < 8, s[:, k % 8] & 0xF, s[:, k % 8] >> 4)
+    hi2 = (s[:, 8 + k % 4] >> (2 * (k // 4))) & 3
+    return low | (high << 2), {"d": b["d"], "sc": (lo4 | (hi2 << 4)).astype(np.uint8)}
+
+
+def _encode_q3_k(b, q, p):
+    b["d"] = p["d"]
+    b["qs"] = _low2_pack(q)
+    b["hmask"] = (((q >> 2) & 1).reshape(-1, 2, 4, 32) << _HBITS).sum(axis=(1, 2), dtype=np.uint8)
+    sc = p["sc"].astype(np.uint8)
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    out[:, :8] = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
+    for g in range(4):  # the top two bits of scales 4g..4g+3 in bits 2g, 2g+1 of bytes 8..11
+        out[:, 8:12] |= ((sc[:, 4 * g:4 * g + 4] >> 4) & 3) << (2 * g)
+    b["scales"] = out
+
+
+def _codec_q2_k(b):
+    s = b["scales"]
+    return _low2_unpack(b["qs"]), {"d": b["d"], "dmin": b["dmin"], "sc": s & 0xF, "mn": s >> 4}
+
+
+def _encode_q2_k(b, q, p):
+    b["d"], b["dmin"] = p["d"], p["dmin"]
+    b["scales"] = (p["sc"] & 0xF) | ((p["mn"] & 0xF) << 4)
+    b["qs"] = _low2_pack(q)
+
+
 def _codec_iq4_xs(b):
     qs = b["qs"].reshape(-1, 8, 16)
     q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 256)
@@ -382,6 +439,7 @@ _CODECS = {
     T.Q5_0: (_codec_q5, _encode_q5), T.Q5_1: (_codec_q5, _encode_q5),
     T.Q4_K: (_codec_q4_k, _encode_q4_k), T.Q5_K: (_codec_q5_k, _encode_q5_k),
     T.Q6_K: (_codec_q6_k, _encode_q6_k), T.IQ4_XS: (_codec_iq4_xs, _encode_iq4_xs),
+    T.Q3_K: (_codec_q3_k, _encode_q3_k), T.Q2_K: (_codec_q2_k, _encode_q2_k),
 }
 
 
@@ -408,6 +466,11 @@ def _so_q6_k(p):
     return s, np.zeros_like(s)
 
 
+def _so_q3_k(p):
+    s = _per_sub(p["d"], p["sc"]) * (_f32(p["sc"]) - np.float32(32))
+    return s, np.zeros_like(s)
+
+
 def _so_iq4_xs(p):
     s = _per_sub(p["d"], p["ls"]) * (_f32(p["ls"]) - np.float32(32))
     return s, np.zeros_like(s)
@@ -419,7 +482,8 @@ def _so_int(p):
 
 
 _SCALE_OFFSET = {T.Q8_0: _so_plain, T.Q4_0: _so_plain, T.Q4_1: _so_plain, T.Q5_0: _so_plain, T.Q5_1: _so_plain,
-                 T.IQ4_NL: _so_plain, T.Q4_K: _so_k, T.Q5_K: _so_k, T.Q6_K: _so_q6_k, T.IQ4_XS: _so_iq4_xs}
+                 T.IQ4_NL: _so_plain, T.Q4_K: _so_k, T.Q5_K: _so_k, T.Q6_K: _so_q6_k, T.IQ4_XS: _so_iq4_xs,
+                 T.Q3_K: _so_q3_k, T.Q2_K: _so_k}
 
 
 # ---- public API ----------------------------------------------------------------------------------

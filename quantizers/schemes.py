@@ -4,7 +4,10 @@ This follows ``llama_tensor_get_type`` in llama.cpp's ``src/llama-quant.cpp`` fo
 architectures, so a qcompile ``Q4_K_M`` has the same tensor types (and file size) as
 ``llama-quantize … Q4_K_M``: attn_v / ffn_down get Q6_K on the ``use_more_bits`` layer schedule, the
 output matrix (or the tied embedding) Q6_K, and rows whose length is not a multiple of a type's block
-fall back (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, IQ4_XS→IQ4_NL, then F16).
+fall back (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, Q2_K/Q3_K→Q4_0, IQ4_XS and the IQ3/IQ2 codebooks→IQ4_NL,
+then F16). The 3- and 2-bit mixes (``Q3_K_S/M/L``, ``Q2_K``, ``IQ3_XXS``) follow the same function's
+branches for them: attn_v / ffn_down / attn_output a step or two up, ``IQ3_XXS``'s attn_q/attn_k down to
+``IQ2_S`` and its output at Q5_K.
 """
 from __future__ import annotations
 
@@ -24,15 +27,22 @@ PRESETS: dict[str, tuple[T, F]] = {
     "Q5_0": (T.Q5_0, F.MOSTLY_Q5_0), "Q5_1": (T.Q5_1, F.MOSTLY_Q5_1),
     "Q4_0": (T.Q4_0, F.MOSTLY_Q4_0), "Q4_1": (T.Q4_1, F.MOSTLY_Q4_1),
     "IQ4_NL": (T.IQ4_NL, F.MOSTLY_IQ4_NL), "IQ4_XS": (T.IQ4_XS, F.MOSTLY_IQ4_XS),
+    "Q3_K_L": (T.Q3_K, F.MOSTLY_Q3_K_L), "Q3_K_M": (T.Q3_K, F.MOSTLY_Q3_K_M), "Q3_K_S": (T.Q3_K, F.MOSTLY_Q3_K_S),
+    "IQ3_XXS": (T.IQ3_XXS, F.MOSTLY_IQ3_XXS), "Q2_K": (T.Q2_K, F.MOSTLY_Q2_K),
 }
 # pure single types that are not a preset of their own
-PURE_ONLY: dict[str, tuple[T, F]] = {"Q4_K": (T.Q4_K, F.MOSTLY_Q4_K_M), "Q5_K": (T.Q5_K, F.MOSTLY_Q5_K_M)}
+PURE_ONLY: dict[str, tuple[T, F]] = {"Q4_K": (T.Q4_K, F.MOSTLY_Q4_K_M), "Q5_K": (T.Q5_K, F.MOSTLY_Q5_K_M),
+                                     "Q3_K": (T.Q3_K, F.MOSTLY_Q3_K_M)}
 BITS_PRESET = {8: "Q8_0", 4: "Q4_K_M"}
-_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
+_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0,
+             T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ2_S: T.IQ4_NL}
+# block lengths of the ggml types with no Grid here (codebook i-quants: rounded by ggml, see quantizers.gptq)
+_BLOCK = {T.IQ3_XXS: 256, T.IQ3_S: 256, T.IQ2_S: 256}
+_IQ_LOW = (F.MOSTLY_IQ3_XXS,)  # llama.cpp's IQ1/IQ2/IQ3_XXS family: output Q5_K rather than Q6_K
 
 
 def block_size(t: T) -> int:
-    return GRIDS[t].block if t in GRIDS else 1
+    return GRIDS[t].block if t in GRIDS else _BLOCK.get(t, 1)
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -50,7 +60,7 @@ class Scheme:
 
     @property
     def quantized(self) -> bool:
-        return self.base in GRIDS
+        return self.base not in (T.F32, T.F16, T.BF16)
 
     def tensor_type(self, gguf_name: str, shape: tuple[int, ...], *, layer: int | None, n_layers: int,
                     n_gqa: int, tied: bool) -> T:
@@ -68,20 +78,43 @@ class Scheme:
         if name == "output.weight" or (tied and name == "token_embd.weight"):
             if ncols % block_size(t):
                 return T.Q8_0
+            if ft in _IQ_LOW:
+                return T.Q5_K
             return t if t == T.Q8_0 else T.Q6_K
         if name == "token_embd.weight":
-            return t
+            return T.IQ3_S if ft == F.MOSTLY_IQ3_XXS else t
         if name.endswith("attn_v.weight"):
-            if ft in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and n_gqa >= 4:
+            if ft == F.MOSTLY_Q2_K:
+                t = T.Q4_K if n_gqa >= 4 else T.Q3_K
+            elif ft == F.MOSTLY_IQ3_XXS:
+                t = T.Q4_K if n_gqa >= 4 else T.IQ3_XXS if self.has_imatrix else T.IQ3_S
+            elif ft == F.MOSTLY_Q3_K_M:
+                t = T.Q5_K if i < 2 else T.Q4_K
+            elif ft == F.MOSTLY_Q3_K_L:
+                t = T.Q5_K
+            elif ft in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and n_gqa >= 4:
                 t = T.Q5_K
             elif ft in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(i, n):
                 t = T.Q6_K
             elif ft == F.MOSTLY_Q4_K_S and i < 4:
                 t = T.Q5_K
-            if n == 80 and t == T.Q4_K:  # llama.cpp's LLM_TYPE_70B rule (80-layer Qwen2.5-72B)
+            if n == 80 and t in (T.Q3_K, T.Q4_K):  # llama.cpp's LLM_TYPE_70B rule (80-layer Qwen2.5-72B)
                 t = T.Q5_K
             return t
+        if name.endswith(("attn_k.weight", "attn_q.weight")):
+            return T.IQ2_S if ft == F.MOSTLY_IQ3_XXS else t
+        if name.endswith("attn_output.weight"):
+            return {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_IQ3_XXS: T.IQ3_S, F.MOSTLY_Q3_K_M: T.Q4_K,
+                    F.MOSTLY_Q3_K_L: T.Q5_K}.get(ft, t)
         if name.endswith("ffn_down.weight"):
+            if ft == F.MOSTLY_Q2_K:
+                return T.Q3_K
+            if ft == F.MOSTLY_IQ3_XXS and not self.has_imatrix:
+                return T.Q4_K if i < n // 8 else T.Q3_K
+            if ft == F.MOSTLY_Q3_K_M:
+                return T.Q5_K if i < n // 16 else T.Q4_K
+            if ft == F.MOSTLY_Q3_K_L:
+                return T.Q5_K
             if ft in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(i, n):
                 return T.Q6_K
             if ft in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and i < n // 8 and not self.has_imatrix:

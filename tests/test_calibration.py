@@ -36,9 +36,12 @@ def out_err(x, w, q):
     return float(np.linalg.norm(x @ (q.dequantize() - w).T) / np.linalg.norm(x @ w.T))
 
 
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q4_0, T.Q5_K, T.Q6_K, T.IQ4_XS, IntType(4, 128), IntType(4, 128, sym=True),
-                               IntType(8, 32), IntType(4, 0), IntType(8, 0, sym=True)], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q4_0, T.Q5_K, T.Q6_K, T.IQ4_XS, T.Q3_K, T.Q2_K, T.IQ3_XXS, T.IQ3_S, T.IQ2_S,
+                               IntType(4, 128), IntType(4, 128, sym=True), IntType(8, 32), IntType(4, 0),
+                               IntType(8, 0, sym=True)], ids=lambda t: t.name)
 def test_gptq_beats_rtn_by_20_percent_on_the_same_grid(t):
+    """(The codebook i-quants, IQ3_XXS/IQ3_S/IQ2_S, are rounded a block at a time by ggml with the error fed
+    forward; measured 0.63-0.76x RTN here, and below imatrix-weighted RTN too.)"""
     w, x = correlated_problem()
     h = x.T @ x / len(x)
     e_rtn = out_err(x, w, rtn("w", w, t))
@@ -128,6 +131,18 @@ def test_gptq_raises_the_damping_until_a_singular_hessian_factors(monkeypatch, l
     monkeypatch.setattr(G, "DAMP_RETRIES", 0)
     with pytest.raises(ValueError, match="w: the Hessian does not factor even with damping 1e-07"):
         gptq("w", w, h, T.Q4_K, damp=1e-7)
+
+
+@pytest.mark.parametrize("t", [T.IQ3_XXS, T.IQ2_S])
+def test_codebook_gptq_beats_imatrix_rtn_and_writes_valid_blocks(t):
+    """Block-wise GPTQ on a codebook: better than ggml's imatrix-weighted rounding with the same importance
+    (the Hessian diagonal), and its bytes are ggml blocks that ggml validates and decodes."""
+    from quantizers import ggml
+    w, x = correlated_problem(2, rows=64)
+    h = x.T @ x / len(x)
+    q = gptq("w", w, h, t)
+    assert ggml.validate_rows(int(t), q.data)
+    assert out_err(x, w, q) < 0.95 * out_err(x, w, rtn("w", w, t, np.diag(h).astype(np.float32)))
 
 
 def test_gptq_output_is_exactly_on_the_grid():

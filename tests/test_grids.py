@@ -15,7 +15,7 @@ from quantizers.tensor import QuantizedTensor, row_bytes
 LEGACY = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 # measured worst cases on these matrices (outlier columns x20) are ~70% of these bounds
 MAX_REL_RMSE = {T.Q8_0: 0.02, T.Q4_0: 0.25, T.Q4_1: 0.2, T.Q5_0: 0.15, T.Q5_1: 0.1, T.Q4_K: 0.17,
-                T.Q5_K: 0.09, T.Q6_K: 0.06, T.IQ4_NL: 0.2, T.IQ4_XS: 0.2}
+                T.Q5_K: 0.09, T.Q6_K: 0.06, T.IQ4_NL: 0.2, T.IQ4_XS: 0.2, T.Q3_K: 0.3, T.Q2_K: 0.7}
 
 
 def weights(seed: int, rows: int, cols: int, spread: float) -> np.ndarray:

@@ -59,7 +59,8 @@ def test_mix_matches_llama_quantize_on_896_hidden(tmp_path):
     tiny.build_model(d, hidden_size=896, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=14,
                      num_key_value_heads=2, tie_word_embeddings=True)
     for quant, ftype in [("Q4_K_M", F.MOSTLY_Q4_K_M), ("Q5_K_M", F.MOSTLY_Q5_K_M), ("Q4_K_S", F.MOSTLY_Q4_K_S),
-                         ("IQ4_XS", F.MOSTLY_IQ4_XS), ("Q4_0", F.MOSTLY_Q4_0), ("Q6_K", F.MOSTLY_Q6_K)]:
+                         ("IQ4_XS", F.MOSTLY_IQ4_XS), ("Q4_0", F.MOSTLY_Q4_0), ("Q6_K", F.MOSTLY_Q6_K),
+                         ("Q3_K_M", F.MOSTLY_Q3_K_M), ("Q2_K", F.MOSTLY_Q2_K)]:
         ours = _compile(d, tmp_path / quant, quant)
         f16 = _compile(d, tmp_path / quant, "F16")
         theirs = tmp_path / quant / "theirs.gguf"
@@ -155,3 +156,57 @@ def test_eval_command_pytorch_and_llama_cpp_paths_agree(tiny_models, tmp_path, c
     # bad input: one line, exit 1
     assert run_cli("eval", model, "--artifact", tmp_path / "missing.gguf", "--text", text) == 1
     assert run_cli("eval", model, "--text", tmp_path / "missing.txt") == 1
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa4", "gqa2"])
+def test_low_bit_mixes_match_llama_quantize(tmp_path, kv_heads):
+    """The 3- and 2-bit mixes on rows that take 256-blocks (hidden 512, 16 layers: the n/16 and n/8 layer
+    rules fire; grouped-query ratio 4 and 2: Q2_K's attn_v rule differs): our tensor types are
+    llama-quantize's on our F16, tensor by tensor, and the files are the same size. (IQ3_XXS needs an
+    imatrix, which llama_model_quantize's C API cannot be handed from Python: see the IQ3_XXS test below.)"""
+    d = tmp_path / "m"
+    d.mkdir()
+    tiny.build_tokenizer(d)
+    tiny.build_model(d, hidden_size=512, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=8,
+                     num_key_value_heads=kv_heads, tie_word_embeddings=False)
+    f16 = _compile(d, tmp_path / "f16", "F16")
+    for quant, ftype in [("Q3_K_S", F.MOSTLY_Q3_K_S), ("Q3_K_M", F.MOSTLY_Q3_K_M), ("Q3_K_L", F.MOSTLY_Q3_K_L),
+                         ("Q2_K", F.MOSTLY_Q2_K)]:
+        ours = _compile(d, tmp_path / quant, quant)
+        theirs = tmp_path / quant / "theirs.gguf"
+        llama_worker.quantize(f16, theirs, ftype)
+        a = {t.name: t.tensor_type.name for t in GGUFReader(ours).tensors}
+        b = {t.name: t.tensor_type.name for t in GGUFReader(theirs).tensors}
+        assert a == b, (quant, {k: (a[k], b[k]) for k in a if a[k] != b.get(k)})
+        assert ours.stat().st_size == theirs.stat().st_size, quant
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa4", "gqa2"])
+def test_iq3_xxs_end_to_end(tmp_path, kv_heads, capsys):
+    """IQ3_XXS, a codebook mix llama.cpp quantizes only with an imatrix: without --calib it self-calibrates
+    (imatrix); GPTQ on a file works too; llama.cpp runs both and agrees with the dequantized model; the
+    types are llama.cpp's IQ3_XXS-with-imatrix rules (attn_q/attn_k IQ2_S, attn_output IQ3_S, output Q5_K;
+    attn_v Q4_K at a query/KV ratio >= 4, else IQ3_XXS); plain RTN is refused up front."""
+    d = tmp_path / "m"
+    d.mkdir()
+    tiny.build_tokenizer(d)
+    tiny.build_model(d, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=kv_heads, tie_word_embeddings=False)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny.builtin_text())
+    assert run_cli(d, "--quant", "IQ3_XXS", "--method", "rtn", "--out", tmp_path / "rtn", "-q") == 2
+    assert "need calibration statistics" in capsys.readouterr().err
+    for label, extra in (("imatrix", ["--calib-samples", "4", "--calib-seqlen", "64"]),
+                         ("gptq", ["--calib", calib, "--calib-samples", "8", "--calib-seqlen", "64"])):
+        out = tmp_path / label
+        assert run_cli(d, "--quant", "IQ3_XXS", *extra, "--out", out, "-q") == 0
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["target"]["method"] == label
+        assert rep["metrics"]["artifact"]["rel_error"] < 0.05  # llama.cpp vs the dequantized PyTorch model
+        types = {t.name: t.tensor_type.name for t in GGUFReader(out / rep["artifact"]["path"]).tensors}
+        assert types["output.weight"] == "Q5_K" and types["token_embd.weight"] == "IQ3_S"
+        for i in range(4):
+            assert types[f"blk.{i}.attn_q.weight"] == types[f"blk.{i}.attn_k.weight"] == "IQ2_S"
+            assert types[f"blk.{i}.attn_output.weight"] == "IQ3_S"
+            assert types[f"blk.{i}.attn_v.weight"] == ("Q4_K" if 8 // kv_heads >= 4 else "IQ3_XXS")
+            assert types[f"blk.{i}.ffn_down.weight"] == types[f"blk.{i}.ffn_up.weight"] == "IQ3_XXS"
