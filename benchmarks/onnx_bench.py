@@ -162,6 +162,8 @@ def main() -> None:
             measure(["qcompile", model, "--to", "onnx", "--bits", "4", "--calib", calib, "--calib-samples",
                      args.samples, *extra, "--out", folder, "--force", "-q", "--no-verify"])
         ours.append(("qcompile int4 GPTQ (lm_head int8)", act, f"qcompile {code}", folder))
+    # openvino_bench.py takes the int8-activation folder's weights: say which folder is this commit's
+    (work / "qcompile-int4-latest.json").write_text(json.dumps({"folder": str(ours[0][3]), "code": code}))
     if args.build_only:
         return
     rows = []

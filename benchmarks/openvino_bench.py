@@ -23,6 +23,7 @@ inference, no activation quantization, f32 KV cache, so the weights are what is 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -32,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tools import measure, table  # noqa: E402
-from kld_bench import REAL, eval_text, real_model  # noqa: E402
+from _tools import commit, measure, table  # noqa: E402
+from kld_bench import MODEL_NOTE, REAL, eval_text, real_model  # noqa: E402
 from quality import calib_text  # noqa: E402
 
 _NNCF_EXPORT = """
@@ -154,7 +155,7 @@ def census(folder: Path) -> dict:
 
 
 def quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
-    out = folder / "eval.json"
+    out = folder / f"eval-{hashlib.sha256(text.read_bytes()).hexdigest()[:12]}-c512-t3072.json"
     if not out.exists():
         measure(["qcompile", "eval", model, "--artifact", folder, "--text", text, "--ctx", 512, "--max-tokens",
                  3072, "--threads", threads, "--json", out, "-q"])
@@ -180,10 +181,19 @@ def main() -> None:
     text, calib = eval_text(work), calib_text(work)
     py = nncf_python(args.nncf_python, work)
     samples = calib_samples(model, calib, work / "calib-samples.json")
-    folders = [("NNCF int4 data-free", *nncf_folder(py, model, work / "nncf-int4", "data-free", samples)),
-               ("NNCF int4 AWQ + scale estimation", *nncf_folder(py, model, work / "nncf-int4-awq", "awq", samples)),
-               ("qcompile int4 GPTQ (lm_head int8)", ours_folder(args.onnx_work / "qcompile-int4", model,
-                                                                 work / "qcompile-int4"), float("nan"))]
+    # folders keyed by the code that made them: NNCF's version, and the commit of onnx_bench's GPTQ folder
+    nncf = subprocess.run([str(py), "-c", "import nncf; print(nncf.__version__)"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    latest = args.onnx_work / "qcompile-int4-latest.json"
+    if not latest.exists() or json.loads(latest.read_text())["code"] != commit() or commit().endswith("+dirty"):
+        raise SystemExit(f"run benchmarks/onnx_bench.py at this commit ({commit()}, clean) first: its int4 GPTQ "
+                         "folder is the one converted here")
+    onnx_dir = Path(json.loads(latest.read_text())["folder"])
+    folders = [("NNCF int4 data-free", *nncf_folder(py, model, work / f"nncf{nncf}-int4", "data-free", samples)),
+               ("NNCF int4 AWQ + scale estimation", *nncf_folder(py, model, work / f"nncf{nncf}-int4-awq", "awq",
+                                                                 samples)),
+               ("qcompile int4 GPTQ (lm_head int8)", ours_folder(onnx_dir, model, work / onnx_dir.name),
+                float("nan"))]
     if args.build_only:
         return
     # speed: every model --repeats times, interleaved (so a slow moment hits all of them), median per metric
@@ -197,12 +207,13 @@ def main() -> None:
         med = {k: float(np.median([r[k] for r in runs[folder]])) for k in runs[folder][0]}
         rows.append((label, size, secs, med, quality(model, folder, text, args.threads), census(folder)))
     # the checkpoint's parameter count, as our ONNX compile of it recorded it (mix_bench reads it the same way)
-    n_params = json.loads((args.onnx_work / "qcompile-int4" / "report.json").read_text())["model"]["parameters"]
+    n_params = json.loads((onnx_dir / "report.json").read_text())["model"]["parameters"]
     peer_tps = rows[0][3]["decode_tps"]
     best_kld = min(r[4]["kld_mean"] for r in rows[:2])
-    print(f"model {model.name}; {args.threads} threads; prompt {args.prompt} tokens, decode {args.decode} tokens "
+    print(f"model {model.name} ({MODEL_NOTE}); {args.threads} threads; prompt {args.prompt} tokens, decode {args.decode} tokens "
           f"(CPU plugin defaults); KLD vs the bf16 checkpoint on 6 x 512 held-out tokens (f32 inference)")
-    print(f"speed: median of {args.repeats} interleaved runs; {n_params} parameters")
+    print(f"speed: median of {args.repeats} interleaved runs; {n_params} parameters; NNCF rows: nncf {nncf} "
+          f"(optimum-intel); qcompile row: commit {commit()} (weights of onnx_bench's folder {onnx_dir.name})")
     print(table(["model", ".bin bytes", "B / param", "4-bit consts (values)", "8-bit consts (values)", "export s",
                  "load s", "prefill tok/s", "decode tok/s", "decode / NNCF", "PPL", "mean KLD", "KLD / NNCF best",
                  "top-1 %"],

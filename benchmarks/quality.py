@@ -1,34 +1,40 @@
 #!/usr/bin/env python3
-"""Quality per byte: qcompile's methods vs llama.cpp's own quantizer, on the real model.
+"""Quality per byte, fairly: qcompile's methods vs llama.cpp's quantizer on the same calibration windows,
+scored by llama.cpp on in-domain held-out text and on held-out sets of other domains.
 
-Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Calibration text: the first third of
-each ../shared/corpora file; evaluation text: from the middle of each (never used for calibration).
-Rows: method x type for qcompile (rtn, imatrix, gptq, awq, awq+gptq x Q4_K_M, Q4_0, INT4_G128) and
-llama.cpp's ``llama-quantize`` without and with ``--imatrix`` (``llama-imatrix`` on the same
-calibration text). Scores:
+Real Qwen2.5-Coder-0.5B-Instruct as ../shared/tools/real_qwen.py builds it (a dequantized Q4_K_M release
+with function-preserving channel rescaling: PPLs are that checkpoint's, not Qwen's published model's).
 
-* **llama.cpp** — ``llama-perplexity --kl-divergence`` against convert_hf_to_gguf's F16 (GGUF rows);
-* **PyTorch** — ``qcompile eval --runtime pytorch`` (dequantized weights vs the bf16 checkpoint; the
-  only score for INT4_G128, a grid GGUF has no type for: its weights are evaluated in memory).
+* Calibration: ``calib.txt`` (the first third of each ../shared/corpora file). qcompile takes its
+  ``--samples`` x ``--seqlen`` seeded windows (``--calib FILE``); **the very same windows**, decoded to
+  text, are what ``llama-imatrix`` reads (``-c SEQLEN --chunks SAMPLES``; the table header says how many
+  tokens re-tokenize identically).
+* Rows: ``llama-quantize TYPE``, ``llama-quantize --imatrix TYPE``, and qcompile ``--quant TYPE`` with
+  each of ``--methods`` (``rtn``, ``imatrix``, ``gptq``, ``awq``, ``awq+gptq``; ``M --max-size``: method
+  M with the byte budget of llama-quantize's TYPE file, so every row is at llama.cpp's size).
+* Scores: ``llama-perplexity --kl-divergence`` against convert_hf_to_gguf's F16, ``--chunks`` x ``--ctx``
+  tokens of each set: ``in-domain`` (the middle of each corpus, never in calib.txt) and the four unseen
+  sets of benchmarks/heldout.py (literature, C code, multilingual, dialogue), whose mean is the headline.
 
-Each finished row is cached under ``--work``/results, so runs can be split and resumed.
+Every row carries the commit its qcompile ran from (a clean export of HEAD by default) and is cached by
+everything that changes it (benchmarks/unseen_bench.py does the building, caching and scoring; peers and
+ours are timed alike: wall clock of the whole commands, llama.cpp's F16 conversion not counted).
 
-    python benchmarks/quality.py [--types Q4_K_M Q4_0 INT4_G128] [--methods rtn imatrix gptq awq awq+gptq]
-                                 [--samples 128] [--seqlen 512]
+    python benchmarks/quality.py [--type Q4_K_M] [--methods rtn imatrix gptq awq+gptq "gptq --max-size"]
+                                 [--samples 128] [--seqlen 512] [--qcompile-src head|tree|COMMIT]
 """
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tools import SHARED, measure, table, tools  # noqa: E402
-from kld_bench import REAL, eval_text, f16_baseline, real_model  # noqa: E402
+from _tools import SHARED, measure  # noqa: E402
+from kld_bench import REAL, eval_text, real_model  # noqa: E402
 
 
 def calib_text(work: Path) -> Path:
@@ -49,130 +55,71 @@ def llama_score(perplexity: Path, model: Path, base: Path, text: Path, ctx: int,
             "top1": grab(r"Same top p:\s+([0-9.]+)")}
 
 
-def torch_score(model: Path, artifact: Path, text: Path, ctx: int, tokens: int) -> dict:
-    out = artifact.with_suffix(".eval.json")
-    measure(["qcompile", "eval", model, "--artifact", artifact, "--text", text, "--ctx", ctx, "--max-tokens", tokens,
-             "--runtime", "pytorch", "--json", out, "-q"])
-    return json.loads(out.read_text())["results"]["pytorch"]
-
-
-def int_grid_run(model: Path, typ: str, method: str, calib: Path, samples: int, seqlen: int, text: Path,
-                 ctx: int, tokens: int) -> tuple[dict, float, float]:
-    """Quantize every decoder linear onto an integer grid in memory (the calibration engine, or RTN) and
-    score the dequantized model on the PyTorch path: (metrics, seconds, bits per linear weight)."""
-    from calibration.capture import LayerwiseEngine
-    from calibration.sources import calibration_tokens
-    from qcompile import evaluate
-    from qcompile.arch import read_config
-    from qcompile.checkpoint import Checkpoint
-    from qcompile.pipeline import decoder_linears, quantize_decoder
-    from quantizers import QUANTIZERS
-    from quantizers.grids import parse_type
-    cfg = read_config(model)
-    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
-    t, m = parse_type(typ), QUANTIZERS[method]
-    names = decoder_linears(cfg)
-    t0 = time.perf_counter()
-    eng = LayerwiseEngine(cfg, src, calibration_tokens(str(calib), model, samples, seqlen, 0), {n: t for n in names},
-                          m) if m.needs_calibration else None
-    tensors = quantize_decoder(cfg, src, t, eng)
-    seconds = time.perf_counter() - t0
-    bpw = 8 * sum(tensors[n].nbytes for n in names) / sum(int(src.shape(n)[0] * src.shape(n)[1]) for n in names)
-    ids = evaluate.tokenize(model, text.read_text(encoding="utf-8"))
-    windows, score = evaluate.make_windows(ids, ctx, tokens)
-    metrics, _ = evaluate.reference_eval(cfg, src, evaluate.QuantizedSource(src, tensors), windows, score=score)
-    return metrics.as_dict(), seconds, bpw
+def method_args(method: str, typ: str, calib: Path, samples: int, seqlen: int) -> str:
+    """qcompile options for one row: ``M`` (``--quant TYPE --method M``) or ``M --max-size`` (M within the
+    byte budget of llama-quantize's TYPE file, ``{peer_bytes}``, filled in by unseen_bench)."""
+    m, _, budget = method.partition(" ")
+    if budget not in ("", "--max-size"):
+        raise SystemExit(f"--methods {method!r}: expected METHOD or 'METHOD --max-size'")
+    cal = "" if m == "rtn" and not budget else f" --calib {calib} --calib-samples {samples} --calib-seqlen {seqlen}"
+    size = f"--max-size {{peer_bytes}} --quant {typ}" if budget else f"--quant {typ}"
+    return f"{size} --method {m}{cal}"
 
 
 def main() -> None:
+    import unseen_bench
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REAL)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "quality")
-    ap.add_argument("--types", nargs="+", default=["Q4_K_M", "Q4_0", "INT4_G128"])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq", "awq", "awq+gptq"])
+    ap.add_argument("--type", default="Q4_K_M")
+    ap.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq", "awq+gptq", "gptq --max-size"])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--imatrix-samples", type=int, help="llama-imatrix chunks for the peer (default: --samples)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=6)
-    ap.add_argument("--fresh", action="store_true", help="recompute rows cached from earlier runs")
-    ap.add_argument("--llama-only", action="store_true", help="score GGUF rows with llama-perplexity only (skip the "
-                                                               "PyTorch path)")
+    ap.add_argument("--qcompile-src", default="head", metavar="head|tree|COMMIT")
+    ap.add_argument("--autoround-python", type=Path, metavar="PY",
+                    help="python of an environment with auto-round (benchmarks/autoround_peer.py): adds its row")
+    ap.add_argument("--autoround-iters", type=int, help="auto-round iterations per block (default: its own)")
     args = ap.parse_args()
-    t = tools()
     model = real_model(args.model)
-    work = args.work
-    (work / "results").mkdir(parents=True, exist_ok=True)
-    text, calib = eval_text(work), calib_text(work)
-    tokens = args.ctx * args.chunks
-    f16, base = f16_baseline(t, model, work, text, args.ctx, args.chunks)
-    im_samples = args.imatrix_samples or args.samples
-    imatrix, im_time = work / f"imatrix-{im_samples}x{args.seqlen}.gguf", work / f"imatrix-{im_samples}x{args.seqlen}.seconds"
-    calib_tag = f"{args.samples}x{args.seqlen}"
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    text = eval_text(work)
+    # named by its content: the path is part of each row's cache key, so other text is another row
+    raw = calib_text(work)
+    calib = work / f"calib-{hashlib.sha256(raw.read_bytes()).hexdigest()[:12]}.txt"
+    if not calib.exists():
+        calib.write_bytes(raw.read_bytes())
+    argv = ["--model", str(model), "--work", str(work / "runs"), "--type", args.type, "--peer-calib", str(calib),
+            "--peer-samples", str(args.samples), "--peer-seqlen", str(args.seqlen), "--ctx", str(args.ctx),
+            "--chunks", str(args.chunks), "--text", f"in-domain={text}", "--qcompile-src", args.qcompile_src]
+    for m in args.methods:
+        argv += ["--ours", f"{m}:{method_args(m, args.type, calib, args.samples, args.seqlen)}"]
+    if args.autoround_python:
+        argv += ["--external", autoround_row(args, model, calib, work)]
+    unseen_bench.main(argv)
 
-    def cached(key: str, compute) -> dict:
-        p = work / "results" / f"{key}.json"
-        if p.exists() and not args.fresh:
-            return json.loads(p.read_text())
-        row = compute()
-        p.write_text(json.dumps(row, indent=1))
-        return row
 
-    def gguf_row(label: str, path: Path, seconds: float) -> dict:
-        return {"label": label, "bytes": path.stat().st_size, "seconds": seconds,
-                "llama": llama_score(t["perplexity"], path, base, text, args.ctx, args.chunks),
-                "torch": None if args.llama_only else torch_score(model, path, text, args.ctx, tokens)}
+def autoround_row(args, model: Path, calib: Path, work: Path) -> str:
+    """unseen_bench's ``--external`` spec of the auto-round peer on qcompile's very calibration windows."""
+    import subprocess
 
-    rows = []
-    for typ in args.types:
-        gguf = not typ.upper().startswith("INT")
-        if gguf:
-            if not imatrix.exists():  # computed once per calibration setting, reused across runs
-                im = measure([t["imatrix"], "-m", f16, "-f", calib, "-o", imatrix, "-c", args.seqlen, "--chunks",
-                              im_samples, "-t", os.cpu_count()])
-                im_time.write_text(f"{im.seconds}")
-            for label, extra in (("llama-quantize", []), ("llama-quantize --imatrix", ["--imatrix", imatrix])):
-                def peer(extra=extra, label=label):
-                    out = work / f"peer-{typ}{'-imatrix' if extra else ''}.gguf"
-                    q = measure([t["quantize"], *extra, f16, out, typ, os.cpu_count()])
-                    return gguf_row(label, out, q.seconds + (float(im_time.read_text()) if extra else 0.0))
-                rows.append((typ, cached(f"{typ}-peer{f'-imatrix-{im_samples}x{args.seqlen}' if extra else ''}", peer)))
-        for method in args.methods:
-            def ours(method=method):
-                if not gguf:
-                    m, secs, bpw = int_grid_run(model, typ, method, calib, args.samples, args.seqlen, text,
-                                                args.ctx, tokens)
-                    return {"label": f"qcompile {method}", "bytes": None, "bpw_linears": bpw, "seconds": secs,
-                            "llama": None, "torch": m}
-                out_dir = work / f"qcompile-{method}-{typ}"
-                cmd = ["qcompile", model, "--to", "gguf", "--quant", typ, "--method", method, "--calib", calib,
-                       "--calib-samples", args.samples, "--calib-seqlen", args.seqlen, "--out", out_dir, "--force",
-                       "-q", "--no-verify"]
-                artifact = out_dir / f"{model.name}-{typ}.gguf"
-                rep = out_dir / "report.json"
-                if rep.exists() and json.loads(rep.read_text())["tool"]["command"][1:] == [str(c) for c in cmd[1:]]:
-                    seconds = json.loads(rep.read_text())["timings_s"]["total"]  # that very command ran before
-                else:
-                    seconds = measure(cmd).seconds
-                return gguf_row(f"qcompile {method}", artifact, seconds)
-            rows.append((typ, cached(f"{typ}-{method}-{calib_tag}", ours)))
-    ref = {typ: r["llama"]["kld"] for typ, r in rows if r["label"] == "llama-quantize --imatrix"}
-    rtn_torch = {typ: r["torch"]["kld_mean"] for typ, r in rows if r["label"] == "qcompile rtn" and r["torch"]}
-    print(f"model {model.name}; calibration {calib_tag} tokens of {calib.name} (llama-imatrix: {im_samples}x"
-          f"{args.seqlen}); eval {args.chunks} x {args.ctx} "
-          f"tokens (held out). llama.cpp: llama-perplexity --kl-divergence vs convert_hf_to_gguf F16; "
-          f"PyTorch: qcompile eval (dequantized weights vs the bf16 checkpoint)")
-    fmt = lambda x, f: "-" if x is None else format(x, f)
-    print(table(["type", "method", "size MiB", "llama.cpp PPL", "llama.cpp KLD", "top-1 %", "KLD / llama.cpp-imatrix",
-                 "PyTorch KLD", "PyTorch KLD / rtn", "time s"],
-                [[typ, r["label"], fmt(r["bytes"] and r["bytes"] / 2**20, ".1f") if r["bytes"] else
-                  f"({r['bpw_linears']:.2f} b/w linears)",
-                  fmt(r["llama"] and r["llama"]["ppl"], ".3f"), fmt(r["llama"] and r["llama"]["kld"], ".5f"),
-                  fmt(r["llama"] and r["llama"]["top1"], ".2f"),
-                  fmt(r["llama"] and typ in ref and r["llama"]["kld"] / ref[typ], ".2f"),
-                  fmt(r["torch"] and r["torch"]["kld_mean"], ".5f"),
-                  fmt(rtn_torch.get(typ) and r["torch"] and r["torch"]["kld_mean"] / rtn_torch[typ], ".2f"),
-                  f"{r['seconds']:.0f}"] for typ, r in rows]))
+    import numpy as np
+
+    from calibration.sources import calibration_tokens
+    windows = calibration_tokens(str(calib), model, args.samples, args.seqlen, 0)
+    npy = work / f"windows-{hashlib.sha256(windows.tobytes()).hexdigest()[:12]}.npy"
+    if not npy.exists():
+        np.save(npy, windows)
+    py = str(args.autoround_python)
+    version = subprocess.run([py, "-c", "import auto_round; print(auto_round.__version__)"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    fmt = "gguf:" + args.type.lower()
+    iters = "" if args.autoround_iters is None else f" --iters {args.autoround_iters}"
+    script = Path(__file__).resolve().parent / "autoround_peer.py"
+    label = f"auto-round {fmt}" + (f" iters {args.autoround_iters}" if iters else " (its defaults)")
+    return f"{label}:auto-round {version}:{py} {script} {model} {npy} {{out}} --format {fmt}{iters}"
 
 
 if __name__ == "__main__":

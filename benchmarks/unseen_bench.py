@@ -37,6 +37,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -124,7 +125,7 @@ def score(perplexity: Path, gguf: Path, base: Path, text: Path, ctx: int, chunks
             "top1": grab(r"Same top p:\s+([0-9.]+)")[0], "seconds": r.seconds}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REAL)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "unseen")
@@ -138,11 +139,18 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true", help="only the --ours rows")
     ap.add_argument("--ours", action="append", default=[], metavar="LABEL:ARGS",
                     help="a qcompile row: LABEL, a colon, then qcompile options (repeatable)")
+    ap.add_argument("--external", action="append", default=[], metavar="LABEL:VERSION:COMMAND",
+                    help="another tool's row: COMMAND (a shell command; {out} is a fresh directory it writes one "
+                         "GGUF into) as LABEL; VERSION names the tool's version for the cache key and the table "
+                         "(repeatable)")
     ap.add_argument("--qcompile-src", default="head", metavar="head|tree|COMMIT",
                     help="run qcompile from a clean export of HEAD (default) or of COMMIT, or from the working tree")
     ap.add_argument("--sets", nargs="+", choices=list(heldout.SETS), default=list(heldout.SETS))
+    ap.add_argument("--text", action="append", default=[], metavar="NAME=FILE",
+                    help="also score on FILE (e.g. in-domain held-out text), shown as its own column and left out "
+                         "of the unseen sets' mean (repeatable)")
     ap.add_argument("--json", type=Path, help="write the table here too (default: WORK/table.json)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -158,8 +166,27 @@ def main() -> None:
         tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
         tmp.replace(results_path)
 
+    def build(label, method, key, commit, make, force: bool = False) -> dict:
+        """The row's build record: from results.json when its artifact still exists, else built now."""
+        b = results["builds"].get(key)
+        if force or b is None or not Path(b["gguf"]).exists():
+            log(f"building: {label}")
+            gguf, seconds, commands = make()
+            b = {"label": label, "method": method, "commit": commit, "commands": commands, "seconds": seconds,
+                 "bytes": gguf.stat().st_size, "gguf": str(gguf)}
+            results["builds"][key] = b
+            save()
+        return b
+
     all_sets = heldout.build(work / "heldout")
     sets = {n: all_sets[n] for n in args.sets}
+    sources = {n: heldout.SOURCES[n] for n in args.sets}
+    for spec in args.text:
+        name, _, path = spec.partition("=")
+        if not path or name in sets:
+            ap.error(f"--text {spec!r}: expected NAME=FILE with a new NAME")
+        sets[name], sources[name] = Path(path).resolve(), f"--text {path}"
+    unseen = list(args.sets)  # the mean is over these only
     set_sha = {n: sha256(p.read_bytes()) for n, p in sets.items()}
     set_tokens = {n: heldout.n_tokens(p.read_text(encoding="utf-8")) for n, p in sets.items()}
     for n, k in set_tokens.items():
@@ -221,6 +248,10 @@ def main() -> None:
         label, _, opts = spec.partition(":")
         if not opts:
             ap.error(f"--ours {spec!r}: expected LABEL:ARGS")
+        if "{peer_bytes}" in opts:  # a size budget equal to llama-quantize TYPE's file: build that row first
+            if args.no_peers:
+                ap.error(f"--ours {spec!r}: {{peer_bytes}} needs the peer rows")
+            opts = opts.replace("{peer_bytes}", str(build(*rows[0])["bytes"]))
         extra = shlex.split(opts)
 
         def ours(label=label, extra=extra, opts=opts):
@@ -236,6 +267,24 @@ def main() -> None:
         rows.append((f"qcompile {label} @{short}", f"qcompile {opts}", f"qcompile {opts} | model {mid} | {version}",
                      commit_id, ours))
 
+    for spec in args.external:
+        label, version_x, command = (spec.split(":", 2) + ["", ""])[:3]
+        if not command:
+            ap.error(f"--external {spec!r}: expected LABEL:VERSION:COMMAND")
+
+        def external(label=label, version_x=version_x, command=command):
+            out_dir = work / "rows" / f"external-{sha256(f'{version_x} {command} {mid}'.encode())[:12]}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            out_dir.mkdir(parents=True)
+            cmd = command.replace("{out}", shlex.quote(str(out_dir)))
+            s = measure(["bash", "-c", cmd]).seconds
+            ggufs = sorted(out_dir.rglob("*.gguf"))
+            if len(ggufs) != 1:
+                raise SystemExit(f"--external {label}: expected one GGUF under {out_dir}, found {ggufs}")
+            return ggufs[0], s, [cmd]
+        rows.append((f"{label} ({version_x})", label, f"external {version_x} {command} | model {mid}", None,
+                     external))
+
     if not rows:
         ap.error("no rows: give --ours or drop --no-peers")
     # build (unless every score is cached already) and score
@@ -244,13 +293,8 @@ def main() -> None:
         skey = lambda n: f"{key} | set {n} sha256={set_sha[n]} | ctx={args.ctx} chunks={args.chunks} | {llama}"
         missing = [n for n in sets if skey(n) not in results["scores"]]
         b = results["builds"].get(key)
-        if missing and (b is None or not Path(b["gguf"]).exists()):
-            log(f"building: {label}")
-            gguf, seconds, commands = make()
-            b = {"label": label, "method": method, "commit": commit, "commands": commands, "seconds": seconds,
-                 "bytes": gguf.stat().st_size, "gguf": str(gguf)}
-            results["builds"][key] = b
-            save()
+        if missing or b is None:
+            b = build(label, method, key, commit, make)
         for n in missing:
             log(f"scoring: {label} on {n}")
             results["scores"][skey(n)] = score(t["perplexity"], Path(b["gguf"]), bases[n], sets[n], args.ctx,
@@ -260,46 +304,55 @@ def main() -> None:
         table_rows.append({"label": label, "method": method, "commit": commit, "built_at_commit": b["commit"],
                            "build_key": key,
                            "commands": b["commands"], "seconds": b["seconds"], "bytes": b["bytes"], "scores": sc,
-                           "mean_kld": sum(s["kld"] for s in sc.values()) / len(sc),
-                           "mean_ppl_ratio": math.exp(sum(math.log(s["ppl"] / s["ppl_base"]) for s in sc.values())
-                                                      / len(sc)),
-                           "mean_top1": sum(s["top1"] for s in sc.values()) / len(sc)})
+                           "mean_kld": sum(sc[n]["kld"] for n in unseen) / len(unseen),
+                           "mean_ppl_ratio": math.exp(sum(math.log(sc[n]["ppl"] / sc[n]["ppl_base"]) for n in unseen)
+                                                      / len(unseen)),
+                           "mean_top1": sum(sc[n]["top1"] for n in unseen) / len(unseen)})
 
-    ref = next((r["mean_kld"] for r in table_rows if r["method"] == "llama-quantize --imatrix"), None)
+    peer = next((r for r in table_rows if r["method"] == "llama-quantize --imatrix"), None)
+    ref = peer and peer["mean_kld"]
+    extra_sets = [n for n in sets if n not in unseen]
     for r in table_rows:
         r["mean_kld_vs_imatrix_peer"] = r["mean_kld"] / ref if ref else None
+        for n in extra_sets:
+            r[f"{n}_kld_vs_imatrix_peer"] = r["scores"][n]["kld"] / peer["scores"][n]["kld"] if peer else None
     names = list(sets)
     header = (f"model: {model} ({MODEL_NOTE})\n"
-              f"held-out sets (benchmarks/heldout.py): "
-              + "; ".join(f"{n} {set_tokens[n]} tokens sha256 {set_sha[n][:12]}" for n in names) + "\n"
-              f"scores: llama-perplexity --kl-divergence vs convert_hf_to_gguf F16, -c {args.ctx} --chunks "
+              f"held-out sets (unseen: benchmarks/heldout.py; 'mean' is over these): "
+              + "; ".join(f"{n} {set_tokens[n]} tokens sha256 {set_sha[n][:12]}" for n in unseen) + "\n"
+              + "".join(f"also scored, not in the mean: {n} ({sources[n]}) {set_tokens[n]} tokens sha256 "
+                        f"{set_sha[n][:12]}\n" for n in extra_sets)
+              + f"scores: llama-perplexity --kl-divergence vs convert_hf_to_gguf F16, -c {args.ctx} --chunks "
               f"{args.chunks} (the first {args.ctx * args.chunks} tokens of each set; the second half of each "
               f"chunk scored)\npeer: {calib_note}")
     print(header)
     fmt = lambda x, f: "-" if x is None else format(x, f)
     lead = lambda r: [r["label"], f"{r['bytes'] / 2**20:.1f}", f"{r['seconds']:.0f}"]
     print("\nmean KL divergence vs F16 (lower is better)")
-    print(table(["method", "MiB", "time s", *names, "mean", "mean / imatrix peer"],
+    print(table(["method", "MiB", "time s", *names, "mean", "mean / imatrix peer",
+                 *(f"{n} / imatrix peer" for n in extra_sets)],
                 [[*lead(r), *(f"{r['scores'][n]['kld']:.5f}" for n in names), f"{r['mean_kld']:.5f}",
-                  fmt(r["mean_kld_vs_imatrix_peer"], ".2f")] for r in table_rows]))
+                  fmt(r["mean_kld_vs_imatrix_peer"], ".2f"),
+                  *(fmt(r[f"{n}_kld_vs_imatrix_peer"], ".2f") for n in extra_sets)] for r in table_rows]))
     errs = [r["scores"][n]["kld_err"] for r in table_rows for n in names]
     print(f"(llama-perplexity's standard error of each per-set KLD: {min(errs):.5f} to {max(errs):.5f}; every row "
           f"is scored on the same tokens, so differences between rows are more certain than that)")
     base_ppl = {n: table_rows[0]["scores"][n]["ppl_base"] for n in names}  # the same F16 logits in every row
-    print("\nperplexity (F16 first; last column: geometric mean of PPL / F16 PPL over the sets)")
+    print("\nperplexity (F16 first; last column: geometric mean of PPL / F16 PPL over the unseen sets)")
     print(table(["method", *names, "PPL / F16"],
                 [["F16 (convert_hf_to_gguf)", *(fmt(base_ppl[n], ".3f") for n in names), "1.0000"]]
                 + [[r["label"], *(f"{r['scores'][n]['ppl']:.3f}" for n in names), f"{r['mean_ppl_ratio']:.4f}"]
                    for r in table_rows]))
     print("\ntop-1 agreement with F16, % (higher is better)")
-    print(table(["method", *names, "mean"],
+    print(table(["method", *names, "mean (unseen)"],
                 [[r["label"], *(f"{r['scores'][n]['top1']:.2f}" for n in names), f"{r['mean_top1']:.2f}"]
                  for r in table_rows]))
     out = args.json or work / "table.json"
     out.write_text(json.dumps({"header": header, "model": str(model), "model_id": mid, "ctx": args.ctx,
                                "chunks": args.chunks, "peer_calibration": calib_note,
                                "sets": {n: {"path": str(sets[n]), "sha256": set_sha[n], "tokens": set_tokens[n],
-                                            "source": heldout.SOURCES[n], "f16_ppl": base_ppl[n]} for n in names},
+                                            "source": sources[n], "f16_ppl": base_ppl[n],
+                                            "in_mean": n in unseen} for n in names},
                                "rows": table_rows}, indent=1))
     print(f"\nwritten: {out}")
 
