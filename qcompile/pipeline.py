@@ -465,17 +465,19 @@ def compile_model(opts: Options) -> dict:
 
 
 def preset_sized(opts: Options, method: quantizers.Method) -> bool:
-    """Whether ``--bits 4`` is a size rather than a recipe: without ``--calib`` (self-generated calibration,
-    imatrix) the GGUF gets the bytes of llama.cpp's Q4_K_M mix, spent by measured sensitivity as
-    ``--max-size`` spends them (``--quant Q4_K_M`` keeps llama.cpp's own types).
+    """Whether ``--bits 4`` is a size rather than a recipe: with a calibrated method (imatrix on self-generated
+    text without ``--calib``, GPTQ with it) the GGUF gets the bytes of llama.cpp's Q4_K_M mix, spent by
+    measured sensitivity as ``--max-size`` spends them (``--quant Q4_K_M`` keeps llama.cpp's own types).
 
     Why: on held-out text of four domains unlike any calibration (benchmarks/unseen_bench.py, the real 0.5B),
     imatrix with Q4_K_M's types scored mean KLD 0.02378 = 0.97x llama.cpp's Q4_K_M + imatrix (0.92-1.04x
     per set); the same imatrix and tokens with the types chosen at the same byte count scored 0.01426 =
-    0.58x (0.52-0.65x per set). The budget moves bytes from the Q8_0 output matrix to attention and
-    ffn_down, where the Fisher says the KLD comes from. With ``--calib`` (GPTQ) the preset is still the
-    recipe: that combination has not been measured on the held-out sets."""
-    return (opts.quant is None and (opts.bits or 4) == 4 and not opts.calib and not opts.pure
+    0.58x (0.52-0.65x per set). With a file (benchmarks/quality.py: 128 x 512 windows of brown + python-docs,
+    llama-imatrix on the identical windows), GPTQ with Q4_K_M's types scored 0.01873 = 0.76x the imatrix
+    peer on the unseen mean, GPTQ with the types chosen at llama.cpp's Q4_K_M byte count 0.01372 = 0.56x.
+    The budget moves bytes from the Q8_0 output matrix to attention and ffn_down, where the Fisher says the
+    KLD comes from."""
+    return (opts.quant is None and (opts.bits or 4) == 4 and not opts.pure
             and opts.max_size is None and opts.target_bpw is None and method.needs_calibration)
 
 
