@@ -86,3 +86,16 @@ def commit() -> str:
     head = git("rev-parse", "--short=7", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--", "qcompile", "quantizers", "calibration", "exporters")
     return head + ("+dirty" if dirty else "")
+
+
+def folder_quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
+    """``qcompile eval`` of an ONNX/OpenVINO folder on ``text`` (512-token windows, 3072 tokens) in its own
+    runtime, cached beside the folder under the text's hash: the runtime's metrics (KLD, PPL, top-1)."""
+    import hashlib
+    import json
+    out = folder / f"eval-{hashlib.sha256(text.read_bytes()).hexdigest()[:12]}-c512-t3072.json"
+    if not out.exists():
+        measure(["qcompile", "eval", model, "--artifact", folder, "--text", text, "--ctx", 512, "--max-tokens", 3072,
+                 "--threads", threads, "--json", out, "-q"])
+    (runtime,) = json.loads(out.read_text())["results"].values()
+    return runtime

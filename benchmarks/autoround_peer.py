@@ -7,9 +7,10 @@ not qcompile's: benchmarks/quality.py calls this script with ``--autoround-pytho
 ``pip install torch==2.13.0 auto-round sentencepiece`` and then ``pip install LLAMA_CPP/gguf-py``: auto-round
 0.16's bundled GGUF converter needs a gguf-py newer than PyPI's 0.19, such as the one the llama-cpp-python
 sdist vendors, ~/.cache/qcompile/llama.cpp-*/llama_cpp_python-*/vendor/llama.cpp/gguf-py). Its own defaults (200 iterations of sign-gradient descent per
-block) unless ``--iters`` is given; the output is auto-round's own GGUF writer's file.
+block, its default learning rate) unless ``--light`` (its ``auto-round-light`` recipe: 50 iterations at learning
+rate 5e-3) or ``--iters`` is given; the output is auto-round's own GGUF writer's file.
 
-    python benchmarks/autoround_peer.py MODEL_DIR WINDOWS.npy OUT_DIR [--format gguf:q4_k_m] [--iters N]
+    python benchmarks/autoround_peer.py MODEL_DIR WINDOWS.npy OUT_DIR [--format gguf:q4_k_m] [--light | --iters N]
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def main() -> None:
     ap.add_argument("windows")
     ap.add_argument("out")
     ap.add_argument("--format", default="gguf:q4_k_m")
-    ap.add_argument("--iters", type=int, help="auto-round's iterations per block (default: its own, 200)")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--iters", type=int, help="auto-round's iterations per block (default: its own, 200)")
+    how.add_argument("--light", action="store_true",
+                     help="auto-round's light recipe (its CLI's auto-round-light: iters 50, lr 5e-3)")
     args = ap.parse_args()
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,7 +38,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     # a list of [1, seqlen] input_ids tensors is auto-round's "your own tokens" dataset form
     data = [torch.from_numpy(w[None].astype(np.int64)) for w in windows]
-    kw = {} if args.iters is None else {"iters": args.iters}
+    # the light recipe's values are those of auto_round/cli/main.py's "light" entry (auto-round 0.16)
+    kw = {"iters": 50, "lr": 5e-3} if args.light else {} if args.iters is None else {"iters": args.iters}
     ar = AutoRound(model, tokenizer=tok, scheme=args.format, dataset=data, nsamples=len(windows),
                    seqlen=int(windows.shape[1]), device_map="cpu", **kw)
     ar.quantize_and_save(args.out, format=args.format)

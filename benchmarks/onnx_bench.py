@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tools import commit, measure, table  # noqa: E402
+from _tools import commit, folder_quality, measure, table  # noqa: E402
 from kld_bench import MODEL_NOTE, REAL, eval_text, real_model  # noqa: E402
 from quality import calib_text  # noqa: E402
 
@@ -120,14 +120,6 @@ def speed(folder: Path, threads: int, prompt: int, decode: int) -> dict:
     return {"load_s": load, "prefill_tps": prefill, "decode_tps": decode / (time.perf_counter() - t2)}
 
 
-def quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
-    out = folder / f"eval-{hashlib.sha256(text.read_bytes()).hexdigest()[:12]}-c512-t3072.json"
-    if not out.exists():
-        measure(["qcompile", "eval", model, "--artifact", folder, "--text", text, "--ctx", 512, "--max-tokens", 3072,
-                 "--threads", threads, "--json", out, "-q"])
-    return json.loads(out.read_text())["results"]["onnxruntime"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REAL)
@@ -171,7 +163,7 @@ def main() -> None:
                                         ("fp32 (qcompile export)", "float", f"qcompile {code}", fp32), *peers, *ours):
         size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
         rows.append((label, act, version, size, speed(folder, args.threads, args.prompt, args.decode),
-                     quality(model, folder, text, args.threads)))
+                     folder_quality(model, folder, text, args.threads)))
     base_decode = rows[0][4]["decode_tps"]
     peer_kld = {act: q["kld_mean"] for label, act, _, _, _, q in rows if label == peers[0][0]}
     peer_head_kld = {act: q["kld_mean"] for label, act, _, _, _, q in rows if label == peers[2][0]}

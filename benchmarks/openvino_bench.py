@@ -23,7 +23,6 @@ inference, no activation quantization, f32 KV cache, so the weights are what is 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tools import commit, measure, table  # noqa: E402
+from _tools import commit, folder_quality, table  # noqa: E402
 from kld_bench import MODEL_NOTE, REAL, eval_text, real_model  # noqa: E402
 from quality import calib_text  # noqa: E402
 
@@ -154,14 +153,6 @@ def census(folder: Path) -> dict:
     return out
 
 
-def quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
-    out = folder / f"eval-{hashlib.sha256(text.read_bytes()).hexdigest()[:12]}-c512-t3072.json"
-    if not out.exists():
-        measure(["qcompile", "eval", model, "--artifact", folder, "--text", text, "--ctx", 512, "--max-tokens",
-                 3072, "--threads", threads, "--json", out, "-q"])
-    return json.loads(out.read_text())["results"]["openvino"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REAL)
@@ -205,7 +196,7 @@ def main() -> None:
     for label, folder, secs in folders:
         size = (folder / "openvino_model.bin").stat().st_size
         med = {k: float(np.median([r[k] for r in runs[folder]])) for k in runs[folder][0]}
-        rows.append((label, size, secs, med, quality(model, folder, text, args.threads), census(folder)))
+        rows.append((label, size, secs, med, folder_quality(model, folder, text, args.threads), census(folder)))
     # the checkpoint's parameter count, as our ONNX compile of it recorded it (mix_bench reads it the same way)
     n_params = json.loads((onnx_dir / "report.json").read_text())["model"]["parameters"]
     peer_tps = rows[0][3]["decode_tps"]

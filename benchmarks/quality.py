@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=REAL)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "quality")
     ap.add_argument("--type", default="Q4_K_M")
-    ap.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq", "awq+gptq", "gptq --max-size"])
+    ap.add_argument("--methods", nargs="*", default=["rtn", "imatrix", "gptq", "awq+gptq", "gptq --max-size"])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=512)
@@ -80,7 +80,10 @@ def main() -> None:
     ap.add_argument("--qcompile-src", default="head", metavar="head|tree|COMMIT")
     ap.add_argument("--autoround-python", type=Path, metavar="PY",
                     help="python of an environment with auto-round (benchmarks/autoround_peer.py): adds its row")
-    ap.add_argument("--autoround-iters", type=int, help="auto-round iterations per block (default: its own)")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--autoround-iters", type=int, help="auto-round iterations per block (default: its own)")
+    how.add_argument("--autoround-light", action="store_true",
+                     help="auto-round's light recipe (iters 50, lr 5e-3): its defaults take hours on 2 cores")
     args = ap.parse_args()
     model = real_model(args.model)
     work = args.work.resolve()
@@ -116,10 +119,15 @@ def autoround_row(args, model: Path, calib: Path, work: Path) -> str:
     version = subprocess.run([py, "-c", "import auto_round; print(auto_round.__version__)"], check=True,
                              capture_output=True, text=True).stdout.strip()
     fmt = "gguf:" + args.type.lower()
-    iters = "" if args.autoround_iters is None else f" --iters {args.autoround_iters}"
+    name = args.type.lower()  # (no ':' in a label: the --external spec is LABEL:VERSION:COMMAND)
+    if args.autoround_light:
+        how, label = " --light", f"auto-round {name} (its light recipe)"
+    elif args.autoround_iters is not None:
+        how, label = f" --iters {args.autoround_iters}", f"auto-round {name} iters {args.autoround_iters}"
+    else:
+        how, label = "", f"auto-round {name} (its defaults)"
     script = Path(__file__).resolve().parent / "autoround_peer.py"
-    label = f"auto-round {fmt}" + (f" iters {args.autoround_iters}" if iters else " (its defaults)")
-    return f"{label}:auto-round {version}:{py} {script} {model} {npy} {{out}} --format {fmt}{iters}"
+    return f"{label}:auto-round {version}:{py} {script} {model} {npy} {{out}} --format {fmt}{how}"
 
 
 if __name__ == "__main__":

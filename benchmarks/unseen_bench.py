@@ -162,18 +162,27 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"builds": {}, "scores": {}}
 
     def save() -> None:
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-        tmp.replace(results_path)
+        """Merge this run's records into results.json under a lock: two benchmark runs sharing a work folder
+        (a long peer beside a short row) each keep what the other wrote."""
+        import fcntl
+        with open(work / ".results.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if results_path.exists():
+                disk = json.loads(results_path.read_text())
+                for part in ("builds", "scores"):
+                    results[part] = {**disk.get(part, {}), **results[part]}
+            tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+            tmp.replace(results_path)
 
-    def build(label, method, key, commit, make, force: bool = False) -> dict:
+    def build(label, method, key, commit, make) -> dict:
         """The row's build record: from results.json when its artifact still exists, else built now."""
         b = results["builds"].get(key)
-        if force or b is None or not Path(b["gguf"]).exists():
+        if b is None or not Path(b["gguf"]).exists():
             log(f"building: {label}")
-            gguf, seconds, commands = make()
+            gguf, seconds, peak_mb, commands = make()
             b = {"label": label, "method": method, "commit": commit, "commands": commands, "seconds": seconds,
-                 "bytes": gguf.stat().st_size, "gguf": str(gguf)}
+                 "peak_rss_mb": peak_mb, "bytes": gguf.stat().st_size, "gguf": str(gguf)}
             results["builds"][key] = b
             save()
         return b
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             (d / ".done").write_text("ok")
         bases[n] = d / "f16.kld"
 
-    # rows: (label, method, build key, commit, build function -> (gguf, seconds, commands))
+    # rows: (label, method, build key, commit, build function -> (gguf, seconds, peak RSS MiB, commands))
     rows = []
     typ = args.type
     llama = t["quantize"].parents[2].name  # llama.cpp-<llama-cpp-python version>: the tools' version
@@ -222,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         def plain():
             out = work / "rows" / f"llama-quantize-{typ}-{mid}.gguf"
             cmd = [t["quantize"], f16, out, typ, os.cpu_count()]
-            return out, measure(cmd).seconds, [" ".join(map(str, cmd))]
+            r = measure(cmd)
+            return out, r.seconds, r.peak_rss_mb, [" ".join(map(str, cmd))]
         rows.append((f"llama-quantize {typ}", "llama-quantize", f"{llama} llama-quantize {typ} | F16 of model {mid}", None,
                      plain))
         calib, calib_note = peer_calib_text(work, model, args.peer_calib.resolve(), args.peer_samples,
@@ -234,10 +244,11 @@ def main(argv: list[str] | None = None) -> None:
             out = work / "rows" / f"llama-quantize-imatrix-{typ}-{calib.stem}-{mid}.gguf"
             cmd1 = [t["imatrix"], "-m", f16, "-f", calib, "-o", im, "-c", args.peer_seqlen, "--chunks",
                     args.peer_samples, "-t", os.cpu_count()]
-            s1 = measure(cmd1).seconds
+            r1 = measure(cmd1)
             cmd2 = [t["quantize"], "--imatrix", im, f16, out, typ, os.cpu_count()]
-            s2 = measure(cmd2).seconds
-            return out, s1 + s2, [" ".join(map(str, cmd1)), " ".join(map(str, cmd2))]
+            r2 = measure(cmd2)
+            return (out, r1.seconds + r2.seconds, max(r1.peak_rss_mb, r2.peak_rss_mb),
+                    [" ".join(map(str, cmd1)), " ".join(map(str, cmd2))])
         rows.append((f"llama-quantize --imatrix {typ}", "llama-quantize --imatrix",
                      f"{im_key} ; llama-quantize --imatrix {typ} | F16 of model {mid}", None, with_imatrix))
     else:
@@ -259,11 +270,11 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "qcompile", model, "--to", "gguf", *extra, "--out", out_dir, "--no-verify",
                    "--force", "-q"]
             # PYTHONSAFEPATH: neither this process's cwd nor the worker children's may shadow ``src``
-            s = measure(cmd, env={"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"}).seconds
+            r = measure(cmd, env={"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"})
             ggufs = sorted(out_dir.glob("*.gguf"))
             if len(ggufs) != 1:  # (the folder is per code version and options: one artifact)
                 raise SystemExit(f"--ours {label}: expected one GGUF in {out_dir}, found {ggufs}")
-            return ggufs[0], s, [f"PYTHONPATH={src} PYTHONSAFEPATH=1 " + " ".join(map(str, cmd))]
+            return ggufs[0], r.seconds, r.peak_rss_mb, [f"PYTHONPATH={src} PYTHONSAFEPATH=1 " + " ".join(map(str, cmd))]
         rows.append((f"qcompile {label} @{short}", f"qcompile {opts}", f"qcompile {opts} | model {mid} | {version}",
                      commit_id, ours))
 
@@ -277,11 +288,11 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(out_dir, ignore_errors=True)
             out_dir.mkdir(parents=True)
             cmd = command.replace("{out}", shlex.quote(str(out_dir)))
-            s = measure(["bash", "-c", cmd]).seconds
+            r = measure(["bash", "-c", cmd])
             ggufs = sorted(out_dir.rglob("*.gguf"))
             if len(ggufs) != 1:
                 raise SystemExit(f"--external {label}: expected one GGUF under {out_dir}, found {ggufs}")
-            return ggufs[0], s, [cmd]
+            return ggufs[0], r.seconds, r.peak_rss_mb, [cmd]
         rows.append((f"{label} ({version_x})", label, f"external {version_x} {command} | model {mid}", None,
                      external))
 
@@ -303,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         sc = {n: results["scores"][skey(n)] for n in sets}
         table_rows.append({"label": label, "method": method, "commit": commit, "built_at_commit": b["commit"],
                            "build_key": key,
-                           "commands": b["commands"], "seconds": b["seconds"], "bytes": b["bytes"], "scores": sc,
+                           "commands": b["commands"], "seconds": b["seconds"], "peak_rss_mb": b.get("peak_rss_mb"),
+                           "bytes": b["bytes"], "scores": sc,
                            "mean_kld": sum(sc[n]["kld"] for n in unseen) / len(unseen),
                            "mean_ppl_ratio": math.exp(sum(math.log(sc[n]["ppl"] / sc[n]["ppl_base"]) for n in unseen)
                                                       / len(unseen)),
@@ -327,9 +339,11 @@ def main(argv: list[str] | None = None) -> None:
               f"chunk scored)\npeer: {calib_note}")
     print(header)
     fmt = lambda x, f: "-" if x is None else format(x, f)
-    lead = lambda r: [r["label"], f"{r['bytes'] / 2**20:.1f}", f"{r['seconds']:.0f}"]
+    lead = lambda r: [r["label"], f"{r['bytes'] / 2**20:.1f}", f"{r['seconds']:.0f}", fmt(r["peak_rss_mb"], ".0f")]
     print("\nmean KL divergence vs F16 (lower is better)")
-    print(table(["method", "MiB", "time s", *names, "mean", "mean / imatrix peer",
+    print("(time s: wall clock of the row's whole command(s); peak RSS MiB: GNU time's maximum resident set of the "
+          "largest command, '-' for rows built before it was recorded)")
+    print(table(["method", "MiB", "time s", "peak RSS MiB", *names, "mean", "mean / imatrix peer",
                  *(f"{n} / imatrix peer" for n in extra_sets)],
                 [[*lead(r), *(f"{r['scores'][n]['kld']:.5f}" for n in names), f"{r['mean_kld']:.5f}",
                   fmt(r["mean_kld_vs_imatrix_peer"], ".2f"),

@@ -30,7 +30,7 @@ from calibration.capture import LayerwiseEngine, fingerprint
 from quantizers import rtn
 from quantizers.error import ErrorTally
 from quantizers.schemes import BITS_PRESET, Scheme, scheme
-from quantizers.grids import IntType, parse_type
+from quantizers.grids import GRIDS, IntType, parse_type
 from quantizers.tensor import QuantizedTensor
 
 
@@ -252,8 +252,13 @@ def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | 
         yield QuantizedTensor(p.name, qt.type, qt.shape, qt.data)
         return
     chunks = [(0, ckpt.read(p.source)[None, :])] if len(p.shape) == 1 else ckpt.iter_rows(p.source)
+    head = engine is not None and engine.method.hessian and p.name == "output.weight" and p.type in GRIDS
+    stats = engine.head_stats() if head else None
     for r0, rows in chunks:
-        q = rtn.quantize(p.name, rows, p.type, row0=r0, threads=threads)
+        # the output matrix by the method itself (GPTQ: rows are independent given the Hessian, so chunks of
+        # rows give the same result as the whole matrix); everything else the engine did not make by RTN
+        q = replace(engine.method.quantize(p.name, rows, p.type, stats), row0=r0) if head else \
+            rtn.quantize(p.name, rows, p.type, row0=r0, threads=threads)
         if errors is not None:
             errors.add(p.name, rows, q)
         yield q
@@ -310,10 +315,10 @@ class QualityGate:
             raise UsageError("--max-kld/--baseline judge the verification's metrics: drop --no-verify")
         base = read_report(opts.baseline) if opts.baseline is not None else None
         gate.validate(budgets, base)
-        if base is not None and gate.reference(base, opts.baseline).get("ctx") != opts.eval_ctx:
-            raise QCompileError(f"--baseline {opts.baseline}: evaluated with --eval-ctx "
-                                f"{gate.reference(base, opts.baseline).get('ctx')}, this run with {opts.eval_ctx} "
-                                "(not comparable)")
+        ctx = None if base is None else gate.reference(base, opts.baseline).get("ctx")
+        if base is not None and ctx != opts.eval_ctx:
+            raise QCompileError(f"--baseline {opts.baseline}: evaluated with --eval-ctx {ctx}, this run with "
+                                f"{opts.eval_ctx} (not comparable)")
         return cls(budgets, base, opts.baseline)
 
     def judge(self, metrics: dict, size: int, n_params: int) -> dict:
