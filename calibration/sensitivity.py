@@ -75,15 +75,16 @@ class Sensitivity:
 
 
 def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, types: dict[str, list[Target]], *,
-                use_imatrix: bool, device: str = "cpu", seed: int = 0, threads: int | None = None,
-                progress: Callable[[str], None] = lambda s: None) -> Sensitivity:
+                use_imatrix: bool, gptq_head: bool = False, device: str = "cpu", seed: int = 0,
+                threads: int | None = None, progress: Callable[[str], None] = lambda s: None) -> Sensitivity:
     """Predicted KLD of quantizing each tensor of ``types`` (decoder linears and/or ``lm_head.weight``, HF
     names) to each of its candidate types, from the diagonal Fisher over the calibration windows ``tokens``
     [n, T] (float32 on ``device``), one decoder layer in memory at a time.
 
     ``use_imatrix``: quantize the decoder linears with their input statistics, as the calibrated methods
-    do (the output matrix always by plain RTN, as the pipeline quantizes it). ``progress`` is called once
-    per window (its labels sampled) and once per tensor (predicted).
+    do (the output matrix by plain RTN, as the pipeline quantizes it unless the method is GPTQ). With
+    ``gptq_head`` the output matrix is rounded by GPTQ (see :func:`gptq_head_ratios`). ``progress`` is called
+    once per window (its labels sampled) and once per tensor (predicted).
     """
     dec = StreamedDecoder(cfg)
     by_layer = _by_layer(cfg, list(types))
@@ -100,10 +101,11 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
     predicted: dict[str, dict[Target, float]] = {}
     with tempfile.TemporaryDirectory(prefix="qcompile-fisher-") as tmp:
         saved, hidden, sq_mean = _forward(dec, source, tokens, lowest, Path(tmp), device)
+        ratios = gptq_head_ratios(dec, source, hidden, list(head)) if head is not None and gptq_head else {}
         grad = _head_backward(dec, source, hidden, seed, None if head is None else predict_head, progress)
         del hidden
         if head is not None:
-            predicted[HEAD] = head
+            predicted[HEAD] = {t: v * ratios.get(t, 1.0) for t, v in head.items()}
             progress(f"predicting {HEAD}")
         for i in reversed(range(lowest, cfg.num_layers)):
             # the layer's Fisher lives only inside this call: never two layers' at once
@@ -113,6 +115,37 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
                                             progress))
             del fisher
     return Sensitivity({n: predicted[n] for n in types}, sq_mean, int(tokens.shape[0]), n_tok)
+
+
+HEAD_RATIO_ROWS = 1024  # output-matrix rows on which GPTQ's error ratio to RTN is measured
+
+
+def gptq_head_ratios(dec: StreamedDecoder, source: WeightSource, hidden: "torch.Tensor", types: list[Target]
+                     ) -> dict[Target, float]:
+    """Per candidate type, the output error of GPTQ over that of RTN, ``tr(E H Eᵀ)`` with ``H`` the
+    Gram matrix of the final-normed ``hidden`` states, on :data:`HEAD_RATIO_ROWS` seeded rows of the output
+    matrix. The Fisher predicts RTN's error; the pipeline rounds a GPTQ run's head by GPTQ (about 0.2x RTN's
+    output error on the real 0.5B), so its prediction is scaled by this ratio (rows are independent given
+    ``H``, and the ratio varies little between them: a sample pins it down), and the allocator does not
+    spend on the head what GPTQ already saves there. Types GPTQ has no grid for keep ratio 1."""
+    from quantizers.gptq import gptq
+    from quantizers.grids import GRIDS
+    torch = dec.torch
+    with torch.no_grad():
+        x = dec.final_norm(source, hidden).reshape(-1, hidden.shape[-1]).double()
+        gram = (x.T @ x / x.shape[0]).float().cpu().numpy()
+    vocab = source.shape(dec.head_name)[0]
+    rows = np.sort(np.random.default_rng(zlib.crc32(HEAD.encode())).choice(vocab, min(vocab, HEAD_RATIO_ROWS),
+                                                                           replace=False))
+    w = np.ascontiguousarray(source.take(dec.head_name, rows), dtype=np.float32)
+    out_err = lambda q: float(np.einsum("ij,jk,ik->", q.dequantize() - w, gram, q.dequantize() - w,
+                                        optimize=True))
+    ratios = {}
+    for t in types:
+        if t in GRIDS and w.shape[1] % GRIDS[t].block == 0:
+            base = out_err(rtn.quantize(HEAD, w, t))
+            ratios[t] = out_err(gptq(HEAD, w, gram.copy(), t)) / base if base > 0 else 1.0
+    return ratios
 
 
 def _autocast(torch, device: str):

@@ -117,7 +117,7 @@ def choose_mix(plan: list[PlannedTensor], sizes: SizeModel, predicted: dict[str,
 
 
 def analyse(cfg: ModelConfig, source, plan: list[PlannedTensor], sizes: SizeModel, tokens: np.ndarray, *,
-            use_imatrix: bool, device: str, seed: int, threads: int | None,
+            use_imatrix: bool, gptq_head: bool = False, device: str, seed: int, threads: int | None,
             progress: Callable[[str], None] = lambda s: None) -> tuple[dict[str, dict[T, float]], dict]:
     """Predicted KLD per tunable tensor (GGUF name) and candidate type, from the diagonal Fisher on the
     first :data:`~calibration.sensitivity.SAMPLES` calibration windows (at most ``SEQLEN`` tokens each),
@@ -129,10 +129,11 @@ def analyse(cfg: ModelConfig, source, plan: list[PlannedTensor], sizes: SizeMode
     sources = {by_name[n].source: n for n in sizes.options}
     windows = np.ascontiguousarray(tokens[:sens.SAMPLES, :sens.SEQLEN])
     types = {src: [t for t, _ in sizes.options[name]] for src, name in sources.items()}
-    res = sens.sensitivity(cfg, source, windows, types, use_imatrix=use_imatrix, device=device, seed=seed,
-                           threads=threads, progress=progress)
+    res = sens.sensitivity(cfg, source, windows, types, use_imatrix=use_imatrix, gptq_head=gptq_head,
+                           device=device, seed=seed, threads=threads, progress=progress)
     info = {"method": "diagonal Fisher of the model's own predictive distribution (one sampled label per "
-                      "position) x squared RTN error" + (" (imatrix-weighted)" if use_imatrix else ""),
+                      "position) x squared RTN error" + (" (imatrix-weighted)" if use_imatrix else "")
+                      + ("; the output matrix's scaled by its GPTQ/RTN output-error ratio" if gptq_head else ""),
             "sequences": res.sequences, "tokens": res.tokens, "seed": seed, "device": device}
     return {sources[src]: v for src, v in res.predicted.items()}, info
 

@@ -509,11 +509,13 @@ def budget_plan(opts: Options, cfg: ModelConfig, ckpt: Checkpoint, plan: list[Pl
                 device: str) -> tuple[list[PlannedTensor], dict]:
     """The plan with each tunable tensor's type chosen by sensitivity to fit ``budget``, and report.json's
     ``allocation`` section. The proxy quantizer is RTN, imatrix-weighted for the calibrated methods (GPTQ
-    and AWQ land below its error, about equally across types)."""
+    and AWQ land below its error on the decoder linears, about equally across types); a GPTQ run's output
+    matrix, which GPTQ rounds too, is predicted at GPTQ's measured error (far below RTN's there)."""
     from calibration.sensitivity import SAMPLES
     with _progress(opts, desc="sensitivity", total=min(SAMPLES, len(tokens)) + len(sizes.options)) as bar:
         predicted, info = mix.analyse(cfg, evaluate.CheckpointSource(ckpt), plan, sizes, tokens,
-                                      use_imatrix=method.needs_calibration, device=device, seed=opts.seed,
+                                      use_imatrix=method.needs_calibration, gptq_head=method.hessian,
+                                      device=device, seed=opts.seed,
                                       threads=opts.threads,
                                       progress=lambda s: (bar.set_postfix_str(s, refresh=False), bar.update()))
     chosen, alloc = mix.choose_mix(plan, sizes, predicted, budget)

@@ -24,6 +24,7 @@ from qcompile.tiny import builtin_text
 from qcompile.units import parse_size
 from quantizers import rtn
 from quantizers.allocate import Option, lower_hull
+from quantizers.gptq import gptq
 from quantizers.grids import Target
 from quantizers.schemes import candidate_types
 
@@ -157,6 +158,31 @@ def test_streamed_sensitivity_equals_the_whole_graph_fisher(tiny_models, name, m
             assert alone.predicted[n][t] == pytest.approx(plain[n][t], rel=1e-5, abs=0), (n, t)
     with pytest.raises(ValueError, match="no such weights"):
         sens.sensitivity(cfg, src, windows, {"model.layers.0.input_layernorm.weight": [T.Q8_0]}, use_imatrix=False)
+
+
+def test_gptq_head_prediction_is_rtns_times_the_measured_output_error_ratio(tiny_models):
+    """With gptq_head the output matrix's prediction is the RTN one scaled by GPTQ's output-error ratio on
+    the final-normed states, measured directly here on every row; the decoder linears are untouched."""
+    model = tiny_models["qwen2"]
+    cfg = read_config(model)
+    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
+    windows = np.asarray(evaluate.tokenize(model, builtin_text())[:4 * 64]).reshape(4, 64)
+    types = {n: candidate_types(src.shape(n)[-1]) for n in (sens.HEAD, "model.layers.1.mlp.down_proj.weight")}
+    plain = sens.sensitivity(cfg, src, windows, types, use_imatrix=True, seed=1)
+    matched = sens.sensitivity(cfg, src, windows, types, use_imatrix=True, gptq_head=True, seed=1)
+    assert matched.predicted["model.layers.1.mlp.down_proj.weight"] == plain.predicted["model.layers.1.mlp.down_proj.weight"]
+    dec = evaluate.StreamedDecoder(cfg)
+    h = dec.embed(src, windows)
+    for i in range(cfg.num_layers):
+        h = dec.layer(i, src, h)
+    x = dec.final_norm(src, h).reshape(-1, cfg.hidden_size).double().numpy()
+    w = src.full(sens.HEAD)
+    gram = (x.T @ x / len(x)).astype(np.float32)
+    for t in types[sens.HEAD]:
+        err = lambda q: float(np.square((q.dequantize() - w) @ x.T).sum())
+        ratio = err(gptq(sens.HEAD, w, gram.copy(), t)) / err(rtn.quantize(sens.HEAD, w, t))
+        assert ratio < 0.8, t  # GPTQ's gain on the head is large: the proxy must not spend bytes on it
+        assert matched.predicted[sens.HEAD][t] == pytest.approx(plain.predicted[sens.HEAD][t] * ratio, rel=0.05), t
 
 
 def test_row_sampled_prediction_matches_every_row():
