@@ -67,7 +67,8 @@ REFERENCE = T.Q8_0          # the type predicted on every row, whose ratios carr
 @dataclass
 class Sensitivity:
     """The predicted KLD per analysed tensor (HF name) and candidate type; each decoder linear's mean
-    squared input (llama.cpp's imatrix) seen on the way; and how much text the Fisher saw."""
+    squared input (llama.cpp's imatrix) seen on the way, and the output matrix's when it was predicted
+    imatrix-weighted; and how much text the Fisher saw."""
     predicted: dict[str, dict[Target, float]]
     sq_mean: dict[str, np.ndarray]
     sequences: int
@@ -82,7 +83,7 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
     [n, T] (float32 on ``device``), one decoder layer in memory at a time.
 
     ``use_imatrix``: quantize the decoder linears with their input statistics, as the calibrated methods
-    do (the output matrix by plain RTN, as the pipeline quantizes it unless the method is GPTQ). With
+    do (the output matrix's with the final-normed states' statistics, as the pipeline rounds it). With
     ``gptq_head`` the output matrix is rounded by GPTQ (see :func:`gptq_head_ratios`). ``progress`` is called
     once per window (its labels sampled) and once per tensor (predicted).
     """
@@ -92,16 +93,22 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
     n_tok = int(tokens.size)
     head = {t: 0.0 for t in types[HEAD]} if HEAD in types else None
 
+    head_importance = None
+
     def predict_head(w: "torch.Tensor", fisher_sum: "torch.Tensor") -> None:
         # ggml quantizes each row on its own: the output matrix is predicted chunk by chunk
         w_np, f_np = w.cpu().numpy(), (fisher_sum / n_tok).cpu().numpy()
-        for t, v in predict_types(HEAD, w_np, f_np, list(head), None, threads).items():
+        for t, v in predict_types(HEAD, w_np, f_np, list(head), head_importance, threads).items():
             head[t] += v
 
     predicted: dict[str, dict[Target, float]] = {}
     with tempfile.TemporaryDirectory(prefix="qcompile-fisher-") as tmp:
         saved, hidden, sq_mean = _forward(dec, source, tokens, lowest, Path(tmp), device)
         ratios = gptq_head_ratios(dec, source, hidden, list(head)) if head is not None and gptq_head else {}
+        if head is not None and use_imatrix and not gptq_head:  # the pipeline's imatrix rounding of the head
+            with dec.torch.no_grad():
+                head_importance = dec.final_norm(source, hidden).reshape(-1, hidden.shape[-1]).square().mean(0)
+            head_importance = sq_mean[HEAD] = head_importance.cpu().numpy().astype(np.float32)
         grad = _head_backward(dec, source, hidden, seed, None if head is None else predict_head, progress)
         del hidden
         if head is not None:

@@ -252,11 +252,11 @@ def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | 
         yield QuantizedTensor(p.name, qt.type, qt.shape, qt.data)
         return
     chunks = [(0, ckpt.read(p.source)[None, :])] if len(p.shape) == 1 else ckpt.iter_rows(p.source)
-    head = engine is not None and engine.method.hessian and p.name == "output.weight" and p.type in GRIDS
+    head = engine is not None and p.name == "output.weight" and p.type in GRIDS
     stats = engine.head_stats() if head else None
     for r0, rows in chunks:
-        # the output matrix by the method itself (GPTQ: rows are independent given the Hessian, so chunks of
-        # rows give the same result as the whole matrix); everything else the engine did not make by RTN
+        # the output matrix by the method itself (GPTQ, imatrix: rows are independent given the statistics,
+        # so chunks of rows give the same result as the whole matrix); what else the engine did not make, RTN
         q = replace(engine.method.quantize(p.name, rows, p.type, stats), row0=r0) if head else \
             rtn.quantize(p.name, rows, p.type, row0=r0, threads=threads)
         if errors is not None:
