@@ -25,7 +25,7 @@ from qcompile.arch import ModelConfig
 from qcompile.errors import QCompileError
 from qcompile.units import parse_size
 from quantizers.allocate import Allocation, Option, allocate
-from quantizers.schemes import candidate_types
+from quantizers.schemes import BUDGET_TYPES, candidate_types
 from quantizers.tensor import row_bytes
 
 
@@ -56,6 +56,9 @@ def tunable(p: PlannedTensor, cfg: ModelConfig) -> bool:
     return p.name.startswith("blk.") and p.source.split(".", 3)[-1].removesuffix(".weight") in LINEARS
 
 
+LOW_TYPES = (T.Q2_K, T.Q3_K, T.IQ3_XXS, T.IQ3_S, T.IQ2_S)  # below BUDGET_TYPES' 4 bits
+
+
 def _nbytes(p: PlannedTensor, t: T) -> int:
     return padded(int(np.prod(p.shape[:-1])) * row_bytes(t, p.shape[-1]))
 
@@ -79,9 +82,12 @@ def size_model(plan: list[PlannedTensor], cfg: ModelConfig, header: int) -> Size
     """Candidates and their sizes for each tunable tensor of ``plan`` (the base scheme's types), and the
     fixed bytes (``header``: :func:`exporters.gguf.header_bytes` of the plan)."""
     fixed, options = header, {}
+    # a base mix below 4 bits (Q3_K_M, Q2_K, ...) offers its own low types to every tunable tensor, so a
+    # budget at its size has somewhere to take bytes from (after each tensor's fallback for its width)
+    low = tuple(dict.fromkeys(p.type for p in plan if tunable(p, cfg) and p.type in LOW_TYPES))
     for p in plan:
         if tunable(p, cfg):
-            types = list(dict.fromkeys([*candidate_types(p.shape[-1]), p.type]))
+            types = list(dict.fromkeys([*candidate_types(p.shape[-1], low + BUDGET_TYPES), p.type]))
             options[p.name] = [(t, _nbytes(p, t)) for t in types]
         else:
             fixed += padded(p.nbytes)

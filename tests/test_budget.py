@@ -361,3 +361,18 @@ def test_size_units_and_bpw_budgets():
     # hidden size 896 (Qwen2.5-0.5B): K-quants fall back as llama.cpp does
     assert candidate_types(896) == [T.Q5_0, T.Q5_1, T.Q8_0]
     assert candidate_types(4864) == [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0]
+
+
+def test_a_3bit_base_offers_its_low_types_to_every_tensor(tiny_models, calib_file, tmp_path):
+    """A budget over a Q3_K_M base: every tunable tensor may take Q3_K (not only those the preset put
+    there), so a budget at the preset's own size is met, with Q3_K in the mix."""
+    model = tiny_models["qwen3"]
+    assert run_cli(model, "--quant", "Q3_K_M", "--method", "rtn", "--out", tmp_path / "p", "-q", "--no-verify") == 0
+    preset = next((tmp_path / "p").glob("*.gguf")).stat().st_size
+    assert run_cli(model, "--quant", "Q3_K_M", "--max-size", preset, *calib_args(calib_file), "--method", "rtn",
+                   "--out", tmp_path / "b", "-q", "--no-verify") == 0
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    alloc = rep["allocation"]
+    assert alloc["bytes"] <= preset and alloc["smallest_bytes"] < preset
+    assert all("Q3_K" in t["options"] for t in alloc["tensors"].values())
+    assert "Q3_K" in {t["type"] for t in alloc["tensors"].values()}
