@@ -20,7 +20,7 @@ Every row carries the commit its qcompile ran from (a clean export of HEAD by de
 everything that changes it (benchmarks/unseen_bench.py does the building, caching and scoring; peers and
 ours are timed alike: wall clock of the whole commands, llama.cpp's F16 conversion not counted).
 
-    python benchmarks/quality.py [--type Q4_K_M] [--methods rtn imatrix gptq awq+gptq "gptq --max-size"]
+    python benchmarks/quality.py [--type Q4_K_M] [--methods rtn imatrix gptq awq+gptq "gptq --max-size" ...]
                                  [--samples 128] [--seqlen 512] [--qcompile-src head|tree|COMMIT]
 """
 from __future__ import annotations
@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=REAL)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "qcompile-bench" / "quality")
     ap.add_argument("--type", default="Q4_K_M")
-    ap.add_argument("--methods", nargs="*", default=["rtn", "imatrix", "gptq", "awq+gptq", "gptq --max-size"])
+    ap.add_argument("--methods", nargs="*", default=["rtn", "imatrix", "gptq", "awq+gptq", "gptq --max-size",
+                                                      "awq+gptq --max-size"])
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=512)
