@@ -211,9 +211,7 @@ class LayerwiseEngine:
             self.layer(i)
         if self._head is None:
             n = self.cfg.hidden_size
-            hessian = None if not self.method.hessian else np.zeros((n, n), np.float32) \
-                if self.device == "cpu" else self.torch.zeros(n, n, device=self.device)
-            st = Stats(np.zeros(n), np.zeros(n), hessian)
+            st = self._new_stats(n)
             norm = self.dec.build_norm(self.source, self.device).to(self.dtype)
             with self.torch.no_grad():
                 for b in range(0, self.hidden.shape[0], self.batch):
@@ -364,20 +362,23 @@ class LayerwiseEngine:
                 self.hidden[b:b + self.batch] = y
             self._release()
 
+    def _new_stats(self, n: int, sample_every: int = 0) -> Stats:
+        """Empty statistics of an input of width ``n``: with a Hessian (NumPy on the CPU, torch on the
+        device) when the method needs one."""
+        hessian = None
+        if self.method.hessian:
+            hessian = np.zeros((n, n), np.float32) if self.device == "cpu" else \
+                self.torch.zeros(n, n, device=self.device)
+        return Stats(np.zeros(n), np.zeros(n), hessian, sample_every)
+
     def _collect(self, module) -> dict[str, Stats]:
-        torch = self.torch
         stats: dict[str, Stats] = {}
         hooks = []
         n_tokens = int(np.prod(self.hidden.shape[:2]))
         for name in set(LINEARS.values()):
             lin = module.get_submodule(name)
-            n = lin.in_features
-            hessian = None
-            if self.method.hessian:
-                hessian = np.zeros((n, n), np.float32) if self.device == "cpu" else \
-                    torch.zeros(n, n, device=self.device)
-            stats[name] = Stats(np.zeros(n), np.zeros(n), hessian,
-                                max(1, n_tokens // AWQ_TOKENS) if self.method.awq else 0)
+            stats[name] = self._new_stats(lin.in_features,
+                                          max(1, n_tokens // AWQ_TOKENS) if self.method.awq else 0)
 
             def hook(_mod, inputs, name=name):
                 stats[name].add(inputs[0].reshape(-1, inputs[0].shape[-1]))

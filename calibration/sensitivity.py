@@ -104,11 +104,14 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
     predicted: dict[str, dict[Target, float]] = {}
     with tempfile.TemporaryDirectory(prefix="qcompile-fisher-") as tmp:
         saved, hidden, sq_mean = _forward(dec, source, tokens, lowest, Path(tmp), device)
-        ratios = gptq_head_ratios(dec, source, hidden, list(head)) if head is not None and gptq_head else {}
-        if head is not None and use_imatrix and not gptq_head:  # the pipeline's imatrix rounding of the head
-            with dec.torch.no_grad():
-                head_importance = dec.final_norm(source, hidden).reshape(-1, hidden.shape[-1]).square().mean(0)
-            head_importance = sq_mean[HEAD] = head_importance.cpu().numpy().astype(np.float32)
+        ratios = {}
+        if head is not None and (gptq_head or use_imatrix):  # the head's input, as the pipeline rounds it
+            normed = dec.final_norm(source, hidden).reshape(-1, hidden.shape[-1])
+            if gptq_head:
+                ratios = gptq_head_ratios(dec, source, normed, list(head))
+            else:
+                head_importance = sq_mean[HEAD] = normed.square().mean(0).cpu().numpy().astype(np.float32)
+            del normed
         grad = _head_backward(dec, source, hidden, seed, None if head is None else predict_head, progress)
         del hidden
         if head is not None:
@@ -127,20 +130,19 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
 HEAD_RATIO_ROWS = 1024  # output-matrix rows on which GPTQ's error ratio to RTN is measured
 
 
-def gptq_head_ratios(dec: StreamedDecoder, source: WeightSource, hidden: "torch.Tensor", types: list[Target]
+def gptq_head_ratios(dec: StreamedDecoder, source: WeightSource, normed: "torch.Tensor", types: list[Target]
                      ) -> dict[Target, float]:
     """Per candidate type, the output error of GPTQ over that of RTN, ``tr(E H Eᵀ)`` with ``H`` the
-    Gram matrix of the final-normed ``hidden`` states, on :data:`HEAD_RATIO_ROWS` seeded rows of the output
+    Gram matrix of the ``normed`` states ([tokens, hidden]: the final norm's output, the head's input), on
+    :data:`HEAD_RATIO_ROWS` seeded rows of the output
     matrix. The Fisher predicts RTN's error; the pipeline rounds a GPTQ run's head by GPTQ (about 0.2x RTN's
     output error on the real 0.5B), so its prediction is scaled by this ratio (rows are independent given
     ``H``, and the ratio varies little between them: a sample pins it down), and the allocator does not
     spend on the head what GPTQ already saves there. Types GPTQ has no grid for keep ratio 1."""
     from quantizers.gptq import gptq
     from quantizers.grids import GRIDS
-    torch = dec.torch
-    with torch.no_grad():
-        x = dec.final_norm(source, hidden).reshape(-1, hidden.shape[-1]).double()
-        gram = (x.T @ x / x.shape[0]).float().cpu().numpy()
+    x = normed.double()
+    gram = (x.T @ x / x.shape[0]).float().cpu().numpy()
     vocab = source.shape(dec.head_name)[0]
     rows = np.sort(np.random.default_rng(zlib.crc32(HEAD.encode())).choice(vocab, min(vocab, HEAD_RATIO_ROWS),
                                                                            replace=False))

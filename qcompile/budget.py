@@ -25,7 +25,7 @@ from qcompile.arch import ModelConfig
 from qcompile.errors import QCompileError
 from qcompile.units import parse_size
 from quantizers.allocate import Allocation, Option, allocate
-from quantizers.schemes import BUDGET_TYPES, candidate_types
+from quantizers.schemes import BUDGET_TYPES, LOW_TYPES, candidate_types
 from quantizers.tensor import row_bytes
 
 
@@ -54,9 +54,6 @@ def tunable(p: PlannedTensor, cfg: ModelConfig) -> bool:
     if p.name == "output.weight":
         return not cfg.tie_word_embeddings
     return p.name.startswith("blk.") and p.source.split(".", 3)[-1].removesuffix(".weight") in LINEARS
-
-
-LOW_TYPES = (T.Q2_K, T.Q3_K, T.IQ3_XXS, T.IQ3_S, T.IQ2_S)  # below BUDGET_TYPES' 4 bits
 
 
 def _nbytes(p: PlannedTensor, t: T) -> int:

@@ -264,9 +264,13 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     t += (1.0 if hessian else IMATRIX_SEARCH) * s.layer_linear / r.rtn + s.layer_linear / r.read
     # the output matrix against the final-normed stream (LayerwiseEngine.head_stats): GPTQ solves its vocab
     # rows in row chunks with one [hidden, hidden] Hessian, the imatrix methods search it weighted
-    head = 0 if s.tied else s.vocab * s.hidden  # a tied model's output is the embedding table, RTN
-    head_t = 0.0 if s.tied else (tokens * s.hidden ** 2 / r.bf16 + head * s.hidden / r.f32
-              + s.hidden * (GPTQ_COLUMN_S + s.vocab * GPTQ_COLUMN_ROW_S)) if hessian else IMATRIX_SEARCH * head / r.rtn
+    head, head_t = 0, 0.0  # a tied model's output is the embedding table, rounded by RTN
+    if not s.tied:
+        head = s.vocab * s.hidden
+        head_t = IMATRIX_SEARCH * head / r.rtn
+        if hessian:
+            head_t = (tokens * s.hidden ** 2 / r.bf16 + head * s.hidden / r.f32
+                      + s.hidden * (GPTQ_COLUMN_S + s.vocab * GPTQ_COLUMN_ROW_S))
     return Stage("calibrated quantization", anon, 0,
                  s.layers * t + head_t + (s.params - s.decoder_linear - head) / r.rtn,
                  "--calib-samples / --calib-seqlen")

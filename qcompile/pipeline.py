@@ -315,8 +315,7 @@ class QualityGate:
             raise UsageError("--max-kld/--baseline judge the verification's metrics: drop --no-verify")
         base = read_report(opts.baseline) if opts.baseline is not None else None
         gate.validate(budgets, base)
-        ctx = None if base is None else gate.reference(base, opts.baseline).get("ctx")
-        if base is not None and ctx != opts.eval_ctx:
+        if base is not None and (ctx := gate.reference(base, opts.baseline).get("ctx")) != opts.eval_ctx:
             raise QCompileError(f"--baseline {opts.baseline}: evaluated with --eval-ctx {ctx}, this run with "
                                 f"{opts.eval_ctx} (not comparable)")
         return cls(budgets, base, opts.baseline)

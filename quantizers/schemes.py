@@ -136,6 +136,8 @@ def fallback(t: T, ncols: int) -> T:
 
 # the types a size budget chooses from per tensor (--max-size): llama.cpp's K-quant ladder and Q8_0
 BUDGET_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+# below BUDGET_TYPES' 4 bits: a budget over a base mix with these offers them to every tensor (budget.size_model)
+LOW_TYPES = (T.Q2_K, T.Q3_K, T.IQ3_XXS, T.IQ3_S, T.IQ2_S)
 
 
 def candidate_types(ncols: int, types: tuple[T, ...] = BUDGET_TYPES) -> list[T]:
