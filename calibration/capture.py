@@ -130,12 +130,13 @@ class LayerwiseEngine:
     def __init__(self, cfg: ModelConfig, source: CheckpointSource, tokens: np.ndarray,
                  types: dict[str, Target], method: Method, *, device: str = "cpu", batch: int | None = None,
                  work_dir: Path | None = None, fingerprint: str = "", resume: bool = False,
-                 dtype: str = "bfloat16", progress: Callable[[int], None] = lambda i: None):
+                 dtype: str | None = None, progress: Callable[[int], None] = lambda i: None):
         import torch
         self.torch, self.cfg, self.source, self.types, self.method = torch, cfg, source, types, method
-        # Layers run in bf16 (3x the matmul throughput of f32 on CPUs with AVX512-BF16/AMX, and the usual
-        # choice of GPTQ tools on GPUs); the residual stream between layers and the Hessian sums stay f32.
-        self.dtype = getattr(torch, dtype)
+        # Layers run in bf16 where it is fast (3x the matmul throughput of f32 on CPUs with AVX512-BF16/AMX,
+        # and the usual choice of GPTQ tools on GPUs), else in f32 (linalg.compute_dtype: bf16 is an emulation
+        # on AVX2-only CPUs); the residual stream between layers and the Hessian sums stay f32.
+        self.dtype = getattr(torch, dtype or linalg.compute_dtype(device))
         # sequences per forward batch: BATCH_TOKENS tokens (8 x 256), so the batch's activations stay the
         # same size whatever the sequence length (a 7B layer's MLP on 8 x 512 tokens holds 1.5 GB)
         self.batch = batch or max(1, BATCH_TOKENS // max(1, tokens.shape[1]))

@@ -48,7 +48,7 @@ from gguf import GGMLQuantizationType as T
 
 from qcompile.arch import ModelConfig
 from qcompile.evaluate import HEAD_CHUNK_BYTES, StreamedDecoder, WeightSource
-from quantizers import rtn
+from quantizers import linalg, rtn
 from quantizers.grids import Target
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 SAMPLES, SEQLEN = 8, 512    # calibration sequences (and their length at most) for the Fisher
 HEAD = "lm_head.weight"
 CHUNK_VALUES = 1 << 24      # weights quantized at a time when predicting (bounds the temporary copies)
-BF16 = True                 # decoder layers forward and backward under bfloat16 autocast (see _autocast)
+BF16: bool | None = None    # bfloat16 autocast for the decoder layers (see _autocast); None: where it is fast
 FORWARD_TOKENS = 2048       # tokens per batch in the forward pass (bounds a layer's activations)
 ROW_SAMPLE = 8              # the candidate types are predicted on one row in 8 (see predict_types)
 MIN_SAMPLED_ROWS = 64       # a tensor with fewer than ROW_SAMPLE x this rows is predicted on every row
@@ -157,6 +157,12 @@ def gptq_head_ratios(dec: StreamedDecoder, source: WeightSource, normed: "torch.
     return ratios
 
 
+def _bf16(device: str) -> bool:
+    """:data:`BF16` if set, else whether bfloat16 products are fast on ``device`` (linalg.bf16_is_fast: on
+    an AVX2-only CPU they are an emulation, 80x slower than float32)."""
+    return linalg.bf16_is_fast(device) if BF16 is None else BF16
+
+
 def _autocast(torch, device: str):
     """bfloat16 autocast for the decoder layers' forward and backward passes (weights, Fisher and the
     hidden states between layers stay float32; the output matrix's products: :func:`_mm`).
@@ -166,14 +172,14 @@ def _autocast(torch, device: str):
     241 s, 8 windows in bfloat16 139 s, 8 of 169 choices different — other windows of text move about as
     many). ``cache_enabled=False``: no bfloat16 copy of a 7B layer's weights is kept beside the float32
     ones (a cast per window is cheap next to the window's matmuls)."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=BF16,
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=_bf16(device),
                           cache_enabled=False)
 
 
 def _mm(torch, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as float32, computed in bfloat16 when :data:`BF16` (the output matrix's products: logits,
     their gradient, the Fisher of its rows; 4 passes over vocab x hidden x tokens, float32 sums kept)."""
-    if not BF16:
+    if not _bf16(a.device.type):
         return a @ b
     return (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()
 

@@ -159,6 +159,13 @@ class Rates:
     f64: float
     copy: float
 
+    @property
+    def mm(self) -> float:
+        """Multiply-adds per second of the calibration passes: bfloat16 where this CPU makes it fast, else
+        float32 (:func:`quantizers.linalg.bf16_is_fast`; an AVX2-only CPU emulates bfloat16 at ~1/80 the rate)."""
+        from quantizers import linalg
+        return self.bf16 if linalg.bf16_is_fast("cpu") else self.f32
+
 
 @functools.lru_cache(maxsize=64)
 def rtn_rate(t, cols: int, threads: int | None = None) -> float:
@@ -203,8 +210,11 @@ def rates(threads: int | None = None, flops: bool = True) -> Rates:
         import torch
         if threads:
             torch.set_num_threads(threads)
+        from quantizers import linalg
         n = 1024
         for name, dt in (("f32", torch.float32), ("bf16", torch.bfloat16), ("f64", torch.float64)):
+            if name == "bf16" and not linalg.bf16_is_fast("cpu"):
+                continue  # not used (Rates.mm), and an emulated bfloat16 product of this size takes seconds
             a = torch.randn(n, n, dtype=torch.float32).to(dt)
             out[name] = n ** 3 / _best(lambda: a @ a)
     return Rates(w.size / t_rtn, w.size / t_read, out["f32"], out["bf16"], out["f64"], big.nbytes / t_copy)
@@ -234,7 +244,7 @@ def self_generation(s: Shapes, r: Rates, n: int, seqlen: int, q8_s: float) -> li
 
 
 def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -> Stage:
-    """The layer engine (GPTQ / AWQ / imatrix): per layer, the bf16 module, the calibration activations
+    """The layer engine (GPTQ / AWQ / imatrix): per layer, the module (bf16, or f32 where bf16 is slow), the calibration activations
     (the f32 residual stream, rewritten in place), the group statistics (Hessians for GPTQ), the float32 weights of the
     group being quantized and GPTQ's working set for the widest group."""
     from calibration.capture import SPILL_RESIDUAL_BYTES
@@ -242,7 +252,8 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     # the f32 residual stream, updated in place; past SPILL_RESIDUAL_BYTES it is a file mapping whose pages
     # are dropped batch by batch (page cache, not the run's memory)
     hidden = tokens * s.hidden * 4 if tokens * s.hidden * 4 <= SPILL_RESIDUAL_BYTES else 0
-    module = s.layer_linear * 2
+    from quantizers import linalg
+    module = s.layer_linear * (2 if linalg.bf16_is_fast("cpu") else 4)
     act = max(1, ENGINE_BATCH_TOKENS // seqlen) * seqlen * (4 * s.inter + 4 * s.hidden) * 4
     hess = sum(c * c for c in s.stat_inputs) * 4 if hessian else 0
     weights = s.layer_linear * 4 if awq else max(rws * c for rws, c in s.groups) * 4 * 2
@@ -254,9 +265,9 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     # factorisation) do not overlap: the module's bf16 linears are let go while the quantizer runs
     anon = BASE_TORCH + hidden + hess + samples + max(module + act, weights + solve)
     flops = 2 * 2 * s.layer_linear * tokens          # the layer runs twice (statistics, then quantized)
-    t = flops / (ENGINE_SHARE * r.bf16)
+    t = flops / (ENGINE_SHARE * r.mm)
     if hessian:
-        t += sum(tokens * c * c for c in s.stat_inputs) / r.bf16                      # X^T X, bf16 inputs
+        t += sum(tokens * c * c for c in s.stat_inputs) / r.mm                        # X^T X
         t += sum(c ** 3 / (r.f64 if c <= GPTQ_F64_COLS else r.f32) for c in s.stat_inputs)  # factorisations
         t += sum(rws * c * c for rws, c in s.groups) / r.f32                          # lazy updates
         t += sum(c * (GPTQ_COLUMN_S + rws * GPTQ_COLUMN_ROW_S) for rws, c in s.groups)  # column sweep
@@ -269,7 +280,7 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
         head = s.vocab * s.hidden
         head_t = IMATRIX_SEARCH * head / r.rtn
         if hessian:
-            head_t = (tokens * s.hidden ** 2 / r.bf16 + head * s.hidden / r.f32
+            head_t = (tokens * s.hidden ** 2 / r.mm + head * s.hidden / r.f32
                       + s.hidden * (GPTQ_COLUMN_S + s.vocab * GPTQ_COLUMN_ROW_S))
     return Stage("calibrated quantization", anon, 0,
                  s.layers * t + head_t + (s.params - s.decoder_linear - head) / r.rtn,
@@ -289,7 +300,7 @@ def sensitivity(s: Shapes, r: Rates, n: int, seqlen: int, predict_s: float = 0.0
     # decoder layers: forward, forward again with gradients, backward (twice a forward), under bfloat16
     # autocast; the output matrix's four products in bfloat16 (logits for sampling, again for the gradient,
     # the gradient itself and its Fisher)
-    t = 4 * 2 * (s.decoder_linear + s.vocab * s.hidden) * tokens / (FISHER_SHARE * r.bf16)
+    t = 4 * 2 * (s.decoder_linear + s.vocab * s.hidden) * tokens / (FISHER_SHARE * r.mm)
     # and per window, whatever its length, every analysed weight's gradient is made, squared and summed
     # (and under autocast cast to bfloat16): memory traffic, not products
     analysed = s.decoder_linear + (0 if s.tied else s.vocab * s.hidden)

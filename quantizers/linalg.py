@@ -18,6 +18,54 @@ import numpy as np
 # from the machine's free memory: the artifact must not depend on where it was made.
 LARGE_HESSIAN = 11264
 
+# ---- bfloat16 or float32 for the calibration passes ----------------------------------------------------
+# The layer engine's passes, the sensitivity analysis and AWQ's search multiply in bfloat16 where that is
+# fast: 3x float32's throughput on CPUs with AVX512-BF16 / AMX and on GPUs. On a CPU without them (AVX2
+# only, e.g. AMD Zen 2/3 and most laptops) torch's bfloat16 matmul is an emulation: 1 GFLOP/s against
+# float32's 80 on a 2-core AVX2 VM, which turned a 3-minute --bits 4 run into hours. So the choice is made
+# per machine, from the CPU's flags (deterministic for a machine, unlike a timing probe); artifacts of
+# calibrated methods then differ in the last bits between CPU families. QCOMPILE_COMPUTE_DTYPE=bfloat16 or
+# float32 pins it (the same bytes on both kinds of machine).
+_FAST_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+COMPUTE_DTYPE_ENV = "QCOMPILE_COMPUTE_DTYPE"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:      # not Linux: no flags to read, float32 (no claim made about other platforms)
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def bf16_is_fast(device: str = "cpu") -> bool:
+    """Whether the calibration passes on ``device`` ("cpu", "cuda", "cuda:1") multiply in bfloat16."""
+    import os
+    pinned = os.environ.get(COMPUTE_DTYPE_ENV, "").strip().lower()
+    if pinned:
+        if pinned not in ("bfloat16", "float32"):
+            raise ValueError(f"{COMPUTE_DTYPE_ENV}={pinned!r}: expected bfloat16 or float32")
+        return pinned == "bfloat16"
+    if str(device).startswith("cuda"):
+        return True   # every GPU torch's CUDA build targets multiplies bfloat16 natively or at float32's speed
+    return _cpu_bf16()
+
+
+_CPU_BF16: bool | None = None
+
+
+def _cpu_bf16() -> bool:
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        _CPU_BF16 = bool(_cpu_flags() & _FAST_BF16_FLAGS)
+    return _CPU_BF16
+
+
+def compute_dtype(device: str = "cpu") -> str:
+    """The torch dtype name the calibration passes on ``device`` run in (:func:`bf16_is_fast`)."""
+    return "bfloat16" if bf16_is_fast(device) else "float32"
+
+
 _CHUNK = 1 << 22   # elements moved per step of an in-place pass (16 MB of float32)
 
 

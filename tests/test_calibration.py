@@ -409,6 +409,35 @@ def test_bf16_gram_is_the_float32_sum_of_exact_products():
     assert float(np.abs(a - h).max() / np.abs(ref).max()) < 1e-6
 
 
+def test_compute_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, tiny_models):
+    """bfloat16 for the calibration passes only on CPUs with AVX512-BF16 / AMX (elsewhere torch emulates it,
+    ~80x slower than float32) and on GPUs; QCOMPILE_COMPUTE_DTYPE pins it; the engine follows the choice."""
+    from calibration.capture import LayerwiseEngine
+    from qcompile import evaluate
+    from qcompile.arch import read_config
+    from qcompile.checkpoint import Checkpoint
+    from quantizers import QUANTIZERS, linalg
+    monkeypatch.delenv(linalg.COMPUTE_DTYPE_ENV, raising=False)
+    for flags, want in (({"avx2", "fma"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
+                        ({"amx_tile", "amx_bf16"}, "bfloat16"), (set(), "float32")):
+        monkeypatch.setattr(linalg, "_CPU_BF16", None)
+        monkeypatch.setattr(linalg, "_cpu_flags", lambda flags=flags: flags)
+        assert linalg.compute_dtype("cpu") == want, flags
+    assert linalg.compute_dtype("cuda:0") == "bfloat16"
+    monkeypatch.setenv(linalg.COMPUTE_DTYPE_ENV, "bfloat16")
+    assert linalg.compute_dtype("cpu") == "bfloat16"
+    monkeypatch.setenv(linalg.COMPUTE_DTYPE_ENV, "float32")
+    assert linalg.compute_dtype("cuda") == "float32"
+    model = tiny_models["qwen2"]
+    cfg = read_config(model)
+    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
+    engine = LayerwiseEngine(cfg, src, np.zeros((1, 8), np.int64), {}, QUANTIZERS["imatrix"])
+    assert engine.dtype == torch.float32
+    monkeypatch.setenv(linalg.COMPUTE_DTYPE_ENV, "half")
+    with pytest.raises(ValueError, match="expected bfloat16 or float32"):
+        linalg.compute_dtype("cpu")
+
+
 @pytest.mark.parametrize("scale", [0.05, 8.0])
 def test_nucleus_is_top_p_within_the_top_k(scale):
     """Self-calibration's candidates: the smallest most-probable set holding top_p of the mass, in stable
