@@ -23,6 +23,24 @@ TARGETS = ["llama-quantize", "llama-perplexity", "llama-imatrix"]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def machine() -> str:
+    """What the rows ran on, for cache keys and table headers: CPU model, core count and the instruction
+    sets that change the result (bfloat16 in hardware picks qcompile's compute dtype, so both the timings
+    and the calibrated bytes differ between an AVX2-only and an AMX machine)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = val.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {'+'.join(isa) or 'no avx2'}"
+
+
 def llama_cpp_root() -> Path:
     ver = metadata.version("llama_cpp_python")
     root = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile")) / f"llama.cpp-{ver}"

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tools import SHARED, table, tools  # noqa: E402
+from _tools import SHARED, machine, table, tools  # noqa: E402
 from synthetic import CONFIGS, build  # noqa: E402
 from unseen_bench import qcompile_source  # noqa: E402
 from qcompile import memwatch  # noqa: E402
@@ -128,21 +128,22 @@ def measure_row(size: str, layers: int | None, row: str, work: Path, calib: Path
     d = work / f"out-{size}-{layers or 'all'}-{row}"
     d.mkdir(parents=True, exist_ok=True)
     res: dict = {"commit": label}
+    where = machine()  # timings are the machine's; the compute dtype (and so the work) follows its CPU
     peer_row = "rtn" if row == "maxsize" else row
     if with_peer and peer_row in PEERS:
-        key = f"peer|{size}|{layers}|{peer_row}|llama-cpp-python {metadata.version('llama_cpp_python')}"
+        key = f"peer|{size}|{layers}|{peer_row}|llama-cpp-python {metadata.version('llama_cpp_python')}|{where}"
         if key not in cache:
             cache[key] = peer(peer_row, model, d, calib, t)
         res["peer"] = cache[key]
     max_size = res.get("peer", {}).get("bytes")
     if row != "maxsize" or max_size:
-        key = f"ours|{size}|{layers}|{row}|{key_code}"
+        key = f"ours|{size}|{layers}|{row}|{key_code}|{where}"
         # PYTHONSAFEPATH: neither the cwd nor a child's may shadow the exported source
         if key not in cache:
             cache[key] = run(ours(row, model, d, calib, max_size), d / "qcompile.log",
                              env={"PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"})
         res["ours"] = cache[key]
-        pk = f"ours|{size}|{layers}|{row}|{pkey}|predicted"
+        pk = f"ours|{size}|{layers}|{row}|{pkey}|{where}|predicted"
         if pk not in cache:
             cache[pk] = predict(ours(row, model, d, calib, max_size), {"PYTHONPATH": str(psrc), "PYTHONSAFEPATH": "1"})
         res["predicted"] = {**cache[pk], "commit": plabel}
@@ -181,7 +182,7 @@ def main() -> None:
                                         pcode))
                 cache_file.write_text(json.dumps(cache, indent=1))
             rows.append(summarise(size, row, counts, full, runs))
-    print(f"machine: {os.cpu_count()} cores; synthetic Qwen2.5 checkpoints (benchmarks/synthetic.py); wall clock "
+    print(f"machine: {machine()}; synthetic Qwen2.5 checkpoints (benchmarks/synthetic.py); wall clock "
           "of each whole command; RSS = GNU time max RSS of the process tree (mapped files included), "
           "anon = sampled peak anonymous RSS of the tree; predicted = the same command's --dry-run plan "
           "(total time; peak memory, which the plan counts without mapped files: compare with anon)")

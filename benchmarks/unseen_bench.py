@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import heldout  # noqa: E402
-from _tools import SHARED, measure, table, tools  # noqa: E402
+from _tools import SHARED, machine, measure, table, tools  # noqa: E402
 from kld_bench import MODEL_NOTE, REAL, f16_baseline, real_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{im_key} ; llama-quantize --imatrix {typ} | F16 of model {mid}", None, with_imatrix))
     else:
         calib_note = "no peer rows"
+    # our rows depend on the machine (the compute dtype follows the CPU: quantizers.linalg.compute_dtype)
+    where = f"machine {machine()}"
     if args.ours:
         src, version, short, commit_id = qcompile_source(work, args.qcompile_src)
     for spec in args.ours:
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         extra = shlex.split(opts)
 
         def ours(label=label, extra=extra, opts=opts):
-            out_dir = work / "rows" / f"qcompile-{sha256(f'{version} {opts}'.encode())[:12]}"
+            out_dir = work / "rows" / f"qcompile-{sha256(f'{version} {opts} {where}'.encode())[:12]}"
             cmd = [sys.executable, "-m", "qcompile", model, "--to", "gguf", *extra, "--out", out_dir, "--no-verify",
                    "--force", "-q"]
             # PYTHONSAFEPATH: neither this process's cwd nor the worker children's may shadow ``src``
@@ -275,8 +277,8 @@ def main(argv: list[str] | None = None) -> None:
             if len(ggufs) != 1:  # (the folder is per code version and options: one artifact)
                 raise SystemExit(f"--ours {label}: expected one GGUF in {out_dir}, found {ggufs}")
             return ggufs[0], r.seconds, r.peak_rss_mb, [f"PYTHONPATH={src} PYTHONSAFEPATH=1 " + " ".join(map(str, cmd))]
-        rows.append((f"qcompile {label} @{short}", f"qcompile {opts}", f"qcompile {opts} | model {mid} | {version}",
-                     commit_id, ours))
+        rows.append((f"qcompile {label} @{short}", f"qcompile {opts}",
+                     f"qcompile {opts} | model {mid} | {version} | {where}", commit_id, ours))
 
     for spec in args.external:
         label, version_x, command = (spec.split(":", 2) + ["", ""])[:3]
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in extra_sets:
             r[f"{n}_kld_vs_imatrix_peer"] = r["scores"][n]["kld"] / peer["scores"][n]["kld"] if peer else None
     names = list(sets)
-    header = (f"model: {model} ({MODEL_NOTE})\n"
+    header = (f"model: {model} ({MODEL_NOTE})\n{where} (qcompile's rows are keyed by it)\n"
               f"held-out sets (unseen: benchmarks/heldout.py; 'mean' is over these): "
               + "; ".join(f"{n} {set_tokens[n]} tokens sha256 {set_sha[n][:12]}" for n in unseen) + "\n"
               + "".join(f"also scored, not in the mean: {n} ({sources[n]}) {set_tokens[n]} tokens sha256 "
