@@ -177,8 +177,8 @@ def _autocast(torch, device: str):
 
 
 def _mm(torch, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` as float32, computed in bfloat16 when :data:`BF16` (the output matrix's products: logits,
-    their gradient, the Fisher of its rows; 4 passes over vocab x hidden x tokens, float32 sums kept)."""
+    """``a @ b`` as float32, computed in bfloat16 where :func:`_bf16` says so (the output matrix's products:
+    logits, their gradient, the Fisher of its rows; 4 passes over vocab x hidden x tokens, float32 sums kept)."""
     if not _bf16(a.device.type):
         return a @ b
     return (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()

@@ -244,9 +244,9 @@ def self_generation(s: Shapes, r: Rates, n: int, seqlen: int, q8_s: float) -> li
 
 
 def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -> Stage:
-    """The layer engine (GPTQ / AWQ / imatrix): per layer, the module (bf16, or f32 where bf16 is slow), the calibration activations
-    (the f32 residual stream, rewritten in place), the group statistics (Hessians for GPTQ), the float32 weights of the
-    group being quantized and GPTQ's working set for the widest group."""
+    """The layer engine (GPTQ / AWQ / imatrix): per layer, the module (bf16, or f32 where bf16 is slow), the
+    calibration activations (the f32 residual stream, rewritten in place), the group statistics (Hessians for
+    GPTQ), the float32 weights of the group being quantized and GPTQ's working set for the widest group."""
     from calibration.capture import SPILL_RESIDUAL_BYTES
     tokens = n * seqlen
     # the f32 residual stream, updated in place; past SPILL_RESIDUAL_BYTES it is a file mapping whose pages
@@ -262,7 +262,7 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     solve = max((2 * c * c * 8 for c in s.stat_inputs if c <= GPTQ_F64_COLS), default=0) if hessian else 0
     samples = 2 * min(tokens, 2048) * (2 * s.hidden + s.inter) * 4 if awq else 0
     # the forward pass (module, a batch's activations) and the solves (a group's float32 weights, the
-    # factorisation) do not overlap: the module's bf16 linears are let go while the quantizer runs
+    # factorisation) do not overlap: the module's linears are let go while the quantizer runs
     anon = BASE_TORCH + hidden + hess + samples + max(module + act, weights + solve)
     flops = 2 * 2 * s.layer_linear * tokens          # the layer runs twice (statistics, then quantized)
     t = flops / (ENGINE_SHARE * r.mm)
