@@ -117,3 +117,17 @@ def folder_quality(model: Path, folder: Path, text: Path, threads: int) -> dict:
                  "--threads", threads, "--json", out, "-q"])
     (runtime,) = json.loads(out.read_text())["results"].values()
     return runtime
+
+
+def hf_logits(model_dir: Path, tokens: list[int]):
+    """Reference logits from transformers (float32) for one sequence (the tests' and agreement.py's reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def rel_error(a, b) -> float:
+    import numpy as np
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -8,32 +8,26 @@ transformers model, and for Q4_K_M the same for llama.cpp's own quantizer applie
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf import LlamaFileType as F  # noqa: E402
+from _tools import hf_logits, rel_error, table
+from gguf import LlamaFileType as F
 
-from _tools import table  # noqa: E402
-from conftest import TINY_MODELS, hf_logits, rel_error, run_cli  # noqa: E402
-from qcompile import llama_worker, tiny  # noqa: E402
+from qcompile import llama_worker, tiny
+from qcompile.cli import main as qcompile
 
 
 def main() -> None:
     tokens = list(range(3, 700, 11))[:64]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, (arch, over)) in enumerate(TINY_MODELS.items()):
-            d = Path(tmp) / name
-            d.mkdir()
-            tiny.build_tokenizer(d)
-            tiny.build_model(d, arch=arch, seed=10 + i, **over)
+        for name in tiny.VARIANTS:
+            d = tiny.build_variant(name, Path(tmp) / name)
             ref = hf_logits(d, tokens)
             errs = {}
             for q in ("F32", "F16", "Q8_0", "Q4_K_M"):
-                assert run_cli(d, "--quant", q, "--out", d / "out", "-q", "--no-verify") == 0
+                assert qcompile([str(d), "--quant", q, "--out", str(d / "out"), "-q", "--no-verify"]) == 0
                 gguf = next((d / "out").glob(f"*-{q}.gguf"))
                 errs[q] = rel_error(llama_worker.logits(gguf, tokens), ref)
             theirs = d / "out" / "llama-quantize-Q4_K_M.gguf"

@@ -17,7 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tools import SHARED, measure, table, tools  # noqa: E402
 

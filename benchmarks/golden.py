@@ -27,11 +27,7 @@ from pathlib import Path
 from qcompile import tiny
 from qcompile.cli import main as qcompile
 
-# the test suite's tiny checkpoints (tests/conftest.py): name -> (architecture, config overrides, seed)
-MODELS = {"qwen2": ("qwen2", dict(tie_word_embeddings=False), 10),
-          "qwen2.5": ("qwen2", dict(tie_word_embeddings=True), 11),
-          "qwen3": ("qwen3", dict(tie_word_embeddings=False, head_dim=128), 12)}
-# name -> (tiny model, arguments after MODEL)
+# name -> (tiny model of qcompile.tiny.VARIANTS, arguments after MODEL)
 CALIB = ["--calib", "{calib}", "--calib-samples", "8", "--calib-seqlen", "64"]
 RUNS: dict[str, tuple[str, list[str]]] = {
     "gguf-rtn-q4_k_m": ("qwen2.5", ["--quant", "Q4_K_M"]),
@@ -58,14 +54,7 @@ def _volatile_file(f: dict) -> bool:
 
 
 def build_models(root: Path) -> dict[str, Path]:
-    out = {}
-    for name, (arch, over, seed) in MODELS.items():
-        d = root / "models" / name
-        d.mkdir(parents=True)
-        tiny.build_tokenizer(d)
-        tiny.build_model(d, arch=arch, seed=seed, **over)
-        out[name] = d
-    return out
+    return {name: tiny.build_variant(name, root / "models" / name) for name in tiny.VARIANTS}
 
 
 AUTO_NAME = re.compile(rb'( name="[A-Za-z]+)_\d+"')

@@ -39,9 +39,12 @@ def main() -> None:
     from gguf import GGMLQuantizationType as T
 
     from calibration.sources import calibration_tokens
-    from qcompile.arch import read_config
-    from qcompile.checkpoint import Checkpoint
-    from qcompile.evaluate import CheckpointSource, StreamedDecoder
+    from qcompile.model import (
+        Checkpoint,
+        CheckpointSource,
+        StreamedDecoder,
+        read_config,
+    )
     from quantizers import rtn
     from quantizers.gptq import gptq
     from quantizers.schemes import candidate_types

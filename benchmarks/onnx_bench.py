@@ -4,7 +4,7 @@
 Real Qwen2.5-Coder-0.5B-Instruct (../shared/tools/real_qwen.py). Three folders:
 
 * **fp32 (optimum)** — ``optimum.exporters.onnx`` (text-generation-with-past), the float graph users get
-  today; optimum-onnx pins transformers < 4.58, so it runs over ``qcompile.optimum_overlay``;
+  today; optimum-onnx pins transformers < 4.58, so it runs over ``benchmarks/optimum_overlay.py``;
 * **fp32 (qcompile)** — the float graph from our own exporter (``torch.onnx.export``, same I/O);
 * **ORT int4** — onnxruntime's ``MatMulNBitsQuantizer`` (block 128, asymmetric, round to nearest) applied
   to optimum's fp32 graph, the peer, with ``accuracy_level`` 4 (int8 activations) and 0 (float), lm_head
@@ -41,7 +41,7 @@ from quality import calib_text  # noqa: E402
 
 def fp32_folder(model: Path, out: Path) -> Path:
     from exporters.onnx import write_onnx
-    from qcompile.arch import read_config
+    from qcompile.model import read_config
     if not (out / "model.onnx").exists():
         out.mkdir(parents=True, exist_ok=True)
         write_onnx(out, model, read_config(model), {})
@@ -57,7 +57,7 @@ main_export(sys.argv[1], output=sys.argv[2], task="text-generation-with-past", d
 
 def optimum_folder(model: Path, out: Path) -> Path:
     """optimum's own fp32 export (in the transformers-4.57 overlay), plus our tokenizer files for eval."""
-    from qcompile import optimum_overlay
+    import optimum_overlay
     if not (out / "model.onnx").exists():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

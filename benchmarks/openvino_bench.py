@@ -93,11 +93,10 @@ def nncf_folder(py: Path, model: Path, out: Path, mode: str, calib: Path) -> tup
 def ours_folder(onnx_dir: Path, model: Path, out: Path) -> Path:
     """qcompile's IR with the ONNX GPTQ folder's very weights, written by ``exporters.openvino.write_openvino``
     (what ``--to openvino`` runs), with its 8-bit embeddings."""
+    from exporters.folder import head_type, quantize_embeddings
     from exporters.onnx import read_matmulnbits
     from exporters.openvino import write_openvino
-    from qcompile.arch import read_config
-    from qcompile.checkpoint import Checkpoint
-    from qcompile.pipeline import head_type, quantize_embeddings
+    from qcompile.model import Checkpoint, read_config
     from quantizers.grids import IntType
     if not (onnx_dir / "model.onnx").exists():
         raise SystemExit(f"{onnx_dir}: run benchmarks/onnx_bench.py first (it builds qcompile's int4 GPTQ folder)")

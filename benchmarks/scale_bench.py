@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tools import SHARED, machine, table, tools  # noqa: E402
 from synthetic import CONFIGS, build  # noqa: E402
 from unseen_bench import qcompile_source  # noqa: E402
+
 from qcompile import memwatch  # noqa: E402
 
 ROWS = ("rtn", "default", "gptq", "maxsize", "onnx", "openvino")

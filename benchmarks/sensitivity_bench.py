@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tools import SHARED  # noqa: E402
@@ -28,26 +26,20 @@ def allocation(model: Path, windows: int, bf16: bool, row_sample: int) -> tuple[
     """(seconds of the analysis, predicted KLD, GGUF name -> chosen type) at Q4_K_M's size."""
     from calibration import sensitivity as sens
     from calibration.sources import calibration_tokens
+    from qcompile import api
     from qcompile import budget as mix
-    from qcompile import evaluate, pipeline as pl
+    from qcompile.model import CheckpointSource
     sens.BF16, sens.SAMPLES, sens.ROW_SAMPLE = bf16, windows, row_sample
-    opts = pl.Options(model=str(model), to="gguf", bits=4, out=Path("unused"), method="imatrix")
-    res = pl.resolve(str(model))
-    cfg = pl.read_config(res.path)
-    vocab = pl.load_vocab(res.path, cfg.vocab_size)
-    sch = pl.choose_scheme(opts)
-    ckpt = pl.Checkpoint(res.path, cfg)
-    plan = pl.make_plan(cfg, ckpt, sch)
-    n_params = sum(int(np.prod(p.shape)) for p in plan)
-    meta = dict(name=res.name, size_label=pl.size_label(n_params, 0, 0, 0), file_type=sch.file_type)
-    budget, sizes = pl.budget_sizes(opts, cfg, vocab, plan, sch, meta, n_params, preset_sized=True)
-    tokens = calibration_tokens(str(SHARED / "corpora" / "python-docs.txt"), res.path, windows, 256, 0)
+    # --bits 4 with a calibrated method: the plan holds Q4_K_M's types, its size as the budget, the size model
+    job = api.plan(model, bits=4, method="imatrix")
+    plan = job.target.types.plan
+    tokens = calibration_tokens(str(SHARED / "corpora" / "python-docs.txt"), job.res.path, windows, 256, 0)
     t0 = time.perf_counter()
-    predicted, _ = mix.analyse(cfg, evaluate.CheckpointSource(ckpt), plan, sizes, tokens, use_imatrix=True,
+    predicted, _ = mix.analyse(job.cfg, CheckpointSource(job.ckpt), plan, job.sizes, tokens, use_imatrix=True,
                                device="cpu", seed=0, threads=None)
     seconds = time.perf_counter() - t0
-    chosen, alloc = mix.choose_mix(plan, sizes, predicted, budget)
-    return seconds, alloc.kld, {p.name: p.type.name for p in chosen if p.name in sizes.options}
+    chosen, alloc = mix.choose_mix(plan, job.sizes, predicted, job.budget)
+    return seconds, alloc.kld, {p.name: p.type.name for p in chosen if p.name in job.sizes.options}
 
 
 def main() -> None:

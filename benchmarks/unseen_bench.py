@@ -97,6 +97,7 @@ def peer_calib_text(work: Path, model: Path, spec: Path, samples: int, seqlen: i
     """qcompile's calibration windows for ``--calib spec``, decoded into a text file for llama-imatrix; and
     a note on how many of llama-imatrix's chunks (re-tokenized text) equal qcompile's windows."""
     from tokenizers import Tokenizer
+
     from calibration.sources import calibration_tokens
     windows = calibration_tokens(str(spec), model, samples, seqlen, seed)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))

@@ -3,8 +3,8 @@
 Calibration tokens are embedded once. Then, for each decoder layer: load only that layer's weights,
 run it in full precision over the calibration activations while hooks accumulate each linear's input
 Hessian ``X^T X`` (shared by q/k/v and by gate/up; only for methods that need it, else its diagonal),
-for AWQ search channel scales and fold them into the norms/linears, quantize its linears with the
-chosen method, load the quantized values back and run the layer again to produce the next layer's
+let the method's layer hook change the layer (AWQ searches channel scales and folds them into the
+norms/linears), quantize its linears with the chosen method, load the quantized values back and run the layer again to produce the next layer's
 inputs (so later layers see, and compensate, earlier layers' errors). Finished layers are checkpointed
 so an interrupted run resumes where it stopped. Each quantized tensor's reconstruction error (against the
 weights it was quantized from: AWQ-folded when AWQ runs) is kept in :attr:`LayerwiseEngine.errors` and
@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from qcompile.arch import ModelConfig
-from qcompile.evaluate import CheckpointSource, StreamedDecoder
+from qcompile.model import Architecture, CheckpointSource, ModelConfig, StreamedDecoder
 from qcompile.spill import release
 from quantizers import CalibStats, Method, linalg
 from quantizers.error import ErrorTally
@@ -45,26 +44,8 @@ from quantizers.tensor import QuantizedTensor
 if TYPE_CHECKING:
     import torch
 
-# linear module (relative to the layer) -> the module whose input statistics it uses
-LINEARS = {
-    "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
-    "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
-    "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
-}
-
-# AWQ scale groups: (producer of the input, input statistics, consumers). Dividing the producer's output
-# channels (a norm's weight, or a linear's rows and bias) by s and multiplying the consumers' input
-# columns by s leaves the full-precision layer unchanged.
-SCALE_GROUPS = [
-    ("input_layernorm", "self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", "mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", "mlp.down_proj", ("mlp.down_proj",)),
-    # only without GQA: under GQA one v channel feeds several heads of o, which would need tied scales
-    # (AutoAWQ skips this pair for the same reason)
-    ("self_attn.v_proj", "self_attn.o_proj", ("self_attn.o_proj",)),
-]
 BATCH_TOKENS = 2048  # tokens per forward batch of the layer engine
-AWQ_TOKENS = 2048   # calibration tokens kept per input for AWQ's scale search
+SAMPLE_TOKENS = 2048  # calibration tokens kept per input for a method that asks for samples (AWQ's search)
 SPILL_RESIDUAL_BYTES = 256 << 20  # on the CPU, a larger residual stream waits in a file mapping
 
 
@@ -122,6 +103,23 @@ class Stats:
             h /= n   # the same float32 arithmetic as h / n, without the copy
             self.hessian = None
         return CalibStats(h, (self.sq / n).astype(np.float32))
+
+
+@dataclass
+class LayerView:
+    """One layer as a method's hook sees it (:attr:`quantizers.Method.transform_layer`), after the statistics
+    pass and before quantization. A hook may replace the linears' float weights (``weights``: every linear,
+    relative name -> [out, in]; the engine then quantizes these) and the norms/biases the export takes
+    (``params``: full name -> vector), and rescale ``calib`` to match, leaving the layer's function unchanged."""
+    arch: Architecture
+    prefix: str                          # the layer's HF name prefix
+    tensors: list[str]                   # the layer's HF tensor names (what this variant has)
+    stats: dict[str, Stats]              # accumulated input statistics, by the module whose input they are
+    calib: dict[str, CalibStats]         # their means, what the quantizer will get
+    types: dict[str, Target]             # target type by HF weight name
+    read: Callable[[str], np.ndarray]    # a tensor's float32 values by HF name, from the checkpoint
+    weights: dict[str, np.ndarray] | None = None
+    params: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class LayerwiseEngine:
@@ -239,19 +237,19 @@ class LayerwiseEngine:
             self.hidden = self._new_residual(lambda rows: self.dec.embed(self.source, self.tokens[rows]))
         module = self.dec.build_layer(i, self.source, self.device).to(self.dtype)
         stats = self._collect(module)
-        for lin in LINEARS:  # until the quantized values take their place, their memory is GPTQ's (0.47 GB at 7B)
+        for lin in self.cfg.arch.LINEARS:  # until the quantized values take their place, their memory is GPTQ's
             module.get_submodule(lin).weight.data = self.torch.empty(0, dtype=self.dtype, device=self.device)
-        prefix = f"model.layers.{i}."
+        prefix = self.cfg.arch.layer_prefix(i)
         calib = {k: st.calib() for k, st in stats.items()}
+        view = LayerView(self.cfg.arch, prefix, self.cfg.layer_tensor_names(i), stats, calib, self.types,
+                         self.source.full)
+        self.method.transform_layer(view)  # e.g. AWQ: scales folded into the linears and their producers
         # full precision, not the bf16 copies inside the module: read group by group as they are quantized,
-        # except for AWQ, which folds its scales into all of them first
-        weight: Callable[[str], np.ndarray] = lambda lin: self.source.full(f"{prefix}{lin}.weight")
-        fp: dict[str, np.ndarray] = {}     # folded norms/biases, exported instead of the checkpoint's
-        if self.method.awq:
-            weights = {lin: weight(lin) for lin in LINEARS}
-            fp = self._awq(prefix, stats, weights, calib)
-            weight = weights.pop           # each folded matrix is let go once its group is quantized
-        del stats
+        # unless the hook replaced them (then each is let go once its group is quantized)
+        weight: Callable[[str], np.ndarray] = view.weights.pop if view.weights is not None else \
+            (lambda lin: self.source.full(f"{prefix}{lin}.weight"))
+        fp = view.params                   # folded norms/biases, exported instead of the checkpoint's
+        del stats, view
         out = self._quantize(prefix, module, weight, calib)
         for name, v in fp.items():
             out[name] = QuantizedTensor(name, T.F32, (1, v.size), v.reshape(1, -1).astype(np.float32))
@@ -273,7 +271,8 @@ class LayerwiseEngine:
         use (which may overwrite the Hessian), so 7B's 1.4 GB down_proj Hessian is gone before the
         gate/up stack (0.5 GB, and as much again inside GPTQ) is read."""
         groups: dict[tuple, list[str]] = {}
-        for lin, stat_of in LINEARS.items():
+        linears = self.cfg.arch.LINEARS
+        for lin, stat_of in linears.items():
             groups.setdefault((stat_of, self.types[f"{prefix}{lin}.weight"]), []).append(lin)
         uses = Counter(stat_of for stat_of, _ in groups)
         parts: dict[str, QuantizedTensor] = {}
@@ -283,7 +282,7 @@ class LayerwiseEngine:
             stat.last_use = stat_of not in calib
             parts |= self._quantize_group(prefix, module, groups[stat_of, target], target, stat, weight)
             del stat
-        return {f"{prefix}{lin}.weight": parts[lin] for lin in LINEARS}
+        return {f"{prefix}{lin}.weight": parts[lin] for lin in linears}
 
     def _quantize_group(self, prefix: str, module, lins: list[str], target: Target, stat: CalibStats,
                         weight: Callable[[str], np.ndarray]) -> dict[str, QuantizedTensor]:
@@ -307,26 +306,6 @@ class LayerwiseEngine:
         self.errors.add(qt.name, reference, qt, deq)
         param = module.get_parameter(qt.name[len(prefix):])
         param.data = self.torch.from_numpy(deq).reshape(reference.shape).to(self.device, self.dtype)
-
-    def _awq(self, prefix: str, stats: dict[str, Stats], weights: dict[str, np.ndarray],
-             calib: dict[str, CalibStats]) -> dict[str, np.ndarray]:
-        """Search AWQ scales for each group, fold them into ``weights`` and the producers, and rescale
-        the statistics to the folded inputs. Returns the folded producer norms/biases by tensor name."""
-        from quantizers import awq
-        scales = {}
-        for producer, stat_of, consumers in SCALE_GROUPS:
-            if not foldable(producer, consumers, weights):
-                continue
-            st = stats[stat_of]
-            pairs = [(weights[c], self.types[f"{prefix}{c}.weight"]) for c in consumers]
-            scales[producer], _gain = awq.search_scales(self.torch.cat(st.samples), st.abs / st.tokens, pairs)
-            st.samples.clear()
-            calib[stat_of].rescale(scales[producer])
-        present = set(self.cfg.layer_tensor_names(int(prefix.split(".")[2])))
-        params = {rel: self.source.full(prefix + rel).astype(np.float32) for rel in producer_params(scales)
-                  if prefix + rel in present}
-        fold(scales, weights, params)
-        return {prefix + rel: v for rel, v in params.items()}
 
     def _new_residual(self, part: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         """A float32 [n, T, hidden] residual stream for the calibration windows, filled batch by batch with
@@ -367,7 +346,7 @@ class LayerwiseEngine:
         """Empty statistics of an input of width ``n``: with a Hessian (NumPy on the CPU, torch on the
         device) when the method needs one."""
         hessian = None
-        if self.method.hessian:
+        if self.method.hessian:  # the statistics the method declares it needs
             hessian = np.zeros((n, n), np.float32) if self.device == "cpu" else \
                 self.torch.zeros(n, n, device=self.device)
         return Stats(np.zeros(n), np.zeros(n), hessian, sample_every)
@@ -376,10 +355,10 @@ class LayerwiseEngine:
         stats: dict[str, Stats] = {}
         hooks = []
         n_tokens = int(np.prod(self.hidden.shape[:2]))
-        for name in set(LINEARS.values()):
+        for name in set(self.cfg.arch.LINEARS.values()):
             lin = module.get_submodule(name)
             stats[name] = self._new_stats(lin.in_features,
-                                          max(1, n_tokens // AWQ_TOKENS) if self.method.awq else 0)
+                                          max(1, n_tokens // SAMPLE_TOKENS) if self.method.samples else 0)
 
             def hook(_mod, inputs, name=name):
                 stats[name].add(inputs[0].reshape(-1, inputs[0].shape[-1]))
@@ -407,36 +386,6 @@ def _stack(arrays: Iterable[np.ndarray], rows: list[int]) -> np.ndarray:
         out[r0:r0 + n] = a
         r0 += n
     return out
-
-
-def foldable(producer: str, consumers: tuple[str, ...], weights: dict[str, np.ndarray]) -> bool:
-    """False for v -> o under GQA (v's rows do not map one-to-one onto o's columns)."""
-    return producer not in weights or weights[producer].shape[0] == weights[consumers[0]].shape[1]
-
-
-def producer_params(scales: dict[str, np.ndarray]) -> list[str]:
-    """The non-linear tensors (relative names) that folding ``scales`` changes: norms' weights, biases."""
-    return [f"{p}.bias" if p in LINEARS else f"{p}.weight" for p in scales]
-
-
-def fold(scales: dict[str, np.ndarray], weights: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> None:
-    """Fold AWQ scales (by producer) into a layer, in place, leaving its full-precision function unchanged.
-
-    ``weights``: linear (relative name) -> [out, in]; ``params``: norms' weights and biases by relative
-    name. Consumers' input columns are multiplied by ``s``, the producer's output channels divided by it.
-    """
-    for producer, _stat, consumers in SCALE_GROUPS:
-        s = scales.get(producer)
-        if s is None or not foldable(producer, consumers, weights):
-            continue
-        for c in consumers:
-            weights[c] = weights[c] * s[None, :]
-        if producer in weights:
-            weights[producer] = weights[producer] / s[:, None]
-            if f"{producer}.bias" in params:
-                params[f"{producer}.bias"] = params[f"{producer}.bias"] / s
-        else:
-            params[f"{producer}.weight"] = params[f"{producer}.weight"] / s
 
 
 def fingerprint(*parts: object) -> str:

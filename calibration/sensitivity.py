@@ -46,8 +46,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from qcompile.arch import ModelConfig
-from qcompile.evaluate import HEAD_CHUNK_BYTES, StreamedDecoder, WeightSource
+from qcompile.model import HEAD_CHUNK_BYTES, ModelConfig, StreamedDecoder, WeightSource
 from quantizers import linalg, rtn
 from quantizers.grids import Target
 
@@ -55,7 +54,6 @@ if TYPE_CHECKING:
     import torch
 
 SAMPLES, SEQLEN = 8, 512    # calibration sequences (and their length at most) for the Fisher
-HEAD = "lm_head.weight"
 CHUNK_VALUES = 1 << 24      # weights quantized at a time when predicting (bounds the temporary copies)
 BF16: bool | None = None    # bfloat16 autocast for the decoder layers (see _autocast); None: where it is fast
 FORWARD_TOKENS = 2048       # tokens per batch in the forward pass (bounds a layer's activations)
@@ -87,18 +85,19 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
     ``gptq_head`` the output matrix is rounded by GPTQ (see :func:`gptq_head_ratios`). ``progress`` is called
     once per window (its labels sampled) and once per tensor (predicted).
     """
+    head_name = cfg.head_name  # the output matrix, when it is analysed
     dec = StreamedDecoder(cfg)
     by_layer = _by_layer(cfg, list(types))
     lowest = min(by_layer, default=cfg.num_layers)  # no gradient is needed below the lowest analysed layer
     n_tok = int(tokens.size)
-    head = {t: 0.0 for t in types[HEAD]} if HEAD in types else None
+    head = {t: 0.0 for t in types[head_name]} if head_name in types else None
 
     head_importance = None
 
     def predict_head(w: "torch.Tensor", fisher_sum: "torch.Tensor") -> None:
         # ggml quantizes each row on its own: the output matrix is predicted chunk by chunk
         w_np, f_np = w.cpu().numpy(), (fisher_sum / n_tok).cpu().numpy()
-        for t, v in predict_types(HEAD, w_np, f_np, list(head), head_importance, threads).items():
+        for t, v in predict_types(head_name, w_np, f_np, list(head), head_importance, threads).items():
             head[t] += v
 
     predicted: dict[str, dict[Target, float]] = {}
@@ -110,13 +109,13 @@ def sensitivity(cfg: ModelConfig, source: WeightSource, tokens: np.ndarray, type
             if gptq_head:
                 ratios = gptq_head_ratios(dec, source, normed, list(head))
             else:
-                head_importance = sq_mean[HEAD] = normed.square().mean(0).cpu().numpy().astype(np.float32)
+                head_importance = sq_mean[head_name] = normed.square().mean(0).cpu().numpy().astype(np.float32)
             del normed
         grad = _head_backward(dec, source, hidden, seed, None if head is None else predict_head, progress)
         del hidden
         if head is not None:
-            predicted[HEAD] = {t: v * ratios.get(t, 1.0) for t, v in head.items()}
-            progress(f"predicting {HEAD}")
+            predicted[head_name] = {t: v * ratios.get(t, 1.0) for t, v in head.items()}
+            progress(f"predicting {head_name}")
         for i in reversed(range(lowest, cfg.num_layers)):
             # the layer's Fisher lives only inside this call: never two layers' at once
             fisher = _backward_layer(dec, source, i, saved.pop(i), grad, by_layer.get(i, []), device,
@@ -139,12 +138,13 @@ def gptq_head_ratios(dec: StreamedDecoder, source: WeightSource, normed: "torch.
     output error on the real 0.5B), so its prediction is scaled by this ratio (rows are independent given
     ``H``, and the ratio varies little between them: a sample pins it down), and the allocator does not
     spend on the head what GPTQ already saves there. Types GPTQ has no grid for keep ratio 1."""
+    head_name = dec.cfg.head_name
     from quantizers.gptq import gptq
     from quantizers.grids import GRIDS
     x = normed.double()
     gram = (x.T @ x / x.shape[0]).float().cpu().numpy()
     vocab = source.shape(dec.head_name)[0]
-    rows = np.sort(np.random.default_rng(zlib.crc32(HEAD.encode())).choice(vocab, min(vocab, HEAD_RATIO_ROWS),
+    rows = np.sort(np.random.default_rng(zlib.crc32(head_name.encode())).choice(vocab, min(vocab, HEAD_RATIO_ROWS),
                                                                            replace=False))
     w = np.ascontiguousarray(source.take(dec.head_name, rows), dtype=np.float32)
     out_err = lambda q: float(np.einsum("ij,jk,ik->", q.dequantize() - w, gram, q.dequantize() - w,
@@ -152,8 +152,8 @@ def gptq_head_ratios(dec: StreamedDecoder, source: WeightSource, normed: "torch.
     ratios = {}
     for t in types:
         if t in GRIDS and w.shape[1] % GRIDS[t].block == 0:
-            base = out_err(rtn.quantize(HEAD, w, t))
-            ratios[t] = out_err(gptq(HEAD, w, gram.copy(), t)) / base if base > 0 else 1.0
+            base = out_err(rtn.quantize(head_name, w, t))
+            ratios[t] = out_err(gptq(head_name, w, gram.copy(), t)) / base if base > 0 else 1.0
     return ratios
 
 
@@ -186,14 +186,14 @@ def _mm(torch, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _by_layer(cfg: ModelConfig, names: list[str]) -> dict[int, list[str]]:
     """The analysed decoder linears per layer index (``lm_head.weight`` aside); unknown names are an error."""
-    from calibration.capture import LINEARS
-    where = {f"model.layers.{i}.{lin}.weight": i for i in range(cfg.num_layers) for lin in LINEARS}
-    missing = [n for n in names if n != HEAD and n not in where]
+    head_name = cfg.head_name
+    where = {n: i for i in range(cfg.num_layers) for n in cfg.linear_names(i)}
+    missing = [n for n in names if n != head_name and n not in where]
     if missing:
         raise ValueError(f"no such weights to analyse: {', '.join(sorted(missing))}")
     by_layer: dict[int, list[str]] = {}
     for n in names:
-        if n != HEAD:
+        if n != head_name:
             by_layer.setdefault(where[n], []).append(n)
     return by_layer
 
@@ -207,7 +207,7 @@ def _forward(dec: StreamedDecoder, source: WeightSource, tokens: np.ndarray, sav
     layer's output, and each decoder linear's mean squared input (llama.cpp's imatrix: HF weight name ->
     [in]).
     """
-    from calibration.capture import LINEARS
+    arch = dec.cfg.arch
     sq_sum: dict[str, "torch.Tensor"] = {}
 
     def record(name: str):
@@ -224,14 +224,14 @@ def _forward(dec: StreamedDecoder, source: WeightSource, tokens: np.ndarray, sav
             saved[i] = tmp / f"layer{i}.npy"
             np.save(saved[i], h.cpu().numpy())
         layer = dec.build_layer(i, source, device)
-        for mod in set(LINEARS.values()):  # q/k/v share their input, as do gate/up
-            layer.get_submodule(mod).register_forward_pre_hook(record(f"model.layers.{i}.{mod}"))
+        for mod in set(arch.LINEARS.values()):  # q/k/v share their input, as do gate/up
+            layer.get_submodule(mod).register_forward_pre_hook(record(arch.layer_prefix(i) + mod))
         with _autocast(dec.torch, device):
             h = dec.run_layer(layer, h, batch)
         del layer
     n_tok = int(tokens.size)
-    sq_mean = {f"model.layers.{i}.{lin}.weight": (sq_sum[f"model.layers.{i}.{mod}"] / n_tok).cpu().numpy()
-               for i in range(dec.cfg.num_layers) for lin, mod in LINEARS.items()}
+    sq_mean = {f"{arch.layer_prefix(i)}{lin}.weight": (sq_sum[arch.layer_prefix(i) + mod] / n_tok).cpu().numpy()
+               for i in range(dec.cfg.num_layers) for lin, mod in arch.LINEARS.items()}
     return saved, h, sq_mean
 
 
@@ -318,7 +318,7 @@ def _backward_layer(dec: StreamedDecoder, source: WeightSource, i: int, saved: P
     layer = dec.build_layer(i, source, device)
     params = {}
     for rel, p in layer.named_parameters():
-        full = f"model.layers.{i}.{rel}"
+        full = dec.cfg.arch.layer_prefix(i) + rel
         p.requires_grad_(full in names)
         if full in names:
             params[full] = p

@@ -1,37 +1,19 @@
-"""Exporters lay quantized tensors out in a runtime's format; ``EXPORTERS`` is the one registry."""
+"""Exporters: one :class:`~exporters.target.Target` per output format, in one registry (``TARGETS``).
+
+A target lays quantized tensors out in its runtime's format, never re-quantizing, and answers everything
+else that differs between formats (types, naming, verification, report fields, running the artifact). The
+compile pipeline, ``qcompile eval`` and ``qcompile run`` find targets here: by ``--to`` name (:func:`get`) or
+by what an artifact on disk is (:func:`for_artifact`). A new format is one module that registers its class,
+imported below.
+"""
 from __future__ import annotations
 
-from pathlib import Path
+from exporters import gguf, onnx, openvino  # noqa: F401 - each registers its target
+from exporters.target import TARGETS, Output, Target, for_artifact, get
 
-from exporters.gguf import write_gguf
-from exporters.onnx import write_onnx
-from exporters.openvino import write_openvino
-
-EXPORTERS = {"gguf": write_gguf, "onnx": write_onnx, "openvino": write_openvino}
+__all__ = ["TARGETS", "Output", "Target", "for_artifact", "get", "describe"]
 
 
-def folder_runtime(path: Path) -> str | None:
-    """The runtime of a folder artifact: "onnxruntime" (model.onnx), "openvino" (openvino_model.xml), or None."""
-    from exporters.onnx import ONNX_FILE
-    from exporters.openvino import XML_FILE
-    if (path / ONNX_FILE).is_file():
-        return "onnxruntime"
-    if (path / XML_FILE).is_file():
-        return "openvino"
-    return None
-
-
-def folder_runner(path: Path, threads: int | None = None):
-    """A runner (``.logits(tokens)``, ``.generate(ids, max_tokens, stop)``) over a folder artifact, in its own
-    runtime (OpenVINO with the precise settings verification uses)."""
-    kind = folder_runtime(path)
-    if kind == "onnxruntime":
-        from exporters.onnx import ONNX_FILE, Runner
-        return Runner(path / ONNX_FILE, threads)
-    if kind == "openvino":
-        from exporters.openvino import Runner as OVRunner
-        return OVRunner(path, threads)
-    raise ValueError(f"{path}: no model.onnx or openvino_model.xml")
-
-
-__all__ = ["EXPORTERS", "folder_runner", "folder_runtime", "write_gguf", "write_onnx", "write_openvino"]
+def describe() -> str:
+    """What the known artifacts look like, for error messages ("a .gguf file, a folder with model.onnx, ...")."""
+    return ", ".join(t.looks_like for t in TARGETS.values())

@@ -6,18 +6,25 @@ writer holds one chunk at a time, not the model.
 """
 from __future__ import annotations
 
+import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter, RopeScalingType
+from gguf import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter, LlamaFileType
 from gguf import GGMLQuantizationType as T
-from gguf import LlamaFileType
+from gguf.utility import size_label
 
-from qcompile.arch import ModelConfig
-from qcompile.tokenizer import Vocab
+from exporters.target import Output, Target, register, sha256_file
+from qcompile.errors import QCompileError, UsageError, is_write_error, write_failed
+from qcompile.model import Checkpoint, ModelConfig, Vocab, load_vocab
+from qcompile.report_types import Artifact, TargetInfo, TensorRecord
+from quantizers import rtn
+from quantizers.error import ErrorTally
+from quantizers.grids import GRIDS
+from quantizers.schemes import BITS_PRESET, Scheme, scheme
 from quantizers.tensor import QuantizedTensor, row_bytes
 
 
@@ -56,29 +63,6 @@ class _ChunkedTensor:
             raise RuntimeError(f"{p.name}: wrote {written} bytes, planned {self.nbytes}")
 
 
-def _add_hparams(w: GGUFWriter, cfg: ModelConfig) -> None:
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if cfg.arch.qk_norm or cfg.head_dim != cfg.hidden_size // cfg.num_heads:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type") or rs.get("type")
-    if kind == "yarn" and "factor" in rs:
-        w.add_rope_scaling_type(RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(rs["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(rs.get("original_max_position_embeddings", cfg.max_position_embeddings)))
-    elif kind == "linear" and "factor" in rs:
-        w.add_rope_scaling_type(RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rs["factor"]))
-
-
 def _add_vocab(w: GGUFWriter, vocab: Vocab) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -100,7 +84,7 @@ def _writer(cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], *, name: 
     w.add_quantized_by("qcompile")
     for k, v in (extra or {}).items():
         w.add_string(k, v)
-    _add_hparams(w, cfg)
+    cfg.arch.add_gguf_hparams(w, cfg)
     w.add_file_type(int(file_type))
     if any(p.type not in (T.F32, T.F16, T.BF16) for p in plan):
         w.add_quantization_version(GGML_QUANT_VERSION)
@@ -154,3 +138,278 @@ def write_gguf(path: Path, cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTen
             w.write_tensor_data(_ChunkedTensor(p, chunks_for(p), on_bytes))  # type: ignore[arg-type]
     finally:
         w.close()
+
+
+class GGUFSource:
+    """Weights read back from a written GGUF and dequantized: exactly what the runtime computes with."""
+
+    def __init__(self, path: Path, cfg: ModelConfig):
+        from gguf import GGUFReader
+        self.tensors = {t.name: t for t in GGUFReader(path).tensors}
+        self.names = dict(cfg.name_map)
+        if cfg.tie_word_embeddings or self.names[cfg.head_name] not in self.tensors:
+            self.names[cfg.head_name] = self.names[cfg.embed_name]
+
+    def _t(self, name: str):
+        return self.tensors[self.names[name]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in reversed(self._t(name).shape.tolist()))
+
+    def _decode(self, name: str, raw: np.ndarray) -> np.ndarray:
+        t = self._t(name)
+        cols = self.shape(name)[-1]
+        raw = raw.reshape(raw.shape[0] if raw.ndim > 1 else 1, -1)
+        return QuantizedTensor(t.name, T(t.tensor_type), (raw.shape[0], cols), raw).dequantize()
+
+    def _raw(self, name: str) -> np.ndarray:
+        t = self._t(name)
+        rows = int(np.prod(self.shape(name)[:-1], dtype=np.int64)) if len(self.shape(name)) > 1 else 1
+        return np.asarray(t.data).reshape(rows, -1)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._decode(name, self._raw(name)[start:stop])
+
+    def take(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return self._decode(name, self._raw(name)[ids])
+
+    def full(self, name: str) -> np.ndarray:
+        return self._decode(name, self._raw(name)).reshape(self.shape(name))
+
+
+# ---- the GGUF target -----------------------------------------------------------------------------------------
+
+def choose_scheme(quant: str | None, bits: int | None, pure: bool = False) -> Scheme:
+    """``--quant`` by name, else the ``--bits`` preset (4: Q4_K_M, 8: Q8_0)."""
+    return scheme(quant or BITS_PRESET[bits or 4], pure=pure)
+
+
+def tensor_plan(cfg: ModelConfig, ckpt: Checkpoint, sch: Scheme) -> list[PlannedTensor]:
+    """One entry per output tensor, in llama.cpp's order, with the type the scheme assigns it."""
+    names = cfg.name_map
+    plan = []
+    n_gqa = cfg.num_heads // cfg.num_kv_heads
+    for hf in cfg.expected_tensor_names():
+        gname = names[hf]
+        shape = ckpt.entry(hf).shape
+        layer = int(gname.split(".")[1]) if gname.startswith("blk.") else None
+        t = sch.tensor_type(gname, shape, layer=layer, n_layers=cfg.num_layers, n_gqa=n_gqa,
+                            tied=cfg.tie_word_embeddings)
+        plan.append(PlannedTensor(hf, gname, shape, t))
+    # llama.cpp expects token_embd, output_norm, output first, then the blocks
+    top = {"token_embd.weight": 0, "output_norm.weight": 1, "output.weight": 2}
+    return sorted(plan, key=lambda p: (top.get(p.name, 3), plan.index(p)))
+
+
+def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | None,
+                     errors: ErrorTally | None = None) -> Iterator[QuantizedTensor]:
+    """One tensor's quantized rows: from the calibration engine for what it produced (decoder linears;
+    norms and biases that AWQ folded scales into) when a calibrated method runs, else streamed from the
+    checkpoint through RTN, row-chunk by row-chunk. ``errors`` gets the tensor's reconstruction error
+    (measured on each chunk while its float rows are in memory, or taken from the engine)."""
+    layer = engine.layer(int(p.name.split(".")[1])) if engine is not None and p.name.startswith("blk.") else {}
+    if p.source in layer:
+        qt = layer[p.source]
+        if qt.type != p.type:
+            raise RuntimeError(f"{p.name}: engine produced {qt.type.name}, planned {p.type.name}")
+        if errors is not None:
+            errors.take(engine.errors, p.source, as_name=p.name)
+        yield QuantizedTensor(p.name, qt.type, qt.shape, qt.data)
+        return
+    chunks = [(0, ckpt.read(p.source)[None, :])] if len(p.shape) == 1 else ckpt.iter_rows(p.source)
+    head = engine is not None and p.name == "output.weight" and p.type in GRIDS
+    stats = engine.head_stats() if head else None
+    for r0, rows in chunks:
+        # the output matrix by the method itself (GPTQ, imatrix: rows are independent given the statistics,
+        # so chunks of rows give the same result as the whole matrix); what else the engine did not make, RTN
+        q = replace(engine.method.quantize(p.name, rows, p.type, stats), row0=r0) if head else \
+            rtn.quantize(p.name, rows, p.type, row0=r0, threads=threads)
+        if errors is not None:
+            errors.add(p.name, rows, q)
+        yield q
+
+
+@dataclass
+class GGUFTypes:
+    """The types of a GGUF run: the scheme and one planned type per output tensor (a size budget's allocation
+    replaces ``plan``), the vocabulary and the metadata the writer's header holds."""
+    scheme: Scheme
+    plan: list[PlannedTensor]
+    vocab: Vocab
+    meta: dict
+
+
+@register
+class GGUFTarget(Target):
+    """One .gguf file for llama.cpp (Ollama, LM Studio): llama.cpp's mixes or per-tensor types within a budget,
+    written as it is quantized, verified on the bytes written and renamed into place."""
+    name = "gguf"
+    runtime = "llama.cpp"
+    looks_like = "a .gguf file"
+    sized = True
+    packaged = True
+    has_weights = True
+
+    def __init__(self):
+        self.scheme: Scheme | None = None
+        self.types: GGUFTypes | None = None
+
+    def check(self, opts) -> None:
+        super().check(opts)
+        if (opts.max_size is not None or opts.target_bpw is not None) and opts.pure:
+            budget = "--max-size" if opts.max_size is not None else "--target-bpw"
+            raise UsageError(f"{budget} chooses a type per tensor; --pure asks for one type everywhere")
+
+    def prepare(self, job) -> None:
+        job.vocab = load_vocab(job.res.path, job.cfg.vocab_size)
+        self.scheme = choose_scheme(job.opts.quant, job.opts.bits, job.opts.pure)
+
+    def low_bit(self, job) -> bool:
+        return self.scheme.quantized and self.scheme.base not in (T.Q8_0, T.Q6_K)
+
+    def needs_statistics(self, job) -> bool:
+        """Mixes with tensors llama.cpp will not round without an importance matrix (IQ3_XXS: llama-quantize
+        refuses it without ``--imatrix``)."""
+        return self.scheme.base in (T.IQ3_XXS,)
+
+    def assign(self, job) -> None:
+        # calibrated methods are llama-quantize --imatrix's counterpart: the mix rules that depend on an imatrix
+        # (Q4_0/Q5_0's first ffn_down, IQ4's, IQ3_XXS's attn_v and ffn_down) follow that
+        sch = replace(self.scheme, has_imatrix=job.method.needs_calibration)
+        self.scheme = sch
+        plan = tensor_plan(job.cfg, job.ckpt, sch)
+        n_params = sum(int(np.prod(p.shape)) for p in plan)
+        meta = dict(name=job.res.name, size_label=size_label(n_params, 0, 0, 0), file_type=sch.file_type)
+        self.types = GGUFTypes(sch, plan, job.vocab, meta)
+
+    def scheme_name(self, job) -> str:
+        return self.scheme.name
+
+    def artifact_path(self, job) -> Path:
+        return job.opts.out / f"{job.res.name}-{job.scheme_name}.gguf"
+
+    def cost_inputs(self, job) -> tuple[int, dict[tuple, int], str | None]:
+        plan = self.types.plan
+        rtn_work: dict[tuple, int] = {}
+        for p in plan:
+            if len(p.shape) == 2:
+                rtn_work[(p.type, p.shape[-1])] = rtn_work.get((p.type, p.shape[-1]), 0) + int(np.prod(p.shape))
+        return (job.budget.bytes if job.budget else sum(p.nbytes for p in plan)), rtn_work, None
+
+    def engine_types(self, job) -> dict[str, T]:
+        return {p.source: p.type for p in self.types.plan}
+
+    def fingerprint(self, job) -> tuple:
+        return (job.scheme_name, sorted((p.source, p.type.name) for p in self.types.plan))
+
+    def work_dir(self, job) -> Path:
+        return job.opts.out / f".{job.artifact.stem}.resume"
+
+    def produce(self, job) -> Output:
+        opts, plan, out = job.opts, self.types.plan, Output(job.artifact, [job.artifact])
+        out.pending = opts.out / f".{job.artifact.name}.{os.getpid()}.tmp"
+        try:
+            with job.stage("quantize_export"), job.progress(total=sum(p.nbytes for p in plan), unit="B",
+                                                            unit_scale=True,
+                                                            desc=f"{job.method.name} {job.scheme_name}") as bar:
+                try:
+                    write_gguf(out.pending, job.cfg, self.types.vocab, plan,
+                               lambda p: quantized_chunks(job.ckpt, p, job.engine, opts.threads, job.errors),
+                               **self.types.meta, on_tensor=lambda p: bar.set_postfix_str(p.name, refresh=False),
+                               on_bytes=bar.update)
+                except OSError as e:
+                    if not is_write_error(e):
+                        raise
+                    raise write_failed(job.artifact, e, opts.out) from None
+            planned = job.allocation["bytes"] if job.allocation is not None else None
+            if planned is not None and not out.pending.stat().st_size == planned <= job.budget.bytes:
+                raise RuntimeError(f"wrote {out.pending.stat().st_size} bytes; planned {planned} within the "
+                                   f"budget of {job.budget.bytes}")  # the size model is exact: a bug if not
+        except BaseException:
+            self.discard(job, out)  # a half-written file never stays behind
+            raise
+        return out
+
+    def size(self, job) -> int:
+        """The exact bytes of the file for the current plan (the size model checks itself against this)."""
+        return file_size(job.cfg, self.types.vocab, self.types.plan, **self.types.meta)
+
+    def reference(self, job, out: Output) -> GGUFSource:
+        return GGUFSource(out.pending or out.main, job.cfg)
+
+    def runtime_logits(self, job, out: Output, tokens):
+        from qcompile import llama_worker
+        if not llama_worker.available():
+            return None
+        try:
+            return llama_worker.logits(out.pending or out.main, tokens.tolist(), job.opts.threads)
+        except RuntimeError as e:
+            raise QCompileError(f"verification failed: llama.cpp could not run the GGUF ({e})") from None
+
+    def publish(self, job, out: Output) -> None:
+        os.replace(out.pending, out.main)
+        out.pending = None
+
+    def discard(self, job, out: Output | None) -> None:
+        if out is not None and out.pending is not None:
+            out.pending.unlink(missing_ok=True)
+
+    def report(self, job, out: Output) -> dict:
+        sch, plan, size = self.scheme, self.types.plan, out.main.stat().st_size
+        types: dict[str, int] = {}
+        for p in plan:
+            types[p.type.name] = types.get(p.type.name, 0) + 1
+        return {
+            "target": TargetInfo(format=self.name, scheme=job.scheme_name, pure=sch.pure, method=job.method.name,
+                                 file_type=int(sch.file_type), base_scheme=sch.name if job.budget else None),
+            "calibration": job.calib_info,
+            "artifact": Artifact(path=out.main.name, bytes=size, sha256=sha256_file(out.main),
+                                 bits_per_weight=8.0 * size / job.n_params),
+            "tensor_types": types,
+            "tensors": [TensorRecord(p.name, p.type.name, list(p.shape), p.nbytes, job.errors.rel_error(p.name))
+                        for p in plan],
+            "allocation": job.allocation,
+        }
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".gguf"
+
+    @classmethod
+    def runtime_available(cls) -> bool:
+        from qcompile import llama_worker
+        return llama_worker.available()
+
+    @classmethod
+    def runner(cls, path: Path, threads: int | None = None) -> LlamaRunner:
+        return LlamaRunner(path, threads)
+
+    @classmethod
+    def generate(cls, path: Path, prompt: str, max_tokens: int, raw: bool, threads: int | None = None) -> str:
+        try:
+            return LlamaRunner(path, threads).generate(prompt, max_tokens, chat=not raw)
+        except RuntimeError as e:
+            raise QCompileError(f"llama.cpp could not run {path} ({e})") from None
+
+    @classmethod
+    def weights(cls, path: Path, cfg) -> GGUFSource:
+        return GGUFSource(path, cfg)
+
+
+class LlamaRunner:
+    """A GGUF in llama.cpp (llama-cpp-python in a child process): the runner interface of the folder targets."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        from qcompile import llama_worker
+        if not llama_worker.available():
+            raise QCompileError("running a GGUF needs llama-cpp-python (pip install 'qcompile[llama]')")
+        self.path, self.threads, self._worker = path, threads, llama_worker
+
+    def logits(self, tokens) -> np.ndarray:
+        try:
+            return self._worker.logits(self.path, np.asarray(tokens).tolist(), self.threads)
+        except RuntimeError as e:
+            raise QCompileError(f"llama.cpp could not run {self.path} ({e})") from None
+
+    def generate(self, prompt: str, max_tokens: int, chat: bool = True) -> str:
+        return self._worker.generate(self.path, prompt, max_tokens, chat=chat, threads=self.threads)

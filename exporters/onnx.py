@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompile.arch import ModelConfig
-from qcompile.checkpoint import Checkpoint
+from exporters.folder import FolderTarget
+from exporters.target import register
+from qcompile.errors import UsageError
+from qcompile.model import Checkpoint, ModelConfig
 from qcompile.spill import release
 from quantizers.grids import IntType
 from quantizers.tensor import QuantizedTensor
@@ -294,6 +296,7 @@ def read_matmulnbits(onnx_dir: Path) -> dict[str, QuantizedTensor]:
     exactly the bytes the quantizer produced (the inverse of :func:`matmulnbits_arrays`)."""
     import onnx
     from onnx import numpy_helper
+
     from quantizers import grids
     m = onnx.load(str(onnx_dir / "model.onnx"))
     init = {i.name: i for i in m.graph.initializer}
@@ -471,3 +474,33 @@ class Runner:
             start += cur.shape[1]
             cur = np.asarray([[nxt]], np.int64)
         return new
+
+
+@register
+class ONNXTarget(FolderTarget):
+    """onnxruntime: optimum's ORTModelForCausalLM folder, int4/int8 MatMulNBits weights."""
+    name = "onnx"
+    runtime = "onnxruntime"
+    looks_like = "a folder with model.onnx"
+    main_file = ONNX_FILE
+    module = "onnx"
+    float_head = "float32"
+
+    def check_grid(self, t: IntType) -> None:
+        if t.per_channel:
+            # MatMulNBits' block_size must be a power of two >= 16 (onnxruntime refuses the session otherwise),
+            # and a per-channel block is a whole row: Qwen's rows (896, 4864, ...) are not powers of two
+            raise UsageError(f"--quant {t.name}: per-channel grids need --to openvino; onnxruntime's MatMulNBits "
+                             "takes power-of-two groups only (INT4_G16..INT4_G256)")
+
+    def write(self, job, linears: dict[str, QuantizedTensor], folded: dict[str, np.ndarray]) -> list[Path]:
+        return write_onnx(job.opts.out, job.res.path, job.cfg, linears, folded,
+                          accuracy_level=0 if job.opts.float_activations else 4)
+
+    def report_extras(self, job) -> dict:
+        return {"opset": "ai.onnx 17 + com.microsoft 1",
+                "activations": "float32" if job.opts.float_activations else "int8"}
+
+    @classmethod
+    def runner(cls, path: Path, threads: int | None = None) -> Runner:
+        return Runner(path / ONNX_FILE, threads)

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.folder import FolderTarget
 from exporters.onnx import SIDE_FILES, io_names, publish
-from qcompile.arch import ModelConfig
+from exporters.target import register
+from qcompile.model import ModelConfig
 from qcompile.spill import release
 from quantizers.grids import IntType
 from quantizers.tensor import QuantizedTensor
@@ -90,9 +92,6 @@ def _tokenizers(model_dir: Path, out: Path) -> list[str]:
     return ["openvino_tokenizer.xml", "openvino_detokenizer.xml"]
 
 
-EMBEDDINGS = "model.embed_tokens.weight"
-
-
 def trace_fp(model_dir: Path, cfg: ModelConfig):
     """The float decoder as an OpenVINO model, converted by OpenVINO's PyTorch frontend from a TorchScript
     trace of the weightless transformers model (``exporters.onnx._weightless``: no weights in memory).
@@ -105,6 +104,7 @@ def trace_fp(model_dir: Path, cfg: ModelConfig):
 
     import openvino as ov
     import torch
+
     from exporters.onnx import _weightless, _wrapper, trace_inputs
     model = _weightless(model_dir)
     weights, args = trace_inputs(model, cfg)
@@ -235,9 +235,9 @@ def decompressed(qt: QuantizedTensor, alloc=_alloc):
 
 
 def bind(model, names: list[str], tensors: dict[str, QuantizedTensor], read,
-         params: dict[str, np.ndarray] | None = None, tied: bool = False, alloc=_alloc) -> None:
+         params: dict[str, np.ndarray] | None = None, tied: tuple[str, str] | None = None, alloc=_alloc) -> None:
     """Replace each weight input (``names``) by constants: a quantized tensor where ``tensors`` has one
-    (the lookup of a tied table reads ``model.embed_tokens.weight``, its head ``lm_head.weight``), else the
+    (``tied``: the (embeddings, head) names of a tied table: its lookup reads the first, its head the second), else the
     float value, ``params[name]`` (AWQ-folded norms/biases) or ``read(name)`` from the checkpoint, stored
     once however many nodes read it."""
     import openvino.opset13 as ops
@@ -248,8 +248,8 @@ def bind(model, names: list[str], tensors: dict[str, QuantizedTensor], read,
         fp = None
         for target in list(port.get_target_inputs()):
             key = name
-            if name == EMBEDDINGS and tied and target.get_node().get_type_name() != "Gather":
-                key = "lm_head.weight"   # the tied head's MatMul
+            if tied and name == tied[0] and target.get_node().get_type_name() != "Gather":
+                key = tied[1]   # the tied head's MatMul
             qt = tensors.get(key)
             if qt is not None:
                 used.add(key)
@@ -277,8 +277,9 @@ def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[s
     in a full-precision export (bf16 weights below float16's normal range would lose bits). Returns the
     paths."""
     import openvino as ov
+
     from exporters.onnx import _portable_config
-    from qcompile.checkpoint import Checkpoint
+    from qcompile.model import Checkpoint
     from qcompile.spill import Spill
     tmp = out / f".openvino.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -288,8 +289,8 @@ def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[s
         with Spill(out / f".openvino.{os.getpid()}.codes") as codes:
             model = trace_fp(model_dir, cfg)
             names = [p.get_any_name() for p in model.inputs][3 + 2 * cfg.num_layers:]
-            bind(model, names, tensors, Checkpoint(model_dir, cfg).read, params, cfg.tie_word_embeddings,
-                 alloc=codes.empty)
+            bind(model, names, tensors, Checkpoint(model_dir, cfg).read, params,
+                 (cfg.embed_name, cfg.head_name) if cfg.tie_word_embeddings else None, alloc=codes.empty)
             make_stateful(model, cfg.num_layers)
             with codes.trimmed():
                 ov.save_model(model, str(tmp / XML_FILE), compress_to_fp16=bool(tensors))
@@ -342,3 +343,27 @@ class Runner:
             start += cur.shape[1]
             cur = np.asarray([[nxt]], np.int64)
         return new
+
+
+@register
+class OpenVINOTarget(FolderTarget):
+    """OpenVINO: an IR folder (OVModelForCausalLM / openvino_genai layout, stateful KV cache), u4/u8 weights,
+    the input embeddings 8-bit as NNCF stores them."""
+    name = "openvino"
+    runtime = "openvino"
+    looks_like = "a folder with openvino_model.xml"
+    main_file = XML_FILE
+    module = "openvino"
+    quantized_embeddings = True
+
+    def write(self, job, linears: dict[str, QuantizedTensor], folded: dict[str, np.ndarray]) -> list[Path]:
+        return write_openvino(job.opts.out, job.res.path, job.cfg, linears, folded)
+
+    def report_extras(self, job) -> dict:
+        import openvino
+        return {"openvino": openvino.__version__,
+                "verified_with": "CPU plugin, f32 inference, no dynamic activation quantization, f32 KV cache"}
+
+    @classmethod
+    def runner(cls, path: Path, threads: int | None = None) -> Runner:
+        return Runner(path, threads)

@@ -21,8 +21,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from exporters.gguf import PlannedTensor, padded
-from qcompile.arch import ModelConfig
 from qcompile.errors import QCompileError
+from qcompile.model import ModelConfig
 from qcompile.units import parse_size
 from quantizers.allocate import Allocation, Option, allocate
 from quantizers.schemes import BUDGET_TYPES, LOW_TYPES, candidate_types
@@ -50,10 +50,9 @@ def parse_budget(max_size: str | None, target_bpw: float | None, n_params: int) 
 
 def tunable(p: PlannedTensor, cfg: ModelConfig) -> bool:
     """Whether the budget chooses this tensor's type: decoder linears and an untied output matrix."""
-    from calibration.capture import LINEARS
     if p.name == "output.weight":
         return not cfg.tie_word_embeddings
-    return p.name.startswith("blk.") and p.source.split(".", 3)[-1].removesuffix(".weight") in LINEARS
+    return cfg.arch.is_linear(p.source)
 
 
 def _nbytes(p: PlannedTensor, t: T) -> int:

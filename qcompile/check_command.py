@@ -13,7 +13,8 @@ from pathlib import Path
 
 from qcompile import gate
 from qcompile.errors import EXIT_FAILURE, EXIT_OK, guarded
-from qcompile.report import read_report
+from qcompile.report import load_report
+from qcompile.report_types import Report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,19 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check(run: dict, base: dict, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def check(run: Report, base: Report, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(passed lines, violation lines) of ``run`` against ``base`` under ``args``' budgets."""
     budgets = gate.Budgets(args.max_kld, args.max_ppl_increase, args.max_top1_drop, args.max_size)
     gate.reference(base, args.baseline)  # (named by its path when it has no metrics)
-    return gate.judge(gate.reference(run, args.report), run["artifact"]["bytes"], run["model"].get("parameters"),
-                      base, budgets)
+    return gate.judge(gate.reference(run, args.report), run.artifact.bytes, run.model.parameters, base, budgets)
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> tuple[list[str], list[str]]:
-        return check(read_report(args.report), read_report(args.baseline), args)
+        return check(load_report(args.report), load_report(args.baseline), args)
 
     code, result = guarded("qcompile check", work)
     if code != EXIT_OK:

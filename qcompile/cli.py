@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a Qwen checkpoint (Qwen2, Qwen2.5 incl. Coder/Math, Qwen3) and compile it for "
                     "llama.cpp / Ollama / LM Studio (GGUF), with verification against the PyTorch reference.")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory, hub repo id, size alias, or 'tiny'")
-    p.add_argument("--to", default="gguf", choices=["gguf", "onnx", "openvino"],
+    import exporters  # the targets' registry (numpy, gguf: a quarter second)
+    p.add_argument("--to", default="gguf", choices=list(exporters.TARGETS),
                    help="target format (default: gguf). onnx: a model folder for onnxruntime (optimum's "
                         "ORTModelForCausalLM layout) with int4/int8 MatMulNBits weights; openvino: an IR folder "
                         "(OVModelForCausalLM / openvino_genai layout, stateful KV cache) with u4/u8 weights")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompile.arch import ModelConfig
+from qcompile.model import ModelConfig
 
 MB = 1 << 20
 GB = 1 << 30
@@ -196,8 +196,9 @@ def rates(threads: int | None = None, flops: bool = True) -> Rates:
     """Probe the kernels the stages spend their time in (about a second). ``flops=False``: only what a
     plan without matrix products needs (RTN, reads, copies); torch is not imported for it, which keeps
     an RTN run of a 1B+ model at its ~0.2 GB (torch alone is ~0.25 GB)."""
-    from quantizers import rtn
     from gguf import GGMLQuantizationType as T
+
+    from quantizers import rtn
     rng = np.random.default_rng(0)
     w = rng.standard_normal((256, 4096), dtype=np.float32)
     t_rtn = _best(lambda: rtn.quantize("probe", w, T.Q4_K, threads=threads))

@@ -49,10 +49,9 @@ def evaluate_artifact(args: argparse.Namespace) -> dict:
     """Run the evaluation; return ``{"model", "artifact", "text", "ctx", "stride", "results": {path: metrics}}``."""
     from tqdm import tqdm
 
-    from exporters import folder_runner, folder_runtime
-    from qcompile import evaluate, llama_worker
-    from qcompile.arch import read_config
-    from qcompile.checkpoint import Checkpoint
+    import exporters
+    from qcompile import evaluate
+    from qcompile.model import Checkpoint, CheckpointSource, read_config
     from qcompile.resolve import resolve
     if args.ctx < 8 or args.max_tokens < 16 or (args.stride is not None and args.stride < 1):
         raise QCompileError("--ctx must be >= 8, --max-tokens >= 16 and --stride >= 1")
@@ -68,32 +67,27 @@ def evaluate_artifact(args: argparse.Namespace) -> dict:
     if len(ids) < 16:
         raise QCompileError(f"--text {args.text}: only {len(ids)} tokens; need at least 16")
     windows, score = evaluate.make_windows(ids, args.ctx, args.max_tokens, args.stride)
-    fp = evaluate.CheckpointSource(Checkpoint(res.path, cfg))
+    fp = CheckpointSource(Checkpoint(res.path, cfg))
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    paths = []
+    paths, kind = [], None
     if args.artifact is not None:
-        folder = folder_runtime(args.artifact) if args.artifact.is_dir() else None
-        if folder is None and not args.artifact.is_file():
-            raise QCompileError(f"--artifact {args.artifact}: no such file (or folder with model.onnx / "
-                                "openvino_model.xml)")
-        if folder:
-            if args.runtime not in ("auto", "all", folder):
-                raise QCompileError(f"--runtime {args.runtime}: this folder runs in {folder}")
-            paths = [folder]
-        elif args.artifact.suffix.lower() != ".gguf":
-            raise QCompileError(f"--artifact {args.artifact}: not a .gguf file or a folder with model.onnx / "
-                                "openvino_model.xml")
-        else:
-            want = {"auto": ["pytorch"] + (["llama.cpp"] if llama_worker.available() else []),
-                    "all": ["pytorch", "llama.cpp"], "pytorch": ["pytorch"], "llama.cpp": ["llama.cpp"]
-                    }.get(args.runtime, [])
-            if not want:
-                raise QCompileError(f"--runtime {args.runtime}: the artifact is a GGUF file")
-            if "llama.cpp" in want and not llama_worker.available():
-                raise QCompileError("--runtime llama.cpp needs llama-cpp-python (pip install 'qcompile[llama]')")
-            paths = want
+        kind = exporters.for_artifact(args.artifact)
+        if kind is None:
+            what = exporters.describe().replace(", ", " or ")
+            raise QCompileError(f"--artifact {args.artifact}: " + ("not " + what if args.artifact.exists()
+                                                                    else f"no such file or folder ({what})"))
+        offline = ["pytorch"] if kind.has_weights else []  # the dequantized weights in PyTorch
+        runtime = kind.runtime
+        want = {"auto": offline + ([runtime] if kind.runtime_available() else []), "all": offline + [runtime],
+                "pytorch": offline, runtime: [runtime]}.get(args.runtime, [])
+        if not want:
+            raise QCompileError(f"--runtime {args.runtime}: {args.artifact} runs in {' or '.join(offline + [runtime])}")
+        if runtime in want and not kind.runtime_available():
+            raise QCompileError(f"--runtime {runtime}: {runtime} is not installed (pip install 'qcompile[llama]' for "
+                                "llama.cpp, onnxruntime or openvino)")
+        paths = want
     results: dict[str, dict] = {}
     bar = lambda n, desc: tqdm(total=n, desc=desc, disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
     if not paths:  # the fp model alone: compare it with itself for its perplexity
@@ -101,27 +95,20 @@ def evaluate_artifact(args: argparse.Namespace) -> dict:
             m, _ = evaluate.reference_eval(cfg, fp, fp, windows, score=score, progress=lambda s: b.update(1))
         results["fp"] = {"tokens": m.tokens, "windows": m.windows, "ctx": m.ctx, "ppl": m.ppl_fp}
     if "pytorch" in paths:
-        q = evaluate.GGUFSource(args.artifact, cfg)
+        q = kind.weights(args.artifact, cfg)
         with bar(cfg.num_layers, "eval (PyTorch, dequantized)") as b:
             m, _ = evaluate.reference_eval(cfg, fp, q, windows, score=score, progress=lambda s: b.update(1))
         results["pytorch"] = m.as_dict()
-    if "llama.cpp" in paths:
-        def runtime_logits(window):
-            try:
-                return llama_worker.logits(args.artifact, window.tolist(), args.threads)
-            except RuntimeError as e:
-                raise QCompileError(f"llama.cpp could not run {args.artifact} ({e})") from None
-        with bar(cfg.num_layers + len(windows), "eval (llama.cpp)") as b:
-            m = evaluate.runtime_eval(cfg, fp, windows, score, runtime_logits, progress=lambda s: b.update(1))
-        results["llama.cpp"] = m.as_dict()
-    for runtime in {"onnxruntime", "openvino"} & set(paths):
+    if kind is not None and kind.runtime in paths:
         try:
-            runner = folder_runner(args.artifact, args.threads)
+            runner = kind.runner(args.artifact, args.threads)
+        except QCompileError:
+            raise
         except Exception as e:  # onnxruntime / openvino raise their own exception types
-            raise QCompileError(f"{runtime} could not load {args.artifact} ({e})") from None
-        with bar(cfg.num_layers + len(windows), f"eval ({runtime})") as b:
+            raise QCompileError(f"{kind.runtime} could not load {args.artifact} ({e})") from None
+        with bar(cfg.num_layers + len(windows), f"eval ({kind.runtime})") as b:
             m = evaluate.runtime_eval(cfg, fp, windows, score, runner.logits, progress=lambda s: b.update(1))
-        results[runtime] = m.as_dict()
+        results[kind.runtime] = m.as_dict()
     return {"model": str(res.path), "artifact": str(args.artifact) if args.artifact else None,
             "text": str(args.text), "ctx": int(windows.shape[1]), "stride": args.stride or int(windows.shape[1]),
             "results": results}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qcompile.errors import QCompileError, UsageError
+from qcompile.report_types import Metrics, ReferenceMetrics, Report
 from qcompile.units import parse_size
 
 DEFAULT_KLD = "+5%"
@@ -58,7 +59,7 @@ def _ceiling(text: str, base: float | None, what: str, size: bool = False) -> fl
     return float(m.group(1))
 
 
-def validate(budgets: Budgets, baseline: dict | None) -> None:
+def validate(budgets: Budgets, baseline: Report | None) -> None:
     """Fail now (before any work) on budgets that cannot be applied."""
     if baseline is None:
         for flag, v in (("--max-ppl-increase", budgets.max_ppl_increase), ("--max-top1-drop", budgets.max_top1_drop)):
@@ -72,27 +73,28 @@ def validate(budgets: Budgets, baseline: dict | None) -> None:
         reference(baseline, Path("--baseline"))
 
 
-def reference(rep: dict, path: Path) -> dict:
+def reference(rep: Report, path: Path) -> ReferenceMetrics:
     """A report's reference-path metrics; a one-line error when it has none."""
-    ref = (rep.get("metrics") or {}).get("reference")
-    if not ref:
+    ref = rep.metrics.reference if isinstance(rep.metrics, Metrics) else None
+    if ref is None:
         raise QCompileError(f"{path}: no quality metrics (the run used --no-verify)")
     return ref
 
 
-def comparable(ref: dict, params: int | None, base: dict) -> None:
+def comparable(ref: ReferenceMetrics, params: int | None, base: Report) -> None:
     """Raise unless the run and the baseline measured the same model on the same evaluation."""
     b = reference(base, Path("baseline"))
-    if params != base["model"].get("parameters"):
+    if params != base.model.parameters:
         raise QCompileError(f"not comparable: {params} parameters vs the baseline's "
-                            f"{base['model'].get('parameters')} ({base['model'].get('name')}: different models)")
+                            f"{base.model.parameters} ({base.model.name}: different models)")
     for key in ("tokens", "ctx"):
-        if ref.get(key) != b.get(key):
-            raise QCompileError(f"not comparable: evaluated on {key}={ref.get(key)}, baseline {key}={b.get(key)} "
-                                "(use the same --eval-text/--eval-ctx/--eval-tokens)")
+        if getattr(ref, key) != getattr(b, key):
+            raise QCompileError(f"not comparable: evaluated on {key}={getattr(ref, key)}, baseline "
+                                f"{key}={getattr(b, key)} (use the same --eval-text/--eval-ctx/--eval-tokens)")
 
 
-def judge(ref: dict, size: int, params: int | None, base: dict | None, budgets: Budgets) -> tuple[list[str], list[str]]:
+def judge(ref: ReferenceMetrics, size: int, params: int | None, base: Report | None, budgets: Budgets
+          ) -> tuple[list[str], list[str]]:
     """(passed lines, violation lines) of a run's reference metrics ``ref`` and artifact ``size`` in bytes.
 
     With ``base`` (a baseline report.json) every budget applies, defaults filled in; without, only the
@@ -108,7 +110,7 @@ def judge(ref: dict, size: int, params: int | None, base: dict | None, budgets: 
 
     if base is None:
         if budgets.max_kld is not None:
-            gate("mean KLD", ref["kld_mean"], _ceiling(budgets.max_kld, None, "--max-kld"), "--max-kld")
+            gate("mean KLD", ref.kld_mean, _ceiling(budgets.max_kld, None, "--max-kld"), "--max-kld")
         if budgets.max_size is not None:
             gate("size bytes", size, _ceiling(budgets.max_size, None, "--max-size", size=True), "--max-size")
         return ok, bad
@@ -116,12 +118,12 @@ def judge(ref: dict, size: int, params: int | None, base: dict | None, budgets: 
     b = reference(base, Path("baseline"))
     ppl = budgets.max_ppl_increase or DEFAULT_PPL_INCREASE
     drop = DEFAULT_TOP1_DROP if budgets.max_top1_drop is None else budgets.max_top1_drop
-    gate("mean KLD", ref["kld_mean"], _ceiling(budgets.max_kld or DEFAULT_KLD, b["kld_mean"], "--max-kld"),
-         f"baseline {b['kld_mean']:.6g}")
-    gate("perplexity", ref["ppl_quant"], b["ppl_quant"] * (1 + _percent(ppl, "--max-ppl-increase")),
-         f"baseline {b['ppl_quant']:.6g} + {ppl}")
-    gate("top-1 %", 100 * ref["top1"], 100 * b["top1"] - drop, f"baseline {100 * b['top1']:.4g} - {drop} points",
+    gate("mean KLD", ref.kld_mean, _ceiling(budgets.max_kld or DEFAULT_KLD, b.kld_mean, "--max-kld"),
+         f"baseline {b.kld_mean:.6g}")
+    gate("perplexity", ref.ppl_quant, b.ppl_quant * (1 + _percent(ppl, "--max-ppl-increase")),
+         f"baseline {b.ppl_quant:.6g} + {ppl}")
+    gate("top-1 %", 100 * ref.top1, 100 * b.top1 - drop, f"baseline {100 * b.top1:.4g} - {drop} points",
          higher_is_worse=False)
-    gate("size bytes", size, _ceiling(budgets.max_size or DEFAULT_SIZE, base["artifact"]["bytes"], "--max-size",
-                                      size=True), f"baseline {base['artifact']['bytes']}")
+    gate("size bytes", size, _ceiling(budgets.max_size or DEFAULT_SIZE, base.artifact.bytes, "--max-size",
+                                      size=True), f"baseline {base.artifact.bytes}")
     return ok, bad

@@ -1,7 +1,6 @@
 """``report.json``: the machine-readable record of one compile (schema: docs/report-schema.md)."""
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import json
 import os
@@ -10,17 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from exporters.target import sha256_file  # noqa: F401 - report.sha256_file, for the packaging
 from qcompile.errors import QCompileError
-
-SCHEMA_VERSION = 2  # 2: tensors[].rel_error (docs/report-schema.md)
-
-
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+from qcompile.report_types import SCHEMA_VERSION, Report  # noqa: F401 - SCHEMA_VERSION for the readers
 
 
 def versions() -> dict[str, str | None]:
@@ -50,8 +41,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps({"schema_version": SCHEMA_VERSION, **report}, indent=2, sort_keys=False) + "\n")
+def write_report(path: Path, report: Report) -> None:
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n")
 
 
 def read_report(path: Path) -> dict[str, Any]:
@@ -70,3 +61,8 @@ def read_report(path: Path) -> dict[str, Any]:
             or not isinstance(rep.get("artifact"), dict):
         raise QCompileError(f"{path}: not a qcompile report.json")
     return rep
+
+
+def load_report(path: Path) -> Report:
+    """:func:`read_report` as the typed :class:`Report` (any schema version this qcompile knows or older)."""
+    return Report.from_dict(read_report(path))

@@ -21,6 +21,7 @@ from typing import Any
 
 from qcompile.errors import EXIT_OK, QCompileError, UsageError, guarded
 from qcompile.report import SCHEMA_VERSION, atomic_write_text, read_report
+from qcompile.report_types import ModelInfo, ReferenceMetrics, Report, TargetInfo
 
 MISSING = "-"
 LEGEND = ("ppl: perplexity of the quantized model on the evaluation text; ΔPPL: vs the full-precision model's on "
@@ -58,24 +59,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class Run:
-    """One compile run: a label for tables and plots, where its report came from, and the report."""
+    """One compile run: a label for tables and plots, where its report came from, and the report (typed;
+    what a report lacks reads as None)."""
     label: str
     path: Path
-    rep: dict[str, Any]
+    rep: Report
 
     @property
-    def reference(self) -> dict[str, Any]:
-        """The reference-path metrics (empty for a --no-verify run)."""
-        return (self.rep.get("metrics") or {}).get("reference") or {}
+    def reference(self) -> ReferenceMetrics:
+        """The reference-path metrics (all None for a --no-verify run)."""
+        m = self.rep.metrics
+        return (m.reference if m is not None else None) or _NO_METRICS
+
+    @property
+    def target(self) -> TargetInfo:
+        return self.rep.target or TargetInfo(None, None, None)
 
     @property
     def size_mib(self) -> float | None:
-        size = self.rep["artifact"].get("bytes")
+        size = self.rep.artifact.bytes
         return size / 2**20 if _is_num(size) else None
 
     @property
     def has_tensor_errors(self) -> bool:
-        return any(_is_num(t.get("rel_error")) for t in self.rep.get("tensors") or [])
+        return any(_is_num(t.rel_error) for t in self.rep.tensors or [])
+
+
+_NO_METRICS = ReferenceMetrics(*(None,) * 8)
 
 
 def load_run(arg: Path) -> Run:
@@ -96,7 +106,7 @@ def load_run(arg: Path) -> Run:
     if bad or not all(isinstance(t, dict) for t in rep.get("tensors") or []):
         raise QCompileError(f"{path}: malformed report.json ({', '.join(bad) or 'tensors'})")
     label = (arg if arg.is_dir() else path.parent).resolve().name or str(arg)
-    return Run(label, path, rep)
+    return Run(label, path, Report.from_dict(rep))
 
 
 def load_runs(args: list[Path]) -> list[Run]:
@@ -121,16 +131,16 @@ def _num(value: Any, fmt: str, scale: float = 1.0) -> str:
 
 def row(run: Run) -> list[str]:
     """The run's table cells, in :data:`COLUMNS` order; a metric the report lacks is ``-``."""
-    target, art, ref = run.rep.get("target") or {}, run.rep["artifact"], run.reference
-    ppl, ppl_fp = ref.get("ppl_quant"), ref.get("ppl_fp")
+    target, art, ref = run.target, run.rep.artifact, run.reference
+    ppl, ppl_fp = ref.ppl_quant, ref.ppl_fp
     delta = MISSING
     if _is_num(ppl) and _is_num(ppl_fp) and ppl_fp:
         delta = f"{ppl - ppl_fp:+.3f} ({100 * (ppl - ppl_fp) / ppl_fp:+.2f}%)"
-    top1 = _num(ref.get("top1"), ".2f", 100)
-    return [run.label, target.get("format", MISSING), target.get("scheme", MISSING), target.get("method", MISSING),
-            _num(run.size_mib, ".2f"), _num(art.get("bits_per_weight"), ".2f"), _num(ppl, ".3f"),
-            delta, _num(ref.get("kld_mean"), ".6f"), top1 if top1 == MISSING else f"{top1}%",
-            _num((run.rep.get("timings_s") or {}).get("total"), ".1f")]
+    top1 = _num(ref.top1, ".2f", 100)
+    return [run.label, target.format or MISSING, target.scheme or MISSING, target.method or MISSING,
+            _num(run.size_mib, ".2f"), _num(art.bits_per_weight, ".2f"), _num(ppl, ".3f"),
+            delta, _num(ref.kld_mean, ".6f"), top1 if top1 == MISSING else f"{top1}%",
+            _num((run.rep.timings_s or {}).get("total"), ".1f")]
 
 
 def _md_cell(text: str) -> str:
@@ -148,13 +158,14 @@ def markdown(runs: list[Run]) -> str:
 
 def _describe(run: Run) -> str:
     """One line on what a run compiled and how it was evaluated (everything taken from its report)."""
-    m, ref = run.rep.get("model") or {}, run.reference
-    parts = [f"{m.get('name', '?')} ({m.get('architecture', '?')}, {m.get('parameters', '?')} parameters)"]
-    parts.append(f"evaluated on {ref.get('tokens', '?')} tokens, ctx {ref.get('ctx', '?')}, full-precision ppl "
-                 f"{_num(ref.get('ppl_fp'), '.3f')}" if ref else "not verified (no quality metrics)")
-    if run.rep.get("calibration"):
-        parts.append(f"calibration: {run.rep['calibration']}")
-    parts.append(f"schema_version {run.rep['schema_version']}")
+    m, ref = run.rep.model or ModelInfo(*(None,) * 9), run.reference
+    q = lambda v: "?" if v is None else v
+    parts = [f"{q(m.name)} ({q(m.architecture)}, {q(m.parameters)} parameters)"]
+    parts.append(f"evaluated on {q(ref.tokens)} tokens, ctx {q(ref.ctx)}, full-precision ppl "
+                 f"{_num(ref.ppl_fp, '.3f')}" if ref is not _NO_METRICS else "not verified (no quality metrics)")
+    if run.rep.calibration:
+        parts.append(f"calibration: {run.rep.calibration}")
+    parts.append(f"schema_version {run.rep.schema_version}")
     return "; ".join(parts)
 
 
@@ -168,11 +179,11 @@ def layer_errors(run: Run) -> dict[int, float]:
     """Mean relative weight-reconstruction error of each decoder layer's matrices (vectors such as norms and
     biases, stored exactly or nearly so, would only dilute it); empty without per-tensor data."""
     per_layer: dict[int, list[float]] = {}
-    for t in run.rep.get("tensors") or []:
-        m = _LAYER.search(str(t.get("name", "")))
-        shape = t.get("shape")
-        if m and _is_num(t.get("rel_error")) and isinstance(shape, list) and len(shape) == 2 and min(shape) > 1:
-            per_layer.setdefault(int(m.group(1)), []).append(float(t["rel_error"]))
+    for t in run.rep.tensors or []:
+        m = _LAYER.search(str(t.name or ""))
+        shape = t.shape
+        if m and _is_num(t.rel_error) and isinstance(shape, list) and len(shape) == 2 and min(shape) > 1:
+            per_layer.setdefault(int(m.group(1)), []).append(float(t.rel_error))
     return {i: sum(v) / len(v) for i, v in sorted(per_layer.items())}
 
 
@@ -210,20 +221,20 @@ def quality_plot(runs: list[Run]) -> bytes:
     def draw(fig) -> None:
         ax = fig.add_subplot()
         ax.set_title("Quality vs size (lower left is better)")
-        pts = [r for r in runs if _is_num(r.reference.get("kld_mean")) and r.size_mib is not None]
+        pts = [r for r in runs if _is_num(r.reference.kld_mean) and r.size_mib is not None]
         if not pts:
             _note(ax, "no quality metrics in these reports (compiled with --no-verify)")
             return
-        methods = sorted({(r.rep.get("target") or {}).get("method", "?") for r in pts})
+        methods = sorted({r.target.method or "?" for r in pts})
         for i, method in enumerate(methods):
-            mine = [r for r in pts if (r.rep.get("target") or {}).get("method", "?") == method]
-            ax.scatter([r.size_mib for r in mine], [r.reference["kld_mean"] for r in mine],
+            mine = [r for r in pts if (r.target.method or "?") == method]
+            ax.scatter([r.size_mib for r in mine], [r.reference.kld_mean for r in mine],
                        color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], s=60, label=method, zorder=3)
         for r in pts:
-            ax.annotate(f"{r.label} ({(r.rep.get('target') or {}).get('scheme', '?')})",
-                        (r.size_mib, r.reference["kld_mean"]),
+            ax.annotate(f"{r.label} ({r.target.scheme or '?'})",
+                        (r.size_mib, r.reference.kld_mean),
                         textcoords="offset points", xytext=(6, 6), fontsize=8)
-        _log_if_wide(ax, [r.reference["kld_mean"] for r in pts])
+        _log_if_wide(ax, [r.reference.kld_mean for r in pts])
         ax.margins(0.15)  # room for the point labels
         ax.set_xlabel("artifact size (MiB)")
         ax.set_ylabel("mean KLD vs full precision")
@@ -250,7 +261,7 @@ def layer_plot(runs: list[Run]) -> bytes:
             return
         for i, (r, errs) in enumerate(drawn):
             ax.plot(list(errs), list(errs.values()), marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}",
-                    label=f"{r.label} ({(r.rep.get('target') or {}).get('scheme', '?')})")
+                    label=f"{r.label} ({r.target.scheme or '?'})")
         _log_if_wide(ax, [v for _, e in drawn for v in e.values()])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("decoder layer")

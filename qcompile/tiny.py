@@ -35,7 +35,15 @@ def builtin_text() -> str:
 
 def build_tokenizer(out: Path) -> None:
     """Train and save a Qwen2-style byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -75,7 +83,13 @@ def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, s
     Norm weights and biases are randomised too, so every tensor influences the logits.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
     cfg = config_cls(**{**TINY_CONFIG, "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None,
@@ -91,6 +105,25 @@ def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, s
                 p.copy_(torch.randn(p.shape, generator=g) * (0.6 / p.shape[-1] ** 0.5))
     model.generation_config = GenerationConfig()
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+
+
+# The tiny variants the test suite and the benchmarks compile, one per layout difference: name ->
+# (architecture, config overrides, seed). qwen2: untied head, q/k/v bias; qwen2.5: tied; qwen3: q/k norms and a
+# head_dim that is not hidden / heads.
+VARIANTS: dict[str, tuple[str, dict, int]] = {
+    "qwen2": ("qwen2", dict(tie_word_embeddings=False), 10),
+    "qwen2.5": ("qwen2", dict(tie_word_embeddings=True), 11),
+    "qwen3": ("qwen3", dict(tie_word_embeddings=False, head_dim=128), 12),
+}
+
+
+def build_variant(name: str, out: Path) -> Path:
+    """Build the tiny variant ``name`` (:data:`VARIANTS`) into the empty or new folder ``out``."""
+    arch, overrides, seed = VARIANTS[name]
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    build_model(out, arch=arch, seed=seed, **overrides)
+    return out
 
 
 def build(out: Path | None = None) -> Path:

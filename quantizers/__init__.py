@@ -1,16 +1,23 @@
 """Quantizers: functions of (weight, calibration statistics, target grid) -> QuantizedTensor.
 
-``QUANTIZERS`` is the one registry; the pipeline looks methods up here by name. Each entry takes
-``(name, weight [out, in] float32, target type, stats)`` where ``stats`` is the layer input's
-:class:`CalibStats` (``None`` for data-free methods).
+``QUANTIZERS`` is the one registry; the pipeline looks methods up here by name. A :class:`Method` is data plus
+two hooks the calibration engine calls, so the engine never branches on a method's name:
+
+- the statistics it needs: the input's per-channel mean square always (the imatrix), the full Hessian
+  ``x x^T`` if ``hessian`` (GPTQ), a sample of raw inputs if ``samples`` (AWQ's scale search);
+- ``transform_layer(view)``: may change a layer before it is quantized (AWQ folds channel scales), default none;
+- ``quantize(name, weight [out, in] float32, target type, stats)`` where ``stats`` is the layer input's
+  :class:`CalibStats` (``None`` for data-free methods).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from qcompile.errors import UsageError
 from quantizers import rtn
 from quantizers.grids import Target
 from quantizers.tensor import QuantizedTensor
@@ -43,12 +50,23 @@ class CalibStats:
 
 
 def _gptq(name: str, weight: np.ndarray, target: Target, stats: CalibStats | None) -> QuantizedTensor:
-    from quantizers.gptq import gptq  # imports torch: only when a calibrated run needs it
+    from quantizers.gptq import (
+        gptq,  # imports torch: only when a calibrated run needs it
+    )
     return gptq(name, weight, stats.hessian, target, overwrite_hessian=stats.last_use)
 
 
 def _imatrix(name: str, weight: np.ndarray, target: Target, stats: CalibStats | None) -> QuantizedTensor:
     return rtn.quantize(name, weight, target, importance=stats.importance)
+
+
+def _no_transform(view) -> None:
+    """The default layer hook: the layer is quantized as it is."""
+
+
+def _awq_transform(view) -> None:
+    from quantizers import awq  # imports torch: only when an AWQ run needs it
+    awq.transform_layer(view)
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,9 @@ class Method:
     needs_calibration: bool
     help: str
     hessian: bool = False   # needs the full input Hessian x x^T (GPTQ), not only its diagonal
-    awq: bool = False       # search and fold AWQ scales before quantizing
+    samples: bool = False   # needs a sample of the raw inputs (AWQ's scale search)
+    # called by the layer engine between the statistics pass and quantization (calibration.capture.LayerView)
+    transform_layer: Callable[[Any], None] = _no_transform
 
 
 QUANTIZERS: dict[str, Method] = {m.name: m for m in (
@@ -68,9 +88,9 @@ QUANTIZERS: dict[str, Method] = {m.name: m for m in (
            "round to nearest, scales weighted by calibration activations (= llama-quantize --imatrix)"),
     Method("gptq", _gptq, True, "GPTQ error compensation on the exact target grid", hessian=True),
     Method("awq", _imatrix, True, "AWQ channel scales folded into the model, then imatrix-weighted rounding",
-           awq=True),
+           samples=True, transform_layer=_awq_transform),
     Method("awq+gptq", _gptq, True, "AWQ channel scales, then GPTQ on the exact target grid",
-           hessian=True, awq=True),
+           hessian=True, samples=True, transform_layer=_awq_transform),
 )}
 
 
@@ -78,7 +98,7 @@ def get(method: str) -> Method:
     try:
         return QUANTIZERS[method]
     except KeyError:
-        raise KeyError(f"unknown quantization method {method!r}; available: {', '.join(QUANTIZERS)}") from None
+        raise UsageError(f"unknown quantization method {method!r}; available: {', '.join(QUANTIZERS)}") from None
 
 
 __all__ = ["QUANTIZERS", "CalibStats", "Method", "QuantizedTensor", "get"]

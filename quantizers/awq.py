@@ -9,12 +9,15 @@ output error ``sum_i ||(Q(W_i diag(s)) diag(s)^-1 - W_i) x^T||^2`` on a calibrat
 rounding onto (a fast proxy of) the target grid. ``alpha = 0`` is plain quantization, so the search
 never picks scales that do worse than no scaling on the sample.
 
-The folding itself (which tensor is the producer) is the model's business: ``calibration/capture.py``.
+Which tensors are producers and consumers is the model's business (``Architecture.SCALE_GROUPS``);
+:func:`transform_layer` is the AWQ methods' layer hook, which the calibration engine calls before quantizing.
 The clip search of the reference implementation is the grid's own scale search here (ggml's for GGUF
 types, :mod:`quantizers.intgrid` for integer grids), run with the rescaled activation importance.
 The search itself ranks alphas with a min/max proxy of the target grid (:func:`proxy`).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +25,9 @@ from gguf import GGMLQuantizationType as T
 
 from quantizers import linalg
 from quantizers.grids import IntType, Target, grid
+
+if TYPE_CHECKING:
+    from qcompile.model import Architecture
 
 N_GRID = 20
 _ASYMMETRIC = {T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K}
@@ -88,3 +94,59 @@ def search_scales(x: torch.Tensor, act_abs_mean: np.ndarray, weights: list[tuple
         if loss < best_loss:
             best, best_loss = s, loss
     return best, (1 - best_loss / loss0) if loss0 else 0.0
+
+
+def transform_layer(view) -> None:
+    """The AWQ methods' layer hook (``view``: :class:`calibration.capture.LayerView`): search scales for each of
+    the architecture's scale groups on the layer's sampled inputs, fold them into every linear and into the
+    producers (norms, biases), and rescale the statistics to the folded inputs. Reads all the layer's linears up
+    front (each is folded by one group and read by another)."""
+    arch, prefix = view.arch, view.prefix
+    weights = {lin: view.read(f"{prefix}{lin}.weight") for lin in arch.LINEARS}
+    scales = {}
+    for producer, stat_of, consumers in arch.SCALE_GROUPS:
+        if not foldable(producer, consumers, weights):
+            continue
+        st = view.stats[stat_of]
+        pairs = [(weights[c], view.types[f"{prefix}{c}.weight"]) for c in consumers]
+        scales[producer], _gain = search_scales(torch.cat(st.samples), st.abs / st.tokens, pairs)
+        st.samples.clear()
+        view.calib[stat_of].rescale(scales[producer])
+    present = set(view.tensors)
+    params = {rel: view.read(prefix + rel).astype(np.float32) for rel in producer_params(arch, scales)
+              if prefix + rel in present}
+    fold(arch, scales, weights, params)
+    view.weights = weights
+    view.params = {prefix + rel: v for rel, v in params.items()}
+
+
+def foldable(producer: str, consumers: tuple[str, ...], weights: dict[str, np.ndarray]) -> bool:
+    """False for v -> o under GQA (v's rows do not map one-to-one onto o's columns)."""
+    return producer not in weights or weights[producer].shape[0] == weights[consumers[0]].shape[1]
+
+
+def producer_params(arch: Architecture, scales: dict[str, np.ndarray]) -> list[str]:
+    """The non-linear tensors (relative names) that folding ``scales`` changes: norms' weights, biases."""
+    return [arch.producer_param(p) for p in scales]
+
+
+def fold(arch: Architecture, scales: dict[str, np.ndarray], weights: dict[str, np.ndarray],
+         params: dict[str, np.ndarray]) -> None:
+    """Fold AWQ scales (by producer) into a layer, in place, leaving its full-precision function unchanged.
+
+    ``weights``: linear (relative name) -> [out, in]; ``params``: norms' weights and biases by relative
+    name. Consumers' input columns are multiplied by ``s``, the producer's output channels divided by it.
+    """
+    for producer, _stat, consumers in arch.SCALE_GROUPS:
+        s = scales.get(producer)
+        if s is None or not foldable(producer, consumers, weights):
+            continue
+        for c in consumers:
+            weights[c] = weights[c] * s[None, :]
+        if producer in weights:
+            weights[producer] = weights[producer] / s[:, None]
+            bias = arch.bias_of(producer)
+            if bias in params:
+                params[bias] = params[bias] / s
+        else:
+            params[f"{producer}.weight"] = params[f"{producer}.weight"] / s

@@ -43,6 +43,8 @@ from typing import Union
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from qcompile.errors import UsageError
+
 IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 _F16 = np.dtype("<f2")
 
@@ -100,7 +102,7 @@ class IntType:
         m = re.fullmatch(r"INT([48])_(?:G(\d+)|(PC))(_SYM)?", name.upper())
         # per-channel is spelled PC, not G0: one name per grid, so names round-trip
         if not m or (m.group(2) is not None and int(m.group(2)) == PER_CHANNEL):
-            raise KeyError(f"not an integer grid name: {name!r} (expected e.g. INT4_G128, INT8_G32_SYM or "
+            raise UsageError(f"not an integer grid name: {name!r} (expected e.g. INT4_G128, INT8_G32_SYM or "
                            "INT4_PC for per-channel)")
         return cls(int(m.group(1)), PER_CHANNEL if m.group(3) else int(m.group(2)), bool(m.group(4)))
 
@@ -109,8 +111,15 @@ Target = Union[T, IntType]
 
 
 def parse_type(name: str) -> Target:
-    """A target type by name: a GGML type (``Q4_K``) or an integer grid (``INT4_G128``)."""
-    return IntType.parse(name) if name.upper().startswith("INT") else T[name.upper()]
+    """A target type by name: a GGML type (``Q4_K``) or an integer grid (``INT4_G128``); :class:`UsageError`
+    for neither."""
+    if name.upper().startswith("INT"):
+        return IntType.parse(name)
+    try:
+        return T[name.upper()]
+    except KeyError:
+        raise UsageError(f"unknown quantization type {name!r} (a GGML type such as Q4_K, or an integer grid "
+                         "such as INT4_G128)") from None
 
 
 @dataclass(frozen=True)

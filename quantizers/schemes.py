@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType as F
 
+from qcompile.errors import UsageError
 from quantizers.grids import GRIDS
 
 # name -> (base type, llama.cpp file type)
@@ -154,7 +155,7 @@ def scheme(name: str, *, pure: bool = False, has_imatrix: bool = False) -> Schem
     elif key in PURE_ONLY:
         (base, ft), pure = PURE_ONLY[key], True
     else:
-        raise KeyError(f"unknown quantization type {name!r}; choose from {', '.join(available())}")
+        raise UsageError(f"unknown quantization type {name!r}; choose from {', '.join(available())}")
     return Scheme(key, base, ft, pure, has_imatrix)
 
 

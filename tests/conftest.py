@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from qcompile import tiny
@@ -15,25 +15,16 @@ REAL_TOKENIZER = SHARED / "assets" / "qwen2.5-tokenizer"
 REAL_MODEL = Path(os.environ.get("QCOMPILE_REAL_MODEL",
                                  Path.home() / ".cache" / "qcompile-test-assets" / "Qwen2.5-Coder-0.5B-Instruct"))
 
-# name -> (architecture, config overrides)
-TINY_MODELS = {
-    "qwen2": ("qwen2", dict(tie_word_embeddings=False)),                 # untied, qkv bias
-    "qwen2.5": ("qwen2", dict(tie_word_embeddings=True)),                # tied, qkv bias
-    "qwen3": ("qwen3", dict(tie_word_embeddings=False, head_dim=128)),  # q/k norm, head_dim != hidden/heads
-}
+TINY_MODELS = tiny.VARIANTS  # name -> (architecture, config overrides, seed)
+# the peer-side tooling the cross-checks share with the benchmarks (optimum's exporters in a side environment)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _tools import hf_logits, rel_error  # noqa: E402,F401 - the reference logits, shared with benchmarks/agreement.py
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    out = {}
-    for i, (name, (arch, over)) in enumerate(TINY_MODELS.items()):
-        d = root / name
-        d.mkdir()
-        tiny.build_tokenizer(d)
-        tiny.build_model(d, arch=arch, seed=10 + i, **over)
-        out[name] = d
-    return out
+    return {name: tiny.build_variant(name, root / name) for name in TINY_MODELS}
 
 
 @pytest.fixture(params=list(TINY_MODELS))
@@ -44,19 +35,6 @@ def tiny_model(request, tiny_models) -> Path:
 def run_cli(*args: str) -> int:
     """Run ``qcompile`` in-process and return its exit status."""
     return main([str(a) for a in args])
-
-
-def hf_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
-    """Reference logits from transformers (float32) for one sequence."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].numpy()
-
-
-def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def requires_llama():

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 
@@ -194,6 +193,7 @@ def test_short_write_names_the_output_and_a_full_disk(capsys, tiny_models, tmp_p
     """A full disk mid-write (numpy's short write carries no errno) is one line naming the file and the cause,
     and the half-written temp file is gone."""
     from collections import namedtuple
+
     from exporters import gguf as gguf_exporter
     from qcompile import errors
 
@@ -219,3 +219,29 @@ def test_oserror_without_a_filename_is_one_clean_line(capsys):
         raise OSError("something broke")
     assert guarded("qcompile", work) == (1, None)
     assert capsys.readouterr().err == "qcompile: error: something broke\n"
+
+
+def test_internal_error_is_reported_as_a_bug_not_as_bad_input(tiny_models, tmp_path, capsys, monkeypatch):
+    """A bug inside the pipeline (here an injected KeyError, the kind that once printed ``qcompile: error:
+    'artifact'`` as if the input were wrong) prints a traceback tail and "internal error", exit 1, no output."""
+    from qcompile import pipeline
+
+    def broken(*a, **kw):
+        raise KeyError("artifact")
+    monkeypatch.setattr(pipeline, "verify", broken)
+    out = tmp_path / "out"
+    rc = run_cli(tiny_models["qwen2.5"], "--to", "gguf", "--bits", "4", "--out", out, "-q")
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "Traceback (most recent call last)" in err and 'raise KeyError("artifact")' in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("qcompile: internal error: KeyError: 'artifact'") and "a bug in qcompile" in last, last
+    assert "usage" not in err.lower() and not [f for f in _files(out) if f.endswith((".gguf", ".tmp"))]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--quant", "Q4_Z"], "unknown quantization type 'Q4_Z'"),
+    (["--to", "onnx", "--quant", "INT5_G128"], "INT5_G128"),
+])
+def test_unknown_registry_names_are_usage_errors(tiny_models, tmp_path, capsys, args, match):
+    _fail(capsys, tmp_path / "out", tiny_models["qwen2.5"], *args, code=2 if args[0] == "--quant" else 1, match=match)

@@ -8,18 +8,22 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
+from conftest import TINY_MODELS, run_cli
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
-
-from conftest import TINY_MODELS, run_cli
 from test_bad_input import _fail
+
 from calibration import sensitivity as sens
-from calibration.capture import LINEARS
 from qcompile import evaluate
-from qcompile.arch import read_config
 from qcompile.budget import parse_budget
-from qcompile.checkpoint import Checkpoint
 from qcompile.errors import QCompileError
+from qcompile.model import (
+    Checkpoint,
+    CheckpointSource,
+    QuantizedSource,
+    StreamedDecoder,
+    read_config,
+)
 from qcompile.tiny import builtin_text
 from qcompile.units import parse_size
 from quantizers import rtn
@@ -57,7 +61,7 @@ def whole_graph_fisher(cfg, source, tokens: np.ndarray, names: list[str], seed: 
     """The reference: the former product code, which held every float32 layer with gradients and a
     Fisher accumulator for every analysed tensor at once (one backward pass per window through all)."""
     import torch
-    dec = evaluate.StreamedDecoder(cfg)
+    dec = StreamedDecoder(cfg)
     wanted = set(names)
     params, sq_sum, layers, hooks = {}, {}, [], []
 
@@ -74,13 +78,13 @@ def whole_graph_fisher(cfg, source, tokens: np.ndarray, names: list[str], seed: 
             p.requires_grad_(full in wanted)
             if full in wanted:
                 params[full] = p
-        for lin in LINEARS:
+        for lin in cfg.arch.LINEARS:
             hooks.append(layer.get_submodule(lin).register_forward_pre_hook(record(f"model.layers.{i}.{lin}.weight")))
         layers.append(layer)
     norm = dec.build_norm(source).requires_grad_(False)
     head = torch.from_numpy(np.ascontiguousarray(source.full(dec.head_name), dtype=np.float32))
-    if sens.HEAD in wanted:
-        params[sens.HEAD] = head.requires_grad_(True)
+    if cfg.head_name in wanted:
+        params[cfg.head_name] = head.requires_grad_(True)
     assert set(params) == wanted
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
@@ -90,8 +94,8 @@ def whole_graph_fisher(cfg, source, tokens: np.ndarray, names: list[str], seed: 
             for layer in layers:
                 h = dec.forward_layer(layer, h)
             normed = norm(h)[0]
-            if sens.HEAD in wanted:  # the output matrix's imatrix: its final-normed input
-                sq_sum[sens.HEAD] = sq_sum.get(sens.HEAD, 0) + normed.detach().square().sum(0)
+            if cfg.head_name in wanted:  # the output matrix's imatrix: its final-normed input
+                sq_sum[cfg.head_name] = sq_sum.get(cfg.head_name, 0) + normed.detach().square().sum(0)
             logp = torch.log_softmax(normed @ head.T, dim=-1)
             y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
             logp.gather(1, y).sum().backward()
@@ -117,8 +121,8 @@ def whole_graph_sensitivity(source, fisher: WholeGraphFisher, types: dict[str, l
 
 def analysed(cfg) -> list[str]:
     """Every decoder linear, and the output matrix when it is not the embedding table."""
-    names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg.num_layers) for lin in LINEARS]
-    return names + ([] if cfg.tie_word_embeddings else [sens.HEAD])
+    names = cfg.decoder_linears()
+    return names + ([] if cfg.tie_word_embeddings else [cfg.head_name])
 
 
 @pytest.mark.parametrize("name", list(TINY_MODELS))
@@ -127,7 +131,7 @@ def test_streamed_sensitivity_equals_the_whole_graph_fisher(tiny_models, name, m
     the whole graph with every layer's Fisher in memory predicted: same labels, same estimator."""
     model = tiny_models[name]
     cfg = read_config(model)
-    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
+    src = CheckpointSource(Checkpoint(model, cfg))
     windows = np.asarray(evaluate.tokenize(model, builtin_text())[:5 * 64]).reshape(5, 64)
     names = analysed(cfg)
     types = {n: candidate_types(src.shape(n)[-1]) for n in names}
@@ -168,24 +172,24 @@ def test_gptq_head_prediction_is_rtns_times_the_measured_output_error_ratio(tiny
     the final-normed states, measured directly here on every row; the decoder linears are untouched."""
     model = tiny_models["qwen2"]
     cfg = read_config(model)
-    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
+    src = CheckpointSource(Checkpoint(model, cfg))
     windows = np.asarray(evaluate.tokenize(model, builtin_text())[:4 * 64]).reshape(4, 64)
-    types = {n: candidate_types(src.shape(n)[-1]) for n in (sens.HEAD, "model.layers.1.mlp.down_proj.weight")}
+    types = {n: candidate_types(src.shape(n)[-1]) for n in (cfg.head_name, "model.layers.1.mlp.down_proj.weight")}
     plain = sens.sensitivity(cfg, src, windows, types, use_imatrix=False, seed=1)
     matched = sens.sensitivity(cfg, src, windows, types, use_imatrix=False, gptq_head=True, seed=1)
     assert matched.predicted["model.layers.1.mlp.down_proj.weight"] == plain.predicted["model.layers.1.mlp.down_proj.weight"]
-    dec = evaluate.StreamedDecoder(cfg)
+    dec = StreamedDecoder(cfg)
     h = dec.embed(src, windows)
     for i in range(cfg.num_layers):
         h = dec.layer(i, src, h)
     x = dec.final_norm(src, h).reshape(-1, cfg.hidden_size).double().numpy()
-    w = src.full(sens.HEAD)
+    w = src.full(cfg.head_name)
     gram = (x.T @ x / len(x)).astype(np.float32)
-    for t in types[sens.HEAD]:
+    for t in types[cfg.head_name]:
         err = lambda q: float(np.square((q.dequantize() - w) @ x.T).sum())
-        ratio = err(gptq(sens.HEAD, w, gram.copy(), t)) / err(rtn.quantize(sens.HEAD, w, t))
+        ratio = err(gptq(cfg.head_name, w, gram.copy(), t)) / err(rtn.quantize(cfg.head_name, w, t))
         assert ratio < 0.8, t  # GPTQ's gain on the head is large: the proxy must not spend bytes on it
-        assert matched.predicted[sens.HEAD][t] == pytest.approx(plain.predicted[sens.HEAD][t] * ratio, rel=0.05), t
+        assert matched.predicted[cfg.head_name][t] == pytest.approx(plain.predicted[cfg.head_name][t] * ratio, rel=0.05), t
 
 
 def test_row_sampled_prediction_matches_every_row():
@@ -221,7 +225,7 @@ def test_predicted_kld_ranks_tensors_as_measured(tiny_models):
     the KLD measured on the second half rank the 29 tensors alike and agree in total within 2x."""
     model = tiny_models["qwen2"]
     cfg = read_config(model)
-    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
+    src = CheckpointSource(Checkpoint(model, cfg))
     ids = evaluate.tokenize(model, builtin_text())
     half = len(ids) // 2
     names = analysed(cfg)
@@ -231,7 +235,7 @@ def test_predicted_kld_ranks_tensors_as_measured(tiny_models):
     windows, score = evaluate.make_windows(ids[half:], 128, 640)
     measured = {}
     for n in names:
-        single = evaluate.QuantizedSource(src, {n: rtn.quantize(n, src.full(n), T.Q4_K)})
+        single = QuantizedSource(src, {n: rtn.quantize(n, src.full(n), T.Q4_K)})
         measured[n] = evaluate.reference_eval(cfg, src, single, windows, score=score)[0].kld_mean
     import torch
     assert torch.is_grad_enabled()  # the reference evaluation left grad mode as it found it
@@ -249,7 +253,7 @@ def test_bfloat16_layers_predict_what_float32_predicts(tiny_models, monkeypatch)
     float32 does, to a few percent, and rank them alike; the imatrix seen on the way agrees too."""
     model = tiny_models["qwen2.5"]
     cfg = read_config(model)
-    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
+    src = CheckpointSource(Checkpoint(model, cfg))
     windows = np.asarray(evaluate.tokenize(model, builtin_text())[:4 * 96]).reshape(4, 96)
     names = analysed(cfg)
     types = {n: candidate_types(src.shape(n)[-1]) for n in names}

@@ -7,17 +7,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import requires_llama, run_cli
 from gguf import GGMLQuantizationType as T
 
-from conftest import requires_llama, run_cli
 from calibration import capture, sources
 from qcompile import tiny
-from qcompile.arch import read_config
-from qcompile.checkpoint import Checkpoint
-from qcompile.resolve import resolve
 from qcompile.errors import QCompileError
-from quantizers import CalibStats, QUANTIZERS
-from quantizers import awq
+from qcompile.model import Checkpoint, read_config
+from qcompile.resolve import resolve
+from quantizers import QUANTIZERS, CalibStats, awq
 from quantizers.gptq import gptq
 from quantizers.grids import IntType
 from quantizers.rtn import quantize as rtn
@@ -179,9 +177,12 @@ def test_awq_scales_cut_the_output_error_of_rounding(t):
                          ids=["qwen2-mha-bias", "qwen3-gqa"])
 def test_awq_folding_leaves_the_fp_layer_unchanged(tmp_path, arch, over):
     """Folding arbitrary positive scales into norms / v / up rows and the consumers' columns: same outputs."""
-    from qcompile.arch import read_config
-    from qcompile.checkpoint import Checkpoint
-    from qcompile.evaluate import CheckpointSource, StreamedDecoder
+    from qcompile.model import (
+        Checkpoint,
+        CheckpointSource,
+        StreamedDecoder,
+        read_config,
+    )
     tiny.build_tokenizer(tmp_path)
     tiny.build_model(tmp_path, arch=arch, seed=5, **over)
     cfg = read_config(tmp_path)
@@ -189,13 +190,13 @@ def test_awq_folding_leaves_the_fp_layer_unchanged(tmp_path, arch, over):
     dec = StreamedDecoder(cfg)
     layer = dec.build_layer(1, src).float()
     prefix = "model.layers.1."
-    weights = {lin: src.full(prefix + lin + ".weight") for lin in capture.LINEARS}
+    weights = {lin: src.full(prefix + lin + ".weight") for lin in cfg.arch.LINEARS}
     rng = np.random.default_rng(0)
     scales = {p: np.exp(rng.normal(0, 1, weights[c[0]].shape[1])).astype(np.float32)
-              for p, _, c in capture.SCALE_GROUPS}
-    params = {rel: src.full(prefix + rel) for rel in capture.producer_params(scales) if prefix + rel in
+              for p, _, c in cfg.arch.SCALE_GROUPS}
+    params = {rel: src.full(prefix + rel) for rel in awq.producer_params(cfg.arch, scales) if prefix + rel in
               cfg.layer_tensor_names(1)}
-    capture.fold(scales, weights, params)
+    awq.fold(cfg.arch, scales, weights, params)
     gqa = cfg.num_kv_heads != cfg.num_heads
     assert ("self_attn.v_proj.bias" in params) == (arch == "qwen2") and (weights["self_attn.o_proj"].shape[1] ==
                                                                          weights["self_attn.v_proj"].shape[0]) != gqa
@@ -413,9 +414,7 @@ def test_compute_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(mon
     """bfloat16 for the calibration passes only on CPUs with AVX512-BF16 / AMX (elsewhere torch emulates it,
     ~80x slower than float32) and on GPUs; QCOMPILE_COMPUTE_DTYPE pins it; the engine follows the choice."""
     from calibration.capture import LayerwiseEngine
-    from qcompile import evaluate
-    from qcompile.arch import read_config
-    from qcompile.checkpoint import Checkpoint
+    from qcompile.model import Checkpoint, CheckpointSource, read_config
     from quantizers import QUANTIZERS, linalg
     monkeypatch.delenv(linalg.COMPUTE_DTYPE_ENV, raising=False)
     for flags, want in (({"avx2", "fma"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
@@ -430,7 +429,7 @@ def test_compute_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(mon
     assert linalg.compute_dtype("cuda") == "float32"
     model = tiny_models["qwen2"]
     cfg = read_config(model)
-    src = evaluate.CheckpointSource(Checkpoint(model, cfg))
+    src = CheckpointSource(Checkpoint(model, cfg))
     engine = LayerwiseEngine(cfg, src, np.zeros((1, 8), np.int64), {}, QUANTIZERS["imatrix"])
     assert engine.dtype == torch.float32
     monkeypatch.setenv(linalg.COMPUTE_DTYPE_ENV, "half")
@@ -463,7 +462,8 @@ def test_gptq_rounds_the_output_matrix_against_its_input_hessian(tiny_models, tm
     file's at the same type, the imatrix-weighted rounding's below it too."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
-    from qcompile.evaluate import CheckpointSource, StreamedDecoder
+
+    from qcompile.model import CheckpointSource, StreamedDecoder
     model = tiny_models["qwen2"]
     calib = _calib_file(tmp_path)
     args = ["--quant", "Q4_K_M", "--calib", calib, "--calib-samples", "8", "--calib-seqlen", "128", "-q",

@@ -3,8 +3,9 @@ available memory is refused in one line naming the option that lowers it."""
 from __future__ import annotations
 
 from conftest import run_cli
+
 from qcompile import cost
-from qcompile.arch import read_config
+from qcompile.model import read_config
 
 
 def test_dry_run_prints_every_stage_and_writes_nothing(tiny_models, tmp_path, capsys):

@@ -8,6 +8,7 @@ from gguf import quants as gq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcompile.errors import UsageError
 from quantizers import ggml, grids, rtn
 from quantizers.grids import GRIDS, BlockFields, pack, unpack
 from quantizers.tensor import QuantizedTensor, row_bytes
@@ -159,8 +160,10 @@ def test_int_type_names():
     with pytest.raises(ValueError):
         grids.IntType(4, 100)
     for bad in ("INT4_G0", "INT4_PC128", "INT4_SYM_PC", "INT6_PC"):  # per-channel has one spelling: PC
-        with pytest.raises(KeyError):
+        with pytest.raises(UsageError):
             grids.parse_type(bad)
+    with pytest.raises(UsageError):
+        grids.parse_type("Q4_Z")
 
 
 @settings(max_examples=40, deadline=None)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REAL_TOKENIZER, hf_logits, rel_error, requires_llama, run_cli
 from gguf import GGUFReader
 from gguf import LlamaFileType as F
 
-from conftest import REAL_TOKENIZER, hf_logits, rel_error, requires_llama, run_cli
 from qcompile import llama_worker, tiny
 
 pytestmark = requires_llama()

@@ -13,8 +13,8 @@ import json
 import sys
 
 import pytest
-
 from conftest import requires_llama
+
 from qcompile import memwatch, tiny
 
 WIDE = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,

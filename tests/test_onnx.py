@@ -6,14 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from exporters import onnx as ox
+from exporters.folder import quantize_decoder
 from qcompile import tiny
-from qcompile.arch import read_config
-from qcompile.checkpoint import Checkpoint
-from qcompile.evaluate import CheckpointSource
-from qcompile.pipeline import quantize_decoder
+from qcompile.model import Checkpoint, CheckpointSource, read_config
 from quantizers.grids import IntType
 
 ort = pytest.importorskip("onnxruntime")
@@ -150,8 +148,8 @@ print(json.dumps({"tokens": out[0].tolist(), "rope_theta": m.config.rope_theta})
 @pytest.fixture(scope="session")
 def optimum_overlay():
     """optimum-onnx pins transformers < 4.58, so it runs in a child process over a pinned overlay
-    (``qcompile.optimum_overlay``), installed once from the package index."""
-    from qcompile import optimum_overlay
+    (``benchmarks/optimum_overlay.py``), installed once from the package index."""
+    import optimum_overlay
     try:
         return optimum_overlay.ensure()
     except RuntimeError as e:
@@ -165,7 +163,7 @@ def optimum_overlay():
 def test_optimum_loads_and_generates(tiny_models, tmp_path, optimum_overlay, name):
     """``ORTModelForCausalLM.from_pretrained(DIR)`` (optimum-onnx, in its own transformers 4.57 process) loads
     our int4 folder and greedy-generates the tokens of the dequantized PyTorch model."""
-    from qcompile import optimum_overlay as ov
+    import optimum_overlay as ov
     if name == "qwen3-64":  # Qwen3 with head_dim == hidden / heads, the case optimum sizes right
         model = tmp_path / "m"
         model.mkdir()

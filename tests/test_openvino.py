@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
 from test_onnx import _hf, _quantize
-from qcompile.arch import read_config
+
+from qcompile.model import read_config
 from quantizers.grids import IntType
 
 ov = pytest.importorskip("openvino")
@@ -171,7 +171,7 @@ print(json.dumps(out[0].tolist()))
 @pytest.fixture(scope="session")
 def intel_overlay():
     """optimum-intel 2.2 pins transformers < 5.6: it runs in a child process over a pinned overlay."""
-    from qcompile import optimum_overlay
+    import optimum_overlay
     try:
         return optimum_overlay.ensure("openvino")
     except RuntimeError as e:
@@ -181,7 +181,7 @@ def intel_overlay():
 @pytest.mark.parametrize("name", ["qwen2", "qwen2.5", "qwen3"])
 def test_optimum_intel_loads_and_generates(tiny_models, tmp_path, intel_overlay, name):
     """``OVModelForCausalLM.from_pretrained(DIR)`` loads our int4 IR and greedy-generates PyTorch's tokens."""
-    from qcompile import optimum_overlay as ov_env
+    import optimum_overlay as ov_env
     model = tiny_models[name]
     cfg, tensors = _quantize(model, IntType(4, 128))
     xo.write_openvino(tmp_path, model, cfg, tensors)
@@ -219,8 +219,8 @@ def test_embeddings_are_looked_up_from_our_8bit_table(tiny_models, tmp_path, nam
     """``--to openvino`` stores the input embeddings 8-bit (as NNCF does): the Gather reads a u8 constant
     through the decompression pattern ([vocab, hidden/g, g] grouped; [vocab, hidden] per-channel, NNCF's own
     layout), logits equal the dequantized PyTorch model and the .bin shrinks."""
-    from qcompile.checkpoint import Checkpoint
-    from qcompile.pipeline import head_type, quantize_embeddings, quantize_head
+    from exporters.folder import head_type, quantize_embeddings, quantize_head
+    from qcompile.model import Checkpoint
     model = tiny_models[name]
     cfg, tensors = _quantize(model, body)
     t = head_type(body)

@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 from conftest import REAL_TOKENIZER, SHARED, run_cli
 
-from qcompile.packaging import chat_template, gojson, gotemplate, lmstudio, ollama, ollama_api
-
+from qcompile.packaging import (
+    chat_template,
+    gojson,
+    gotemplate,
+    lmstudio,
+    ollama,
+    ollama_api,
+)
 
 # ---- a parser for Ollama's documented Modelfile format ------------------------------------------------
 # Instructions FROM PARAMETER TEMPLATE SYSTEM ADAPTER LICENSE MESSAGE REQUIRES, case-insensitive; `#` comment

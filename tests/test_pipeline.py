@@ -6,12 +6,17 @@ import re
 
 import numpy as np
 import pytest
+from conftest import hf_logits, rel_error, run_cli
 from gguf import GGUFReader
 
-from conftest import hf_logits, rel_error, run_cli
 from qcompile import evaluate
-from qcompile.arch import read_config
-from qcompile.checkpoint import Checkpoint
+from qcompile.model import (
+    Checkpoint,
+    CheckpointSource,
+    StreamedDecoder,
+    decoder,
+    read_config,
+)
 
 
 def test_streamed_decoder_matches_transformers(tiny_model, monkeypatch):
@@ -19,13 +24,13 @@ def test_streamed_decoder_matches_transformers(tiny_model, monkeypatch):
     cfg = read_config(tiny_model)
     ckpt = Checkpoint(tiny_model, cfg)
     tokens = np.random.default_rng(0).integers(0, 700, (1, 48))
-    dec = evaluate.StreamedDecoder(cfg)
-    src = evaluate.CheckpointSource(ckpt)
+    dec = StreamedDecoder(cfg)
+    src = CheckpointSource(ckpt)
     h = dec.embed(src, tokens)
     for i in range(cfg.num_layers):
         h = dec.layer(i, src, h)
     h = dec.final_norm(src, h)[0]
-    monkeypatch.setattr(evaluate, "HEAD_CHUNK_BYTES", 48 * 4 * 300)  # several vocabulary chunks
+    monkeypatch.setattr(decoder, "HEAD_CHUNK_BYTES", 48 * 4 * 300)  # several vocabulary chunks
     got = np.concatenate([c.numpy() for _, c in dec.logits_chunks(src, h)], axis=1)
     assert rel_error(got, hf_logits(tiny_model, tokens[0].tolist())) < 1e-5
 
@@ -34,7 +39,7 @@ def test_online_softmax_metrics_equal_direct_computation(tiny_models, monkeypatc
     """Chunked (online) log-sum-exp gives the same ppl/KLD/top-1 as full-vocabulary softmax."""
     import torch
     cfg = read_config(tiny_models["qwen2"])
-    fp = evaluate.CheckpointSource(Checkpoint(tiny_models["qwen2"], cfg))
+    fp = CheckpointSource(Checkpoint(tiny_models["qwen2"], cfg))
 
     class Noisy:  # a "quantized" source: the same weights plus noise
         def __init__(self, src):
@@ -52,9 +57,9 @@ def test_online_softmax_metrics_equal_direct_computation(tiny_models, monkeypatc
 
     windows = np.random.default_rng(1).integers(0, 700, (2, 40))
     q = Noisy(fp)
-    monkeypatch.setattr(evaluate, "HEAD_CHUNK_BYTES", 80 * 4 * 200)
+    monkeypatch.setattr(decoder, "HEAD_CHUNK_BYTES", 80 * 4 * 200)
     m, kept = evaluate.reference_eval(cfg, fp, q, windows, keep_logits=16)
-    dec = evaluate.StreamedDecoder(cfg)
+    dec = StreamedDecoder(cfg)
     logits = []
     for src in (fp, q):
         h = dec.embed(src, windows)
@@ -132,7 +137,7 @@ def test_same_inputs_give_identical_files(tiny_models, tmp_path):
 
 def test_row_chunking_does_not_change_bytes(tiny_models, tmp_path, monkeypatch):
     """Streaming in tiny row-chunks writes the same file as whole-tensor chunks."""
-    import qcompile.checkpoint as ck
+    import qcompile.model.checkpoint as ck
     assert run_cli(tiny_models["qwen2.5"], "--quant", "Q6_K", "--out", tmp_path / "a", "-q", "--no-verify") == 0
     monkeypatch.setattr(ck, "CHUNK_BYTES", 4096)
     monkeypatch.setattr(ck.Checkpoint.iter_rows, "__defaults__", (4096,))

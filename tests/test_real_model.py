@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REAL_MODEL, SHARED, requires_llama, run_cli
 from gguf import GGUFReader
 from gguf import LlamaFileType as F
 
-from conftest import REAL_MODEL, SHARED, requires_llama, run_cli
 from qcompile import llama_worker
 
 ENABLED = os.environ.get("QCOMPILE_SLOW") == "1" or os.environ.get("CI", "").lower() == "true"

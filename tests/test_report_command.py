@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 
 pytest.importorskip("matplotlib", reason="qcompile report's plots need matplotlib (pip install -e '.[report]')")
@@ -81,8 +80,7 @@ def test_report_json_has_each_tensors_reconstruction_error(runs, tiny_models):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from qcompile.arch import read_config
-    from qcompile.checkpoint import Checkpoint
+    from qcompile.model import Checkpoint, read_config
     ckpt = Checkpoint(tiny_models["qwen2"], read_config(tiny_models["qwen2"]))  # float32 from the bf16 file
     hf = {"blk.1.ffn_down.weight": "model.layers.1.mlp.down_proj.weight",
           "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
@@ -275,8 +273,7 @@ def test_onnx_report_has_each_tensors_reconstruction_error(tiny_models, tmp_path
     """The folder targets record rel_error too, keyed by Hugging Face name (lm_head: summed over row-chunks),
     and it is the error of what was written: the codes read back from model.onnx_data against the checkpoint."""
     from exporters.onnx import read_matmulnbits
-    from qcompile.arch import read_config
-    from qcompile.checkpoint import Checkpoint
+    from qcompile.model import Checkpoint, read_config
     model = tiny_models["qwen2"]
     assert run_cli(model, "--to", "onnx", "--quant", "INT4_G128", "--method", "rtn", "--no-verify", "-q",
                    "--out", tmp_path) == 0

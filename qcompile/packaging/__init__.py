@@ -25,6 +25,7 @@ from qcompile import __version__, report
 from qcompile.errors import QCompileError, UsageError
 from qcompile.packaging import chat_template, lmstudio, ollama
 from qcompile.packaging import templates as T
+from qcompile.report_types import Report
 
 
 def parse_targets(value: str | None) -> tuple[str, ...]:
@@ -115,7 +116,7 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def publish(p: Plan, rep: dict) -> dict:
+def publish(p: Plan, rep: Report) -> dict:
     """Write the package files (all or nothing) and run ``ollama create``; return report.json's
     ``package`` section."""
     (p.out / T.MANIFEST).unlink(missing_ok=True)  # it described a previous run (--force)
@@ -141,8 +142,8 @@ def publish(p: Plan, rep: dict) -> dict:
         linked = section.get("lmstudio", {}).get("gguf") == "hardlink"
         for tmp, final in staged:
             # a hard link is the GGUF's own inode: its hash is known; a copy is hashed, and must match
-            sha = rep["artifact"]["sha256"] if final == p.lm_gguf and linked else report.sha256_file(tmp)
-            if final == p.lm_gguf and sha != rep["artifact"]["sha256"]:
+            sha = rep.artifact.sha256 if final == p.lm_gguf and linked else report.sha256_file(tmp)
+            if final == p.lm_gguf and sha != rep.artifact.sha256:
                 raise QCompileError(f"{p.lm_gguf}: the copy's sha256 differs from the GGUF's")
             files.append({"path": final.relative_to(p.out).as_posix(), "bytes": tmp.stat().st_size, "sha256": sha})
         for tmp, final in staged:
@@ -197,15 +198,17 @@ def _stage_gguf(src: Path, final: Path) -> tuple[Path, str]:
     return tmp, "copy"
 
 
-def finish(p: Plan, rep: dict, report_path: Path) -> None:
+def finish(p: Plan, rep: Report, report_path: Path) -> None:
     """The whole stage after export: package files, report.json with a ``package`` section, manifest.json
     last. A failure removes the package files and restores the plain report; a failed ``ollama create``
     raises only once everything is written."""
     section = publish(p, rep)
     try:
-        report.write_report(report_path, {**rep, "package": section})
-        write_manifest(p, {**rep, "package": section}, report_path)
+        rep.package = section
+        report.write_report(report_path, rep)
+        write_manifest(p, rep, report_path)
     except BaseException:
+        rep.package = None
         for f in [p.out / T.MANIFEST, *(p.out / x["path"] for x in section["files"])]:
             f.unlink(missing_ok=True)
         if p.lm_folder is not None:
@@ -218,17 +221,16 @@ def finish(p: Plan, rep: dict, report_path: Path) -> None:
                     break
         report.write_report(report_path, rep)
         raise
-    rep["package"] = section
     check_create(section)
 
 
-def write_manifest(p: Plan, rep: dict, report_path: Path) -> Path:
+def write_manifest(p: Plan, rep: Report, report_path: Path) -> Path:
     """``manifest.json``: every file this run wrote (GGUF, report.json, package files) with size and
     sha256; written last, atomically."""
-    files = [{"path": p.artifact.name, "bytes": rep["artifact"]["bytes"], "sha256": rep["artifact"]["sha256"]},
+    files = [{"path": p.artifact.name, "bytes": rep.artifact.bytes, "sha256": rep.artifact.sha256},
              {"path": report_path.relative_to(p.out).as_posix(), "bytes": report_path.stat().st_size,
               "sha256": report.sha256_file(report_path)},
-             *rep["package"]["files"]]
+             *rep.package["files"]]
     doc = {"schema_version": 1, "tool": f"qcompile {__version__}", "files": sorted(files, key=lambda f: f["path"])}
     path = p.out / T.MANIFEST
     report.atomic_write_text(path, json.dumps(doc, indent=2) + "\n")

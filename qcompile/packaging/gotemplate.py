@@ -1,5 +1,14 @@
 """A minimal evaluator for the subset of Go's ``text/template`` that Ollama chat templates use.
 
+Kept in the product, judged on its merits (with ``gojson.py`` and ``ollama_api.py``, ~900 lines): every
+``--package ollama`` renders the Modelfile's TEMPLATE as an Ollama server would and the checkpoint's Jinja
+template as transformers would, on a fixed set of conversations (system, multi-turn, tools, tool results),
+and reports each difference in report.json (``package.ollama.template.equivalent`` / ``mismatches``) and as a
+warning. A wrong chat template does not crash; it silently degrades every answer of the packaged model,
+and nothing else in the chain (Ollama, llama.cpp, our KLD checks) would notice. That check is worth its
+size; a test renders the same templates with Go's own ``text/template`` (tests/ollama_render.go) so the
+evaluator cannot drift from Go.
+
 Why it exists: Ollama's ``TEMPLATE`` is a Go template, and the only way to know that the template we write
 renders the same prompt as the model's Jinja chat template is to render it. There is no maintained Python
 implementation of Go's template language (the one PyPI package is an unversioned CGo wrapper that would

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qcompile import __version__
 from qcompile.packaging import templates as T
+from qcompile.report_types import Metrics, Report
 
 
 def layout(lmstudio_root: Path, publisher: str, model_name: str, scheme: str) -> tuple[Path, Path]:
@@ -49,42 +50,42 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _quality(metrics: dict) -> str:
-    ref = (metrics or {}).get("reference")
-    if not ref:
+def _quality(metrics: Metrics) -> str:
+    ref = metrics.reference
+    if ref is None:
         return "Not verified (built with `--no-verify`)."
     rows = [
         ("Measured by qcompile against the full-precision model in PyTorch "
-         f"({ref['tokens']} tokens, {ref['windows']} windows of {ref['ctx']}):"),
+         f"({ref.tokens} tokens, {ref.windows} windows of {ref.ctx}):"),
         "",
         "| metric | value |",
         "|---|---|",
-        f"| perplexity (full precision -> quantized) | {ref['ppl_fp']:.4f} -> {ref['ppl_quant']:.4f} |",
-        f"| mean KL divergence | {ref['kld_mean']:.5f} |",
-        f"| p99 KL divergence | {ref['kld_p99']:.5f} |",
-        f"| top-1 agreement | {100 * ref['top1']:.2f}% |",
+        f"| perplexity (full precision -> quantized) | {ref.ppl_fp:.4f} -> {ref.ppl_quant:.4f} |",
+        f"| mean KL divergence | {ref.kld_mean:.5f} |",
+        f"| p99 KL divergence | {ref.kld_p99:.5f} |",
+        f"| top-1 agreement | {100 * ref.top1:.2f}% |",
     ]
-    art = metrics.get("artifact")
+    art = metrics.artifact
     if art:
-        rows += ["", (f"In {art['runtime']} ({art['tokens']} tokens) the file's logits match the dequantized "
-                      f"model within a relative error of {art['rel_error']:.2e} (top-1 {100 * art['top1']:.2f}%).")]
+        rows += ["", (f"In {art.runtime} ({art.tokens} tokens) the file's logits match the dequantized "
+                      f"model within a relative error of {art.rel_error:.2e} (top-1 {100 * art.top1:.2f}%).")]
     return "\n".join(rows)
 
 
-def model_card(rep: dict, *, model_name: str, repo: str | None, license_id: str | None, file_name: str) -> str:
+def model_card(rep: Report, *, model_name: str, repo: str | None, license_id: str | None, file_name: str) -> str:
     """README.md for the LM Studio folder, from report.json's content."""
     front = {"base_model": repo, "license": license_id, "quantized_by": "qcompile", "library_name": "gguf",
              "pipeline_tag": "text-generation"}
     front_matter = "".join(f"{k}: {v}\n" for k, v in front.items() if v)
     front_matter += "tags:\n- gguf\n- qcompile\n"
-    target, art = rep["target"], rep["artifact"]
-    calib = rep.get("calibration")
-    source = rep["model"]["source"]
+    target, art = rep.target, rep.artifact
+    calib = rep.calibration
+    source = rep.model.source
     return T.MODEL_CARD.format(
-        front_matter=front_matter, model_name=model_name, scheme=target["scheme"], version=__version__,
+        front_matter=front_matter, model_name=model_name, scheme=target.scheme, version=__version__,
         source_line=f"[{repo}](https://huggingface.co/{repo})" if repo else f"`{source}` (local checkpoint)",
         license_line=license_id or "not recorded in the checkpoint; see the source model's card",
-        method=target["method"], calibration=f"; calibration: {calib}" if calib else "",
-        bits_per_weight=art["bits_per_weight"], file=file_name, size_human=_human(art["bytes"]),
-        size_bytes=f"{art['bytes']:,}", sha256=art["sha256"], quality=_quality(rep.get("metrics") or {}),
-        command=shlex.join(rep["tool"]["command"]))
+        method=target.method, calibration=f"; calibration: {calib}" if calib else "",
+        bits_per_weight=art.bits_per_weight, file=file_name, size_human=_human(art.bytes),
+        size_bytes=f"{art.bytes:,}", sha256=art.sha256, quality=_quality(rep.metrics),
+        command=shlex.join(rep.tool.command))

@@ -1,6 +1,7 @@
-"""Architecture descriptions: what differs between Qwen2-family and Qwen3 lives here, as data.
+"""A checkpoint's hyper-parameters, normalised from config.json, with its architecture's description.
 
-The loader, the exporters and the evaluator read these fields instead of branching on names.
+Name questions (which tensors, which linears, HF -> GGUF) are answered by ``cfg.arch``
+(:mod:`qcompile.model.architectures`); the helpers here only add this model's layer count and tying.
 """
 from __future__ import annotations
 
@@ -10,54 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from qcompile.errors import QCompileError
-
-
-@dataclass(frozen=True)
-class Arch:
-    hf_name: str          # config.json "architectures"[0]
-    model_type: str       # config.json "model_type"
-    gguf_arch: str        # llama.cpp architecture name
-    qkv_bias: bool        # q/k/v projections carry a bias (Qwen2 family)
-    qk_norm: bool         # per-head RMSNorm on q and k (Qwen3)
-    hf_prefix: str        # transformers class prefix: {prefix}DecoderLayer, {prefix}RotaryEmbedding, ...
-
-
-ARCHES: dict[str, Arch] = {
-    a.hf_name: a for a in (
-        Arch("Qwen2ForCausalLM", "qwen2", "qwen2", qkv_bias=True, qk_norm=False, hf_prefix="Qwen2"),
-        Arch("Qwen3ForCausalLM", "qwen3", "qwen3", qkv_bias=False, qk_norm=True, hf_prefix="Qwen3"),
-    )
-}
-_BY_MODEL_TYPE = {a.model_type: a for a in ARCHES.values()}
-
-# Per-layer tensors, HF suffix -> GGUF suffix. Linear weights are 2-D [out, in]; the rest 1-D.
-LAYER_TENSORS: dict[str, str] = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-TOP_TENSORS: dict[str, str] = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+from qcompile.model.architectures import Architecture, lookup
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The hyper-parameters every stage needs, normalised from config.json (transformers 4.x or 5.x)."""
-    arch: Arch
+    arch: Architecture
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -75,36 +35,43 @@ class ModelConfig:
     @property
     def name_map(self) -> dict[str, str]:
         """HF tensor name -> GGUF tensor name for every tensor this model may contain."""
-        m = dict(TOP_TENSORS)
-        for i in range(self.num_layers):
-            for hf, gg in LAYER_TENSORS.items():
-                m[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
-        return m
+        return self.arch.gguf_names(self.num_layers)
 
     def layer_tensor_names(self, i: int) -> list[str]:
         """HF names of layer i's tensors that this architecture has."""
-        names = []
-        for hf in LAYER_TENSORS:
-            if ".bias" in hf and not self.arch.qkv_bias:
-                continue
-            if "_norm." in hf and "self_attn" in hf and not self.arch.qk_norm:
-                continue
-            names.append(f"model.layers.{i}.{hf}")
-        return names
+        return self.arch.layer_tensor_names(i)
+
+    def linear_names(self, i: int) -> list[str]:
+        """HF weight names of layer i's linears."""
+        return self.arch.linear_names(i)
+
+    def decoder_linears(self) -> list[str]:
+        """HF weight names of every decoder linear, layer by layer."""
+        return [n for i in range(self.num_layers) for n in self.linear_names(i)]
+
+    @property
+    def embed_name(self) -> str:
+        return self.arch.EMBED
+
+    @property
+    def head_name(self) -> str:
+        """The output matrix's name (what a quantized head is called, tied or not)."""
+        return self.arch.HEAD
+
+    @property
+    def head_source(self) -> str:
+        """The checkpoint tensor the output matrix is read from: the embeddings when tied."""
+        return self.arch.head_source(self.tie_word_embeddings)
 
     def expected_tensor_names(self) -> list[str]:
         """Every HF tensor name the checkpoint must provide, in export order."""
-        names = ["model.embed_tokens.weight"]
+        names = [self.arch.EMBED]
         for i in range(self.num_layers):
             names += self.layer_tensor_names(i)
-        names.append("model.norm.weight")
+        names.append(self.arch.FINAL_NORM)
         if not self.tie_word_embeddings:
-            names.append("lm_head.weight")
+            names.append(self.arch.HEAD)
         return names
-
-
-def supported() -> str:
-    return ", ".join(ARCHES)
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -116,11 +83,7 @@ def read_config(model_dir: Path) -> ModelConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise QCompileError(f"{path}: unreadable config.json ({e})") from None
-    names = raw.get("architectures") or []
-    arch = ARCHES.get(names[0]) if names else _BY_MODEL_TYPE.get(raw.get("model_type", ""))
-    if arch is None:
-        what = names[0] if names else raw.get("model_type", "unknown")
-        raise QCompileError(f"{model_dir}: unsupported architecture {what!r}; supported: {supported()}")
+    arch = lookup(raw, model_dir)
     try:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])

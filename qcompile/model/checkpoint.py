@@ -20,8 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
-from qcompile.arch import ModelConfig
 from qcompile.errors import QCompileError
+from qcompile.model.config import ModelConfig
 
 _DTYPES = {"BF16": (np.dtype("<u2"), 2), "F16": (np.dtype("<f2"), 2), "F32": (np.dtype("<f4"), 4)}
 # float32 bytes per streamed row-chunk (QCOMPILE_CHUNK_BYTES tunes it: smaller = less RSS, more calls)
@@ -186,9 +186,9 @@ class Checkpoint:
         for name in cfg.expected_tensor_names():
             if name not in self.entries:
                 raise QCompileError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-        emb = self.entries["model.embed_tokens.weight"].shape
+        emb = self.entries[cfg.embed_name].shape
         if emb != (cfg.vocab_size, cfg.hidden_size):
-            raise QCompileError(f"{self.dir}: model.embed_tokens.weight has shape {list(emb)}, config says "
+            raise QCompileError(f"{self.dir}: {cfg.embed_name} has shape {list(emb)}, config says "
                                 f"[{cfg.vocab_size}, {cfg.hidden_size}]")
 
     def __contains__(self, name: str) -> bool:
