@@ -7,7 +7,7 @@ the report.json fields that hold no times or versions.
 (``PYTHONPATH=.``: the checkout's own code, not the one an editable install points to.)
 
 The runs cover every target and method family: RTN Q4_K_M / Q8_0 / Q4_0 GGUF, GPTQ Q4_K_M with a fixed
-``--calib`` file, a ``--max-size`` mix, the default ``--bits 4`` (self-calibrated), ONNX and OpenVINO int4
+``--calib`` file, ``--target-bpw`` and ``--max-size`` mixes, the default ``--bits 4`` (self-calibrated), ONNX and OpenVINO int4
 with RTN and GPTQ, and ``--package all``. The models are the test suite's tiny checkpoints (seeded, built on the
 spot), so the hashes depend only on the code, the library versions and the machine (the calibration's compute
 dtype follows the CPU: ``quantizers.linalg.compute_dtype``): record and compare on one machine and venv.
@@ -37,7 +37,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "gguf-gptq-q4_k_m": ("qwen2", ["--quant", "Q4_K_M", "--method", "gptq", *CALIB]),
     "gguf-awq-q4_k_m": ("qwen3", ["--quant", "Q4_K_M", "--method", "awq", *CALIB]),
     "gguf-awq+gptq-q4_k_m": ("qwen2", ["--quant", "Q4_K_M", "--method", "awq+gptq", *CALIB]),
-    "gguf-max-size": ("qwen2", ["--quant", "Q4_K_M", "--target-bpw", "4.6", *CALIB]),
+    "gguf-target-bpw": ("qwen2", ["--quant", "Q4_K_M", "--target-bpw", "4.6", *CALIB]),
+    "gguf-max-size": ("qwen3", ["--quant", "Q4_K_M", "--max-size", "2.6MiB", "--method", "rtn", *CALIB]),
     "gguf-bits4-default": ("qwen2.5", ["--bits", "4", "--calib-samples", "4", "--calib-seqlen", "32"]),
     "onnx-rtn-int4": ("qwen2.5", ["--to", "onnx", "--bits", "4"]),
     "onnx-gptq-int4": ("qwen3", ["--to", "onnx", "--bits", "4", "--method", "gptq", *CALIB]),
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     got = run_all(a.only, a.keep)
     if a.mode == "record":
+        if a.only and a.file.is_file():  # re-record some runs: keep the others
+            got = {**json.loads(a.file.read_text()), **got}
         a.file.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
         print(f"recorded {len(got)} runs, {sum(len(r['files']) for r in got.values())} files -> {a.file}")
         return 0
