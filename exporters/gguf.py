@@ -278,8 +278,7 @@ class GGUFTarget(Target):
         sch = replace(self.scheme, has_imatrix=job.method.needs_calibration)
         self.scheme = sch
         plan = tensor_plan(job.cfg, job.ckpt, sch)
-        n_params = sum(int(np.prod(p.shape)) for p in plan)
-        meta = dict(name=job.res.name, size_label=size_label(n_params, 0, 0, 0), file_type=sch.file_type)
+        meta = dict(name=job.res.name, size_label=size_label(job.n_params, 0, 0, 0), file_type=sch.file_type)
         self.types = GGUFTypes(sch, plan, job.vocab, meta)
 
     def scheme_name(self, job) -> str:

@@ -86,6 +86,10 @@ class Target:
         """Whether some type refuses to round without calibration statistics (llama.cpp's IQ3_XXS)."""
         return False
 
+    def size(self, job) -> int:
+        """A sized target's exact artifact bytes for its current types (the allocation checks itself against it)."""
+        raise NotImplementedError
+
     def cost_inputs(self, job) -> tuple[int, dict[tuple, int], str | None]:
         """(predicted artifact bytes, RTN work by (type, row length), folder export kind or None) for the cost plan."""
         raise NotImplementedError

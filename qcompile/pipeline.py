@@ -27,7 +27,6 @@ import quantizers
 from calibration.capture import LayerwiseEngine, fingerprint
 from exporters.gguf import (
     PlannedTensor,
-    file_size,
     quantized_chunks,
     tensor_plan,
     write_gguf,
@@ -168,7 +167,7 @@ def allocate(job: CompilePlan) -> None:
     types.plan, job.allocation = budget_plan(job.opts, job.cfg, job.ckpt, types.plan, job.sizes, job.budget,
                                              job.tokens, job.method, job.device)
     # the size model against the writer's own metadata: the exact file size, within the budget
-    planned = file_size(job.cfg, types.vocab, types.plan, **types.meta)
+    planned = job.target.size(job)
     if not job.allocation["bytes"] == planned <= job.budget.bytes:
         raise RuntimeError(f"size model: {job.allocation['bytes']} bytes planned, {planned} in the file, "
                            f"budget {job.budget.bytes}")

@@ -159,8 +159,8 @@ def build(opts: Options, announce: bool = True) -> CompilePlan:
     # load (lazily: headers only; tensors stream during quantization)
     job.ckpt = Checkpoint(job.res.path, job.cfg, allow_pickle=opts.allow_pickle)
     job.shapes = cost.Shapes.of(job.cfg)
-    target.assign(job)
     job.n_params = sum(int(np.prod(job.ckpt.entry(n).shape)) for n in job.cfg.expected_tensor_names())
+    target.assign(job)
     if target.sized:  # fails now if the budget cannot be met
         job.budget, job.sizes = budget_sizes(opts, job, preset_sized=preset_sized(opts, job.method))
     job.scheme_name = target.scheme_name(job) if job.budget is None else \
