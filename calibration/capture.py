@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 BATCH_TOKENS = 2048  # tokens per forward batch of the layer engine
 SAMPLE_TOKENS = 2048  # calibration tokens kept per input for a method that asks for samples (AWQ's search)
 SPILL_RESIDUAL_BYTES = 256 << 20  # on the CPU, a larger residual stream waits in a file mapping
+# An MoE expert routed fewer tokens than its input width (a Hessian of lower rank) also gets the layer's other
+# tokens, weighted so its statistics count this many tokens: an expert the calibration never reached is
+# calibrated on the layer's inputs as a whole, one it reached often on its own tokens (report: per expert)
+EXPERT_MIN_TOKENS_PER_INPUT = 1.0
+EXPERT_POOL_TOKENS = 2048  # the layer's tokens (seeded sample) that thinly routed experts are blended with
 
 
 @dataclass
@@ -89,6 +94,16 @@ class Stats:
         self.abs += xf.abs_().sum(0).double().cpu().numpy()
         self.sq += xf.square_().sum(0).double().cpu().numpy()
         self.tokens += x.shape[0]
+
+    def merge(self, other: Stats, weight: float) -> None:
+        """Add ``other``'s sums, each of its tokens counting ``weight`` (an expert's blend with its layer)."""
+        self.sq += weight * other.sq
+        self.abs += weight * other.abs
+        if self.hessian is not None:
+            if self.upper_only or other.upper_only:
+                raise RuntimeError("merge of upper-triangle Hessians")
+            self.hessian += np.float32(weight) * other.hessian
+        self.tokens += weight * other.tokens
 
     def calib(self) -> CalibStats:
         """The mean statistics. The Hessian is handed over, not copied: normalised in place (a large one
@@ -148,6 +163,7 @@ class LayerwiseEngine:
         self._mapped: np.ndarray | None = None  # the file mapping behind self.hidden, when spilled
         self.tokens = tokens
         self.errors = ErrorTally()  # per HF tensor name, for report.json
+        self.experts: dict[int, list[dict]] = {}  # MoE: per layer, each expert's routed tokens and blend
         if self.work is not None:
             if resume and self._load_state():
                 return
@@ -174,6 +190,8 @@ class LayerwiseEngine:
             np.savez(f, **arrays)
         os.replace(tmp, self.work / f"layer-{i:03d}.npz")
         errors = {k: self.errors.sums(k) for k in tensors if self.errors.sums(k) is not None}
+        if i in self.experts:
+            errors["__experts__"] = self.experts[i]
         (self.work / f".errors-{i:03d}.json").write_text(json.dumps(errors))
         os.replace(self.work / f".errors-{i:03d}.json", self.work / f"errors-{i:03d}.json")
         self.torch.save(self.hidden.cpu(), self.work / ".hidden.pt")
@@ -191,7 +209,10 @@ class LayerwiseEngine:
         errors = self.work / f"errors-{i:03d}.json"
         if errors.is_file():  # absent in checkpoints written before errors were measured: no error then
             for name, sums in json.loads(errors.read_text()).items():
-                self.errors.put(name, sums)
+                if name == "__experts__":
+                    self.experts[i] = sums
+                else:
+                    self.errors.put(name, sums)
         return out
 
     def head_stats(self) -> CalibStats:
@@ -236,7 +257,8 @@ class LayerwiseEngine:
             # the same rows as one call, batch by batch
             self.hidden = self._new_residual(lambda rows: self.dec.embed(self.source, self.tokens[rows]))
         module = self.dec.build_layer(i, self.source, self.device).to(self.dtype)
-        stats = self._collect(module)
+        routed: dict[str, list] = {"x": [], "idx": []}
+        stats = self._collect(module, routed if self.cfg.arch.moe else None)
         for lin in self.cfg.arch.LINEARS:  # until the quantized values take their place, their memory is GPTQ's
             module.get_submodule(lin).weight.data = self.torch.empty(0, dtype=self.dtype, device=self.device)
         prefix = self.cfg.arch.layer_prefix(i)
@@ -251,6 +273,9 @@ class LayerwiseEngine:
         fp = view.params                   # folded norms/biases, exported instead of the checkpoint's
         del stats, view
         out = self._quantize(prefix, module, weight, calib)
+        if self.cfg.arch.moe:
+            out |= self._quantize_experts(i, module, routed)
+        del routed
         for name, v in fp.items():
             out[name] = QuantizedTensor(name, T.F32, (1, v.size), v.reshape(1, -1).astype(np.float32))
             self._install(module, prefix, out[name], v)
@@ -283,6 +308,74 @@ class LayerwiseEngine:
             parts |= self._quantize_group(prefix, module, groups[stat_of, target], target, stat, weight)
             del stat
         return {f"{prefix}{lin}.weight": parts[lin] for lin in linears}
+
+    def _quantize_experts(self, i: int, module, routed: dict[str, list]) -> dict[str, QuantizedTensor]:
+        """Quantize layer ``i``'s routed experts one by one, each on the tokens the full-precision router sent
+        it, and load them into ``module``; returns the stacked tensors (``ffn_*_exps``), keyed by HF name.
+
+        Statistics per expert: gate/up see the expert's tokens, down sees its intermediate activations on them
+        (float weights, as the dense layers' statistics pass). An expert with fewer tokens than its input
+        width also gets the layer's other tokens (a seeded sample), weighted so its statistics count that
+        many (:data:`EXPERT_MIN_TOKENS_PER_INPUT`): never left in float, never rounded on a Hessian its few
+        tokens cannot span. Memory: one expert's statistics and weights at a time, beside the layer's
+        recorded inputs (tokens x hidden)."""
+        torch, cfg, arch = self.torch, self.cfg, self.cfg.arch
+        x_all, idx = torch.cat(routed.pop("x")), torch.cat(routed.pop("idx"))
+        routed.clear()
+        names = arch.expert_names(i)                   # gate, up, down: stacked [E, rows, cols]
+        n_exp, width, hidden = cfg.num_experts, cfg.expert_intermediate_size, cfg.hidden_size
+        spans = ((width, width, hidden))               # rows of one expert in each
+        pool_rows = np.random.default_rng(i).permutation(x_all.shape[0])[:EXPERT_POOL_TOKENS]
+        pool = x_all[torch.from_numpy(np.sort(pool_rows))]
+        pool_in = self._stats_of(pool)                 # gate/up inputs of the pool (the same for every expert)
+        experts = module.get_submodule(arch.EXPERTS_MODULE)
+        act = experts.act_fn
+        parts: list[list[QuantizedTensor]] = [[], [], []]
+        coverage = []
+        for e in range(n_exp):
+            rows = torch.nonzero((idx == e).any(dim=1)).flatten()
+            x = x_all[rows]
+            w = [self.source.rows(n, e * r, (e + 1) * r) for n, r in zip(names, spans)]
+            blend = max(0.0, EXPERT_MIN_TOKENS_PER_INPUT * hidden - len(rows)) / max(1, len(pool))
+            st = self._stats_of(x)
+            if blend:
+                st.merge(pool_in, blend)
+            wg, wu = torch.from_numpy(w[0]), torch.from_numpy(w[1])
+            inter = lambda a: act(a @ wg.T) * (a @ wu.T)   # the expert's down input, float weights
+            st_down = self._stats_of(inter(x))
+            if blend:
+                st_down.merge(self._stats_of(inter(pool)), max(0.0, EXPERT_MIN_TOKENS_PER_INPUT * width
+                                                               - len(rows)) / max(1, len(pool)))
+            # gate and up share their input: one stacked solve when they share a type
+            groups = [[0, 1]] if self.types[names[0]] == self.types[names[1]] else [[0], [1]]
+            calib_in = st.calib()
+            for k, group in enumerate(groups):
+                calib_in.last_use = k == len(groups) - 1
+                q = self.method.quantize(f"{names[group[0]]}[{e}]", _stack((w[j] for j in group),
+                                                                          [spans[j] for j in group]),
+                                         self.types[names[group[0]]], calib_in)
+                r0 = 0
+                for j in group:
+                    parts[j].append(QuantizedTensor(names[j], q.type, w[j].shape, q.data[r0:r0 + spans[j]]))
+                    r0 += spans[j]
+            calib_down = st_down.calib()
+            calib_down.last_use = True
+            parts[2].append(self.method.quantize(f"{names[2]}[{e}]", w[2], self.types[names[2]], calib_down))
+            deq = [qs[-1].dequantize() for qs in parts]
+            for name, ref, qs, dq in zip(names, w, parts, deq):
+                self.errors.add(name, ref, qs[-1], dq)
+            arch.set_expert(experts, e, *(torch.from_numpy(dq).to(self.device) for dq in deq))
+            coverage.append({"tokens": int(len(rows)), "blend": round(blend, 6)})
+        self.experts[i] = coverage
+        return {name: QuantizedTensor(name, qs[0].type, (sum(q.shape[0] for q in qs), qs[0].shape[1]),
+                                      np.concatenate([q.data for q in qs])) for name, qs in zip(names, parts)}
+
+    def _stats_of(self, x) -> Stats:
+        """The statistics (what the method needs) of inputs ``x`` [tokens, width], in batches."""
+        st = self._new_stats(x.shape[-1])
+        for b in range(0, x.shape[0], BATCH_TOKENS):
+            st.add(x[b:b + BATCH_TOKENS])
+        return st
 
     def _quantize_group(self, prefix: str, module, lins: list[str], target: Target, stat: CalibStats,
                         weight: Callable[[str], np.ndarray]) -> dict[str, QuantizedTensor]:
@@ -351,9 +444,17 @@ class LayerwiseEngine:
                 self.torch.zeros(n, n, device=self.device)
         return Stats(np.zeros(n), np.zeros(n), hessian, sample_every)
 
-    def _collect(self, module) -> dict[str, Stats]:
+    def _collect(self, module, routed: dict[str, list] | None = None) -> dict[str, Stats]:
+        """The layer's statistics pass: input statistics of each linear group; with ``routed`` (an MoE layer)
+        also the experts module's inputs and each token's chosen experts, for :meth:`_quantize_experts`."""
         stats: dict[str, Stats] = {}
         hooks = []
+        if routed is not None:
+            def record(_mod, inputs):
+                x, idx = inputs[0], inputs[1]
+                routed["x"].append(x.reshape(-1, x.shape[-1]).to("cpu", self.torch.float32, copy=True))
+                routed["idx"].append(idx.reshape(x.shape[0], -1).to("cpu", copy=True))
+            hooks.append(module.get_submodule(self.cfg.arch.EXPERTS_MODULE).register_forward_pre_hook(record))
         n_tokens = int(np.prod(self.hidden.shape[:2]))
         for name in set(self.cfg.arch.LINEARS.values()):
             lin = module.get_submodule(name)

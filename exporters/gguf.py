@@ -90,9 +90,10 @@ def _writer(cfg: ModelConfig, vocab: Vocab, plan: list[PlannedTensor], *, name: 
         w.add_quantization_version(GGML_QUANT_VERSION)
     _add_vocab(w, vocab)
     for p in plan:
-        rows = int(np.prod(p.shape[:-1], dtype=np.int64)) if len(p.shape) > 1 else 1
-        w.add_tensor_info(p.name, (rows, row_bytes(p.type, p.shape[-1])) if len(p.shape) > 1
-                          else (row_bytes(p.type, p.shape[-1]),), np.dtype(np.uint8), p.nbytes, raw_dtype=p.type)
+        # the byte shape (gguf-py turns the last dimension back into values): [experts, rows, bytes] for a
+        # stacked expert tensor, which llama.cpp reads as ne = {cols, rows, experts}
+        w.add_tensor_info(p.name, (*p.shape[:-1], row_bytes(p.type, p.shape[-1])), np.dtype(np.uint8), p.nbytes,
+                          raw_dtype=p.type)
     return w
 
 
@@ -147,7 +148,7 @@ class GGUFSource:
         from gguf import GGUFReader
         self.tensors = {t.name: t for t in GGUFReader(path).tensors}
         self.names = dict(cfg.name_map)
-        if cfg.tie_word_embeddings or self.names[cfg.head_name] not in self.tensors:
+        if self.names[cfg.head_name] not in self.tensors:   # tied: the embeddings are the output matrix
             self.names[cfg.head_name] = self.names[cfg.embed_name]
 
     def _t(self, name: str):
@@ -189,13 +190,19 @@ def tensor_plan(cfg: ModelConfig, ckpt: Checkpoint, sch: Scheme) -> list[Planned
     names = cfg.name_map
     plan = []
     n_gqa = cfg.num_heads // cfg.num_kv_heads
-    for hf in cfg.expected_tensor_names():
+    # a family whose llama.cpp loader requires output.weight (qwen2moe) gets the tied embeddings written twice;
+    # the file is then untied as far as llama.cpp's type rules go
+    duplicate_head = cfg.tie_word_embeddings and cfg.arch.REQUIRES_OUTPUT
+    tied = cfg.tie_word_embeddings and not duplicate_head
+    wanted = [(hf, hf) for hf in cfg.expected_tensor_names()] + ([(cfg.embed_name, cfg.head_name)] if duplicate_head
+                                                                 else [])
+    for source, hf in wanted:
         gname = names[hf]
-        shape = ckpt.entry(hf).shape
+        shape = ckpt.entry(source).shape
         layer = int(gname.split(".")[1]) if gname.startswith("blk.") else None
-        t = sch.tensor_type(gname, shape, layer=layer, n_layers=cfg.num_layers, n_gqa=n_gqa,
-                            tied=cfg.tie_word_embeddings)
-        plan.append(PlannedTensor(hf, gname, shape, t))
+        t = sch.tensor_type(gname, shape, layer=layer, n_layers=cfg.num_layers, n_gqa=n_gqa, tied=tied,
+                            n_expert=cfg.num_experts)
+        plan.append(PlannedTensor(source, gname, shape, t))
     # llama.cpp expects token_embd, output_norm, output first, then the blocks
     top = {"token_embd.weight": 0, "output_norm.weight": 1, "output.weight": 2}
     return sorted(plan, key=lambda p: (top.get(p.name, 3), plan.index(p)))
@@ -249,6 +256,7 @@ class GGUFTarget(Target):
     sized = True
     packaged = True
     has_weights = True
+    experts = True
 
     def __init__(self):
         self.scheme: Scheme | None = None

@@ -27,7 +27,7 @@ examples:
 
 MODEL is a checkpoint directory, a Hugging Face repo id (cache first, download when online;
 --offline or HF_HUB_OFFLINE=1 forbids downloads), a size alias (0.5B 1.5B 3B 7B 14B 32B 72B with
---family), or 'tiny'. The artifact OUT/{name}-{TYPE}.gguf and OUT/report.json are written to temp
+--family; mixture-of-experts 30B-A3B 235B-A22B 480B-A35B 57B-A14B, GGUF with RTN mixes so far), or 'tiny'. The artifact OUT/{name}-{TYPE}.gguf and OUT/report.json are written to temp
 names and renamed only once complete and verified.
 
 other commands:

@@ -72,17 +72,40 @@ class Shapes:
     kv: int         # kv heads * head_dim
     vocab: int
     tied: bool
+    # mixture of experts (0 for dense): routed experts, experts per token, an expert's width, the shared one's
+    experts: int = 0
+    used: int = 0
+    expert_inter: int = 0
+    shared_inter: int = 0
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "Shapes":
-        return cls(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim,
-                   cfg.num_kv_heads * cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings)
+        # an MoE layer holds all its experts (and the shared one) when it is built: their total width is the
+        # layer's MLP for memory (``inter``); a token runs through its top-k only (``active_inter``)
+        moe = cfg.arch.moe
+        inter = (cfg.num_experts * cfg.expert_intermediate_size + cfg.shared_expert_intermediate_size
+                 if moe else cfg.intermediate_size)
+        return cls(cfg.num_layers, cfg.hidden_size, inter, cfg.num_heads * cfg.head_dim,
+                   cfg.num_kv_heads * cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings,
+                   cfg.num_experts, cfg.num_experts_used, cfg.expert_intermediate_size,
+                   cfg.shared_expert_intermediate_size)
+
+    @property
+    def active_inter(self) -> int:
+        """The MLP width one token runs through (an MoE's top-k experts and its shared expert)."""
+        return self.used * self.expert_inter + self.shared_inter if self.experts else self.inter
 
     @property
     def layer_linear(self) -> int:
         """Weights of one decoder layer's linears."""
         h = self.hidden
         return h * self.q + 2 * h * self.kv + self.q * h + 3 * h * self.inter
+
+    @property
+    def active_linear(self) -> int:
+        """Weights of one decoder layer's linears that a token runs through."""
+        h = self.hidden
+        return h * self.q + 2 * h * self.kv + self.q * h + 3 * h * self.active_inter
 
     @property
     def decoder_linear(self) -> int:
@@ -96,12 +119,19 @@ class Shapes:
     @property
     def stat_inputs(self) -> list[int]:
         """Input widths of the linear groups that share statistics: q/k/v, o, gate/up, down."""
+        if self.experts:  # one expert's statistics at a time (and the shared expert's)
+            return [self.hidden, self.q, self.hidden, self.expert_inter] + (
+                [self.hidden, self.shared_inter] if self.shared_inter else [])
         return [self.hidden, self.q, self.hidden, self.inter]
 
     @property
     def groups(self) -> list[tuple[int, int]]:
         """(rows, cols) of each GPTQ solve: q+k+v stacked, o, gate+up stacked, down."""
         h = self.hidden
+        if self.experts:  # expert by expert: gate+up of each, then its down
+            e, i, sh = self.experts, self.expert_inter, self.shared_inter
+            return [(self.q + 2 * self.kv, h), (h, self.q), (2 * e * i, h), (h * e, i)] + (
+                [(2 * sh, h), (h, sh)] if sh else [])
         return [(self.q + 2 * self.kv, h), (h, self.q), (2 * self.inter, h), (h, self.inter)]
 
 
@@ -255,9 +285,12 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     hidden = tokens * s.hidden * 4 if tokens * s.hidden * 4 <= SPILL_RESIDUAL_BYTES else 0
     from quantizers import linalg
     module = s.layer_linear * (2 if linalg.bf16_is_fast("cpu") else 4)
-    act = max(1, ENGINE_BATCH_TOKENS // seqlen) * seqlen * (4 * s.inter + 4 * s.hidden) * 4
+    act = max(1, ENGINE_BATCH_TOKENS // seqlen) * seqlen * (4 * s.active_inter + 4 * s.hidden) * 4
+    if s.experts:  # the MoE block's inputs of all windows, kept to calibrate the experts one by one
+        act += tokens * (s.hidden + s.used) * 4
     hess = sum(c * c for c in s.stat_inputs) * 4 if hessian else 0
-    weights = s.layer_linear * 4 if awq else max(rws * c for rws, c in s.groups) * 4 * 2
+    weights = s.layer_linear * 4 if awq else max(rws * c for rws, c in s.groups[:2]) * 4 * 2 if s.experts else \
+        max(rws * c for rws, c in s.groups) * 4 * 2
     # GPTQ factors a Hessian in float64 (two matrices at most) up to GPTQ_F64_COLS columns, a wider one in
     # float32 in place (quantizers/gptq.py): no copy of 7B's 1.4 GB down_proj Hessian
     solve = max((2 * c * c * 8 for c in s.stat_inputs if c <= GPTQ_F64_COLS), default=0) if hessian else 0
@@ -265,7 +298,7 @@ def engine(s: Shapes, r: Rates, n: int, seqlen: int, hessian: bool, awq: bool) -
     # the forward pass (module, a batch's activations) and the solves (a group's float32 weights, the
     # factorisation) do not overlap: the module's linears are let go while the quantizer runs
     anon = BASE_TORCH + hidden + hess + samples + max(module + act, weights + solve)
-    flops = 2 * 2 * s.layer_linear * tokens          # the layer runs twice (statistics, then quantized)
+    flops = 2 * 2 * s.active_linear * tokens         # the layer runs twice (statistics, then quantized)
     t = flops / (ENGINE_SHARE * r.mm)
     if hessian:
         t += sum(tokens * c * c for c in s.stat_inputs) / r.mm                        # X^T X

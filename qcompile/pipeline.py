@@ -45,7 +45,7 @@ from qcompile.model import (
 from qcompile.plan import CompilePlan, Options, build, calibration_shape, resolve_device
 from qcompile.plan import log as _log
 from qcompile.plan import progress as _progress
-from qcompile.report_types import Metrics, ModelInfo, Report, Tool
+from qcompile.report_types import ExpertCoverage, Metrics, ModelInfo, Report, Tool
 from quantizers.schemes import scheme
 
 __all__ = ["Options", "compile_model"]
@@ -97,7 +97,7 @@ def run(job: CompilePlan) -> dict:
         raise
     job.timings["total"] = time.perf_counter() - job.t0
     rep = Report(tool=Tool("qcompile", opts.argv), model=model_info(job.res, job.cfg, job.n_params),
-                 **target.report(job, out), metrics=metrics, gate=gate,
+                 **target.report(job, out), metrics=metrics, gate=gate, experts=expert_coverage(job),
                  timings_s={k: round(v, 3) for k, v in job.timings.items()}, versions=report.versions())
     report.write_report(opts.out / "report.json", rep)
     if job.package is not None:
@@ -106,6 +106,14 @@ def run(job: CompilePlan) -> dict:
     result = rep.to_dict()
     result["artifact"]["full_path"] = str(out.main)
     return result
+
+
+def expert_coverage(job: CompilePlan) -> list[ExpertCoverage] | None:
+    """report.json's ``experts``: each MoE layer's tokens per expert and blend, from the calibration engine."""
+    got = getattr(job.engine, "experts", None)
+    if not got:
+        return None
+    return [ExpertCoverage(i, [e["tokens"] for e in got[i]], [e["blend"] for e in got[i]]) for i in sorted(got)]
 
 
 def _written(out: Output) -> list[Path]:

@@ -155,14 +155,19 @@ def build(opts: Options, announce: bool = True) -> CompilePlan:
     job.res = resolve(opts.model, family=opts.family, offline=opts.offline)
     job.cfg = read_config(job.res.path)
     target.prepare(job)
-    job.method = choose_method(opts, target.low_bit(job), target.needs_statistics(job))
+    needs_statistics = target.needs_statistics(job)
+    job.method = choose_method(opts, target.low_bit(job), needs_statistics)
+    if job.cfg.arch.moe:
+        job.method = moe_method(opts, job.cfg, target, job.method, needs_statistics)
     # load (lazily: headers only; tensors stream during quantization)
     job.ckpt = Checkpoint(job.res.path, job.cfg, allow_pickle=opts.allow_pickle)
     job.shapes = cost.Shapes.of(job.cfg)
     job.n_params = sum(int(np.prod(job.ckpt.entry(n).shape)) for n in job.cfg.expected_tensor_names())
     target.assign(job)
     if target.sized:  # fails now if the budget cannot be met
-        job.budget, job.sizes = budget_sizes(opts, job, preset_sized=preset_sized(opts, job.method))
+        # (an MoE's --bits 4 keeps Q4_K_M's own types: the sensitivity analysis does not cover experts yet)
+        job.budget, job.sizes = budget_sizes(opts, job, preset_sized=preset_sized(opts, job.method)
+                                             and not job.cfg.arch.moe)
     job.scheme_name = target.scheme_name(job) if job.budget is None else \
         f"MIX-{8 * job.budget.bytes / job.n_params:.2f}bpw"
     artifact_bytes, rtn_work, export_to = target.cost_inputs(job)
@@ -206,6 +211,21 @@ def choose_method(opts: Options, low_bit: bool, imatrix_required: bool = False) 
         raise UsageError(f"{opts.quant}: its codebook types need calibration statistics (llama-quantize refuses "
                          f"them without an imatrix): use --method imatrix or gptq (with --calib FILE, or none "
                          f"for self-calibration), not --method {name}")
+    return method
+
+
+def moe_method(opts: Options, cfg: ModelConfig, target: Target, method: quantizers.Method,
+               needs_statistics: bool = False) -> quantizers.Method:
+    """What a mixture-of-experts model can be compiled with so far: GGUF, with any method (the calibration
+    engine routes the calibration tokens with the full-precision router and calibrates each expert on its
+    own, :meth:`calibration.capture.LayerwiseEngine._quantize_experts`), with llama.cpp's mixes; refused in
+    one place: other formats and size budgets, whose machinery does not cover experts yet."""
+    what = f"{cfg.arch.hf_name} (mixture of experts)"
+    if not target.experts:
+        raise UsageError(f"--to {target.name}: {what} models are written to GGUF only so far (--to gguf)")
+    if opts.max_size is not None or opts.target_bpw is not None:
+        raise UsageError(f"--max-size/--target-bpw: the size budget does not cover the experts of {what} yet; "
+                         "use --quant (llama.cpp's mixes)")
     return method
 
 

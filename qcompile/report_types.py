@@ -124,6 +124,16 @@ class Metrics:
 
 
 @dataclass
+class ExpertCoverage:
+    """One MoE layer's calibration coverage: per routed expert, the calibration tokens its full-precision
+    router sent it, and the weight per token of the layer's other tokens it was blended with (0: its own
+    tokens only; an expert with fewer tokens than its input width gets them, never left uncalibrated)."""
+    layer: int = 0
+    tokens: list[int] = field(default_factory=list)
+    blend: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Gate:
     baseline: str | None = None
     passed: list[str] = field(default_factory=list)
@@ -141,6 +151,7 @@ class Report:
     tensor_types: dict[str, int] | None = field(default=None, metadata=OMIT)   # gguf
     tensors: list[TensorRecord] = field(default_factory=list)
     allocation: dict[str, Any] | None = field(default=None, metadata=OMIT)     # a size budget's choices
+    experts: list[ExpertCoverage] | None = field(default=None, metadata=OMIT)  # a calibrated MoE run
     metrics: Metrics = field(default_factory=Metrics)
     gate: Gate | None = field(default=None, metadata=OMIT)
     timings_s: dict[str, float] = field(default_factory=dict)

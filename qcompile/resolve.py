@@ -27,9 +27,15 @@ FAMILIES: dict[str, dict[str, str]] = {
     "base": {s: f"Qwen/Qwen2.5-{s}" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")},
     "coder": {s: f"Qwen/Qwen2.5-Coder-{s}-Instruct" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B")},
     "math": {s: f"Qwen/Qwen2.5-Math-{s}-Instruct" for s in ("1.5B", "7B", "72B")},
-    "qwen3": {s: f"Qwen/Qwen3-{s}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "32B")},
+    "qwen3": {s: f"Qwen/Qwen3-{s}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B", "235B-A22B")},
 }
-_SIZE = re.compile(r"^\d+(\.\d+)?[bB]$")
+# the mixture-of-experts releases: total-A-active sizes (Qwen2-57B-A14B; Qwen3's hybrid-thinking MoE and its
+# 2507 instruct updates; Qwen3-Coder)
+FAMILIES["instruct"] |= {"57B-A14B": "Qwen/Qwen2-57B-A14B-Instruct", "30B-A3B": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+                         "235B-A22B": "Qwen/Qwen3-235B-A22B-Instruct-2507"}
+FAMILIES["base"] |= {"57B-A14B": "Qwen/Qwen2-57B-A14B", "30B-A3B": "Qwen/Qwen3-30B-A3B-Base"}
+FAMILIES["coder"] |= {"30B-A3B": "Qwen/Qwen3-Coder-30B-A3B-Instruct", "480B-A35B": "Qwen/Qwen3-Coder-480B-A35B-Instruct"}
+_SIZE = re.compile(r"^\d+(\.\d+)?[bB](-[aA]\d+(\.\d+)?[bB])?$")
 _REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja", "tokenizer*"]
 

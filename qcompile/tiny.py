@@ -78,29 +78,31 @@ TINY_CONFIG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, 
 
 
 def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, seed: int = 0, **overrides) -> None:
-    """Save a seeded random ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (bf16 safetensors) into ``out``.
+    """Save a seeded random ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (or the ``qwen2_moe`` / ``qwen3_moe``
+    MoE models) (bf16 safetensors) into ``out``.
 
     Norm weights and biases are randomised too, so every tensor influences the logits.
     """
     import torch
-    from transformers import (
-        GenerationConfig,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
+    import transformers
+    from transformers import GenerationConfig
 
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
+    classes = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe"}[arch]
+    config_cls, model_cls = getattr(transformers, f"{classes}Config"), getattr(transformers, f"{classes}ForCausalLM")
     cfg = config_cls(**{**TINY_CONFIG, "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None,
                         "torch_dtype": "bfloat16", **overrides})
     torch.manual_seed(seed)
     model = model_cls(cfg)
+    routers = [m.weight for m in model.modules() if type(m).__name__.endswith("Router")]  # MoE top-k routers
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            elif any(p is r for r in routers):
+                # an MoE router with clear preferences: top-k choices that a last-bit difference between two
+                # runtimes does not flip (a flip swaps a whole expert's output for a token)
+                p.copy_(torch.randn(p.shape, generator=g) * (8.0 / p.shape[-1] ** 0.5))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.6 / p.shape[-1] ** 0.5))
     model.generation_config = GenerationConfig()
@@ -117,9 +119,23 @@ VARIANTS: dict[str, tuple[str, dict, int]] = {
 }
 
 
+# Mixture-of-experts variants (kept apart: ONNX, OpenVINO and the calibrated methods do not take them yet).
+# qwen2-moe: 8 experts (llama.cpp's 8-expert type rules fire), top-2, a shared expert behind its sigmoid gate,
+# top-k weights not renormalised; qwen3-moe: 6 experts, top-2, renormalised, q/k norms. Rows of 256.
+MOE_VARIANTS: dict[str, tuple[str, dict, int]] = {
+    "qwen2-moe": ("qwen2_moe", dict(tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                                    moe_intermediate_size=256, shared_expert_intermediate_size=512,
+                                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[]), 13),
+    "qwen3-moe": ("qwen3_moe", dict(tie_word_embeddings=False, head_dim=128, num_experts=6, num_experts_per_tok=2,
+                                    moe_intermediate_size=256, norm_topk_prob=True, decoder_sparse_step=1,
+                                    mlp_only_layers=[]), 14),
+}
+
+
 def build_variant(name: str, out: Path) -> Path:
-    """Build the tiny variant ``name`` (:data:`VARIANTS`) into the empty or new folder ``out``."""
-    arch, overrides, seed = VARIANTS[name]
+    """Build the tiny variant ``name`` (:data:`VARIANTS` or :data:`MOE_VARIANTS`) into the empty or new
+    folder ``out``."""
+    arch, overrides, seed = {**VARIANTS, **MOE_VARIANTS}[name]
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
     build_model(out, arch=arch, seed=seed, **overrides)

@@ -39,7 +39,10 @@ _FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
              T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ2_S: T.IQ4_NL}
 # block lengths of the ggml types with no Grid here (codebook i-quants: rounded by ggml, see quantizers.gptq)
 _BLOCK = {T.IQ3_XXS: 256, T.IQ3_S: 256, T.IQ2_S: 256}
-_IQ_LOW = (F.MOSTLY_IQ3_XXS,)  # llama.cpp's IQ1/IQ2/IQ3_XXS family: output Q5_K rather than Q6_K
+_IQ_LOW = (F.MOSTLY_IQ3_XXS,)
+# the mixes whose attn_output llama.cpp raises to Q5_K in an 8-expert model
+_ATTN_OUT_8_EXPERTS = (F.MOSTLY_Q2_K, F.MOSTLY_IQ3_XXS, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_IQ4_NL,
+                       F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, F.MOSTLY_IQ4_XS)  # llama.cpp's IQ1/IQ2/IQ3_XXS family: output Q5_K rather than Q6_K
 
 
 def block_size(t: T) -> int:
@@ -64,17 +67,21 @@ class Scheme:
         return self.base not in (T.F32, T.F16, T.BF16)
 
     def tensor_type(self, gguf_name: str, shape: tuple[int, ...], *, layer: int | None, n_layers: int,
-                    n_gqa: int, tied: bool) -> T:
-        """The GGUF type for one tensor (``shape`` in PyTorch order, last dim = row length)."""
-        if len(shape) < 2 or "_norm" in gguf_name:
-            return T.F32  # 1-D tensors (norms, biases) stay F32, as in llama.cpp
+                    n_gqa: int, tied: bool, n_expert: int = 0) -> T:
+        """The GGUF type for one tensor (``shape`` in PyTorch order, last dim = row length; an MoE's stacked
+        expert tensors are 3-D, ``n_expert`` their count)."""
+        if len(shape) < 2 or "_norm" in gguf_name or "ffn_gate_inp" in gguf_name:
+            # 1-D tensors (norms, biases) and the MoE routers (ffn_gate_inp, ffn_gate_inp_shexp) stay F32, as
+            # llama.cpp's converter writes them and llama-quantize leaves them
+            return T.F32
         if not self.quantized:
             return self.base
         ncols = shape[-1]
-        t = self.base if self.pure else self._mix_type(gguf_name, ncols, layer, n_layers, n_gqa, tied)
+        t = self.base if self.pure else self._mix_type(gguf_name, ncols, layer, n_layers, n_gqa, tied, n_expert)
         return fallback(t, ncols)
 
-    def _mix_type(self, name: str, ncols: int, i: int | None, n: int, n_gqa: int, tied: bool) -> T:
+    def _mix_type(self, name: str, ncols: int, i: int | None, n: int, n_gqa: int, tied: bool,
+                  n_expert: int = 0) -> T:
         ft, t = self.file_type, self.base
         if name == "output.weight" or (tied and name == "token_embd.weight"):
             if ncols % block_size(t):
@@ -101,13 +108,18 @@ class Scheme:
                 t = T.Q5_K
             if n == 80 and t in (T.Q3_K, T.Q4_K):  # llama.cpp's LLM_TYPE_70B rule (80-layer Qwen2.5-72B)
                 t = T.Q5_K
-            return t
+            # llama.cpp's rules keyed on exactly 8 experts (written for Mixtral; they fire for any 8-expert MoE)
+            return T.Q8_0 if n_expert == 8 else t
+        if name.endswith("attn_k.weight") and n_expert == 8:
+            return T.Q8_0
         if name.endswith(("attn_k.weight", "attn_q.weight")):
             return T.IQ2_S if ft == F.MOSTLY_IQ3_XXS else t
         if name.endswith("attn_output.weight"):
+            if n_expert == 8:
+                return T.Q5_K if ft in _ATTN_OUT_8_EXPERTS else t
             return {F.MOSTLY_Q2_K: T.Q3_K, F.MOSTLY_IQ3_XXS: T.IQ3_S, F.MOSTLY_Q3_K_M: T.Q4_K,
                     F.MOSTLY_Q3_K_L: T.Q5_K}.get(ft, t)
-        if name.endswith("ffn_down.weight"):
+        if "ffn_down" in name:   # ffn_down, and an MoE's ffn_down_exps / ffn_down_shexp by their layer
             if ft == F.MOSTLY_Q2_K:
                 return T.Q3_K
             if ft == F.MOSTLY_IQ3_XXS and not self.has_imatrix:

@@ -11,12 +11,17 @@ from qcompile.resolve import FAMILIES, alias_repo, resolve
     ("7B", "instruct", "Qwen/Qwen2.5-7B-Instruct"), ("0.5b", "base", "Qwen/Qwen2.5-0.5B"),
     ("32B", "coder", "Qwen/Qwen2.5-Coder-32B-Instruct"), ("1.5B", "math", "Qwen/Qwen2.5-Math-1.5B-Instruct"),
     ("8B", "qwen3", "Qwen/Qwen3-8B"),
+    # the MoE releases
+    ("30B-A3B", "qwen3", "Qwen/Qwen3-30B-A3B"), ("30b-a3b", "coder", "Qwen/Qwen3-Coder-30B-A3B-Instruct"),
+    ("235B-A22B", "qwen3", "Qwen/Qwen3-235B-A22B"), ("480B-A35B", "coder", "Qwen/Qwen3-Coder-480B-A35B-Instruct"),
+    ("30B-A3B", "instruct", "Qwen/Qwen3-30B-A3B-Instruct-2507"), ("57B-A14B", "base", "Qwen/Qwen2-57B-A14B"),
 ])
 def test_alias(size, family, repo):
     assert alias_repo(size, family) == repo
 
 
-@pytest.mark.parametrize("size,family", [("72B", "coder"), ("0.5B", "math"), ("7B", "qwen3"), ("3B", "math")])
+@pytest.mark.parametrize("size,family", [("72B", "coder"), ("0.5B", "math"), ("7B", "qwen3"), ("3B", "math"),
+                                         ("480B-A35B", "qwen3"), ("57B-A14B", "coder")])
 def test_unpublished_combination(size, family):
     with pytest.raises(UsageError) as e:
         alias_repo(size, family)

@@ -49,6 +49,10 @@ class Architecture:
         "post_attention_layernorm.weight",
         "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
     )
+    # llama.cpp's loader for the family requires output.weight even when the checkpoint ties it (qwen2moe)
+    REQUIRES_OUTPUT: ClassVar[bool] = False
+    # stacked routed-expert tensors of a layer (relative names): none in a dense family
+    EXPERTS: ClassVar[tuple[str, ...]] = ()
     # the linear modules of a layer -> the module whose input statistics they use (q/k/v read one input,
     # as do gate/up): calibration hooks one input per group and stacks a group's rows
     LINEARS: ClassVar[dict[str, str]] = {
@@ -111,6 +115,15 @@ class Architecture:
         """The non-linear tensor (relative name) that folding AWQ scales into ``producer`` changes."""
         return self.bias_of(producer) if producer in self.LINEARS else f"{producer}.weight"
 
+    @property
+    def moe(self) -> bool:
+        """Whether the layers hold routed experts (:class:`MoeArchitecture`)."""
+        return bool(self.EXPERTS)
+
+    def module_state(self, state: dict) -> dict:
+        """A layer's tensors (relative names) -> its transformers module's state dict: the same for dense."""
+        return state
+
     def gguf_names(self, n_layers: int) -> dict[str, str]:
         """HF tensor name -> GGUF tensor name for every tensor a model of ``n_layers`` may contain."""
         return dict(_gguf_names(self, n_layers))
@@ -168,8 +181,121 @@ def register(arch: Architecture) -> Architecture:
     return arch
 
 
+@dataclass(frozen=True)
+class MoeArchitecture(Architecture):
+    """A mixture-of-experts Qwen (``qwen2_moe``: Qwen1.5-MoE, Qwen2-57B-A14B, a shared expert behind a sigmoid
+    gate; ``qwen3_moe``: Qwen3-30B-A3B / 235B-A22B, Qwen3-Coder, q/k norms, no shared expert).
+
+    The experts are described as llama.cpp stores them: one stacked tensor per projection,
+    ``mlp.experts.{gate,up,down}_proj.weight`` of shape [experts, rows, cols] (``ffn_*_exps``). Checkpoints
+    hold them either one tensor per expert (``mlp.experts.{e}.gate_proj.weight``: what transformers saves and
+    the releases ship) or fused as transformers 5's modules keep them (``mlp.experts.gate_up_proj``
+    [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]); :meth:`stacked_sources` says which rows of which stored
+    tensors make up a stacked one, so the checkpoint streams an expert tensor like any other."""
+    norm_topk_prob: bool = False    # what llama.cpp's graph for this family does with the top-k weights
+
+    PROJS: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj", "down_proj")
+    EXPERTS_MODULE: ClassVar[str] = "mlp.experts"   # transformers' module holding them (fused gate_up_proj)
+    EXPERTS: ClassVar[tuple[str, ...]] = tuple(f"mlp.experts.{p}.weight" for p in PROJS)
+    SHARED: ClassVar[tuple[str, ...]] = ()     # a shared expert's tensors (qwen2_moe)
+    LAYER_TENSORS: ClassVar[tuple[str, ...]] = Architecture.LAYER_TENSORS[:-3] + ("mlp.gate.weight", *EXPERTS)
+    # the ordinary linears (attention); the experts are calibrated one by one by the engine, and the router
+    # (ffn_gate_inp) stays float, as in llama.cpp
+    LINEARS: ClassVar[dict[str, str]] = {k: v for k, v in Architecture.LINEARS.items() if k.startswith("self_attn.")}
+    # AWQ: the attention's groups; the experts' input also feeds the router, which would have to see the same
+    # function (not done yet: the experts get AWQ's imatrix-weighted rounding without scales)
+    SCALE_GROUPS: ClassVar[tuple[tuple[str, str, tuple[str, ...]], ...]] = (
+        Architecture.SCALE_GROUPS[0], Architecture.SCALE_GROUPS[3])
+
+    @property
+    def shared_expert(self) -> bool:
+        """Whether the layers have qwen2_moe's always-on expert and its sigmoid gate."""
+        return bool(self.SHARED)
+
+    def stacked_sources(self, i: int, rel: str, n_experts: int, shapes: dict[str, tuple[int, ...]]
+                        ) -> list[tuple[str, int, int]]:
+        """The stored rows that make up the stacked expert tensor ``rel`` of layer ``i``, in order, as
+        (stored name, first row, end row) with rows counted over all but the last dimension. ``shapes``:
+        the checkpoint's stored tensors. Raises KeyError naming the first missing tensor."""
+        pre, proj = self.layer_prefix(i), rel.split(".")[2]
+        per_expert = [f"{pre}mlp.experts.{e}.{proj}.weight" for e in range(n_experts)]
+        if per_expert[0] in shapes:
+            out = []
+            for name in per_expert:
+                out.append((name, 0, _rows(shapes[name])))     # KeyError: that expert is missing
+            return out
+        fused = "gate_up_proj" if proj != "down_proj" else "down_proj"
+        name = next((n for n in (f"{pre}mlp.experts.{fused}", f"{pre}mlp.experts.{fused}.weight") if n in shapes),
+                    per_expert[0])
+        shape = shapes[name]
+        if proj == "down_proj":
+            return [(name, 0, _rows(shape))]
+        half = shape[-2] // 2   # gate_up_proj [E, 2I, H]: each expert's gate rows, then its up rows
+        first = 0 if proj == "gate_proj" else half
+        return [(name, e * 2 * half + first, e * 2 * half + first + half) for e in range(shape[0])]
+
+    def expert_names(self, i: int) -> tuple[str, str, str]:
+        """HF names of layer ``i``'s stacked expert tensors: (gate, up, down)."""
+        gate, up, down = (self.layer_prefix(i) + rel for rel in self.EXPERTS)
+        return gate, up, down
+
+    def set_expert(self, experts, e: int, gate, up, down) -> None:
+        """Put expert ``e``'s weights (torch tensors [I, H], [I, H], [H, I]) into transformers' experts module
+        (``EXPERTS_MODULE``: gate and up fused in ``gate_up_proj``), for the calibration's second pass."""
+        import torch
+        with torch.no_grad():
+            experts.gate_up_proj[e] = torch.cat([gate, up]).to(experts.gate_up_proj.dtype)
+            experts.down_proj[e] = down.to(experts.down_proj.dtype)
+
+    def module_state(self, state: dict) -> dict:
+        """The layer's tensors (relative names, stacked experts) -> transformers' module parameters: its
+        experts module holds gate and up fused (``gate_up_proj`` [E, 2I, H]) and ``down_proj`` [E, H, I]."""
+        import torch
+        out = {k: v for k, v in state.items() if not k.startswith("mlp.experts.")}
+        out["mlp.experts.gate_up_proj"] = torch.cat([state["mlp.experts.gate_proj.weight"],
+                                                     state["mlp.experts.up_proj.weight"]], dim=1)
+        out["mlp.experts.down_proj"] = state["mlp.experts.down_proj.weight"]
+        return out
+
+    def add_gguf_hparams(self, w: gguf.GGUFWriter, cfg) -> None:
+        super().add_gguf_hparams(w, cfg)
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_used)
+        w.add_expert_feed_forward_length(cfg.expert_intermediate_size)
+        if self.shared_expert:
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return n
+
+
 register(Architecture("Qwen2ForCausalLM", "qwen2", "qwen2", qkv_bias=True, qk_norm=False, hf_prefix="Qwen2"))
 register(Architecture("Qwen3ForCausalLM", "qwen3", "qwen3", qkv_bias=False, qk_norm=True, hf_prefix="Qwen3"))
+@dataclass(frozen=True)
+class Qwen2MoeArchitecture(MoeArchitecture):
+    """qwen2_moe: a shared expert (ordinary linears, ``ffn_*_shexp``) behind a sigmoid gate
+    (``ffn_gate_inp_shexp``, float); llama.cpp's loader requires an output matrix, so a tied checkpoint's is
+    written out."""
+    SHARED: ClassVar[tuple[str, ...]] = tuple(f"mlp.shared_expert.{p}.weight" for p in MoeArchitecture.PROJS) + (
+        "mlp.shared_expert_gate.weight",)
+    LAYER_TENSORS: ClassVar[tuple[str, ...]] = MoeArchitecture.LAYER_TENSORS + SHARED
+    LINEARS: ClassVar[dict[str, str]] = {
+        **MoeArchitecture.LINEARS,
+        "mlp.shared_expert.gate_proj": "mlp.shared_expert.gate_proj",
+        "mlp.shared_expert.up_proj": "mlp.shared_expert.gate_proj",
+        "mlp.shared_expert.down_proj": "mlp.shared_expert.down_proj",
+    }
+    REQUIRES_OUTPUT: ClassVar[bool] = True
+
+
+register(Qwen2MoeArchitecture("Qwen2MoeForCausalLM", "qwen2_moe", "qwen2moe", qkv_bias=True, qk_norm=False,
+                              hf_prefix="Qwen2Moe", norm_topk_prob=False))
+register(MoeArchitecture("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", qkv_bias=False, qk_norm=True,
+                         hf_prefix="Qwen3Moe", norm_topk_prob=True))
 
 
 def supported() -> str:

@@ -36,10 +36,13 @@ class TensorEntry:
     shape: tuple[int, ...]
     offset: int              # absolute byte offset of the data in the file
     nbytes: int
+    # a stacked tensor assembled from stored rows (MoE experts): (stored name, first row, end row) in order
+    pieces: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if len(self.shape) > 1 else 1
+        """Rows over all but the last dimension (an expert tensor [E, I, H] has E * I)."""
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1
 
     @property
     def cols(self) -> int:
@@ -136,6 +139,7 @@ class Checkpoint:
         self.allow_pickle = allow_pickle
         self._pickled: dict = {}  # name -> torch tensor (memory-mapped), only for --allow-pickle
         self.entries = self._index()
+        self._stack_experts()
         self._check_complete()
 
     def _index(self) -> dict[str, TensorEntry]:
@@ -181,6 +185,30 @@ class Checkpoint:
                 entries[name] = TensorEntry(name, b, names[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
         return entries
 
+    def _stack_experts(self) -> None:
+        """Add the stacked expert tensors of an MoE checkpoint as entries made of stored rows (per-expert or
+        fused layout, :meth:`~qcompile.model.architectures.MoeArchitecture.stacked_sources`)."""
+        cfg = self.config
+        if not cfg.arch.moe:
+            return
+        shapes = {n: e.shape for n, e in self.entries.items()}
+        for i in range(cfg.num_layers):
+            for rel in cfg.arch.EXPERTS:
+                name = cfg.arch.layer_prefix(i) + rel
+                try:
+                    pieces = cfg.arch.stacked_sources(i, rel, cfg.num_experts, shapes)
+                except KeyError as e:
+                    raise QCompileError(f"{self.dir}: tensor {e.args[0]!r} is missing from the checkpoint") from None
+                first = self.entries[pieces[0][0]]
+                rows = sum(b - a for _, a, b in pieces)
+                if rows % cfg.num_experts or any(self.entries[n].dtype != first.dtype or
+                                                 self.entries[n].cols != first.cols for n, _, _ in pieces):
+                    raise QCompileError(f"{self.dir}: the experts of {name} do not stack "
+                                        f"({len(pieces)} pieces, {rows} rows for {cfg.num_experts} experts)")
+                shape = (cfg.num_experts, rows // cfg.num_experts, first.cols)
+                self.entries[name] = TensorEntry(name, first.path, first.dtype, shape, -1,
+                                                 rows * first.cols * _DTYPES[first.dtype][1], tuple(pieces))
+
     def _check_complete(self) -> None:
         cfg = self.config
         for name in cfg.expected_tensor_names():
@@ -203,6 +231,8 @@ class Checkpoint:
         dt, width = _DTYPES[e.dtype]
         row_bytes = e.cols * width
         stop = e.rows if stop is None else min(stop, e.rows)
+        if e.pieces:
+            return self._read_stacked(e, start, stop)
         if name in self._pickled:
             t = self._pickled[name].reshape(e.rows, e.cols)[start:stop]
             buf = t.contiguous().view(-1).view(torch_int_view(t)).numpy().view(dt)
@@ -226,6 +256,16 @@ class Checkpoint:
             raise QCompileError(f"{e.path}: tensor {name!r} contains NaN/Inf (first at flat index {bad})")
         return out.reshape(stop - start, e.cols) if len(e.shape) > 1 else out
 
+    def _read_stacked(self, e: TensorEntry, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a stacked tensor, gathered from the stored rows that make it up."""
+        out, at = [], 0
+        for src, a, b in e.pieces:
+            lo, hi = max(start, at), min(stop, at + b - a)
+            if lo < hi:
+                out.append(self.read_rows(src, a + lo - at, a + hi - at).reshape(hi - lo, e.cols))
+            at += b - a
+        return np.concatenate(out) if len(out) != 1 else out[0]
+
     def read(self, name: str) -> np.ndarray:
         """A whole tensor as float32 in its own shape."""
         return self.read_rows(name).reshape(self.entries[name].shape)
@@ -242,4 +282,4 @@ class Checkpoint:
 
     @property
     def total_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+        return sum(e.nbytes for e in self.entries.values() if not e.pieces)

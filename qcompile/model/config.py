@@ -31,6 +31,12 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope_scaling: dict[str, Any] | None
     raw: dict[str, Any]
+    # mixture of experts (0 for a dense model): routed experts, experts per token, an expert's and the
+    # shared expert's feed-forward width
+    num_experts: int = 0
+    num_experts_used: int = 0
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
 
     @property
     def name_map(self) -> dict[str, str]:
@@ -85,6 +91,7 @@ def read_config(model_dir: Path) -> ModelConfig:
         raise QCompileError(f"{path}: unreadable config.json ({e})") from None
     arch = lookup(raw, model_dir)
     try:
+        moe = _moe_fields(raw, arch, path) if arch.moe else {}
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         rope = raw.get("rope_parameters") or {}
@@ -107,6 +114,29 @@ def read_config(model_dir: Path) -> ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             rope_scaling=scaling,
             raw=raw,
+            **moe,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise QCompileError(f"{path}: missing or invalid hyper-parameter {e}") from None
+
+
+def _moe_fields(raw: dict[str, Any], arch, path: Path) -> dict[str, int]:
+    """The expert hyper-parameters of an MoE config, refusing what llama.cpp's graph for the family cannot
+    express (every layer sparse, its own top-k weighting), rather than writing a file that runs wrong."""
+    # released configs say num_experts; transformers 5 saves num_local_experts for qwen3_moe
+    n = int(raw["num_experts"] if "num_experts" in raw else raw["num_local_experts"])
+    used = int(raw["num_experts_per_tok"])
+    if not 0 < used <= n:
+        raise QCompileError(f"{path}: num_experts_per_tok {used} is not within 1..num_experts ({n})")
+    if int(raw.get("decoder_sparse_step", 1)) != 1 or raw.get("mlp_only_layers"):
+        raise QCompileError(f"{path}: dense layers between the MoE layers (decoder_sparse_step "
+                            f"{raw.get('decoder_sparse_step', 1)}, mlp_only_layers {raw.get('mlp_only_layers')}) "
+                            f"are not supported: llama.cpp's {arch.gguf_arch} makes every layer an MoE layer")
+    norm = bool(raw.get("norm_topk_prob", arch.norm_topk_prob))
+    if norm != arch.norm_topk_prob:
+        raise QCompileError(f"{path}: norm_topk_prob {str(norm).lower()} is not supported: llama.cpp's "
+                            f"{arch.gguf_arch} {'always' if arch.norm_topk_prob else 'never'} renormalises the "
+                            "top-k expert weights")
+    return dict(num_experts=n, num_experts_used=used, expert_intermediate_size=int(raw["moe_intermediate_size"]),
+                shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+                if arch.shared_expert else 0)

@@ -100,6 +100,7 @@ class StreamedDecoder:
         hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.raw.items() if k != "model_type"},
                                                    model_type=cfg.arch.model_type)
         hf_cfg._attn_implementation = "sdpa"
+        hf_cfg._experts_implementation = "eager"   # an MoE layer built on its own: transformers' loop over experts
         self.hf_cfg = hf_cfg
         self.rotary = getattr(mod, f"{cfg.arch.hf_prefix}RotaryEmbedding")(hf_cfg)
         self._rope_cache: dict = {}
@@ -127,7 +128,7 @@ class StreamedDecoder:
             layer = layer.to_empty(device="cpu")
         prefix = self.cfg.arch.layer_prefix(i)
         state = {n[len(prefix):]: self._t(source.full(n)) for n in self.cfg.layer_tensor_names(i)}
-        layer.load_state_dict(state, strict=True)
+        layer.load_state_dict(self.cfg.arch.module_state(state), strict=True)
         return layer.eval().to(device)
 
     def forward_layer(self, layer, h):
