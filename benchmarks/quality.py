@@ -66,7 +66,7 @@ def method_args(method: str, typ: str, calib: Path, samples: int, seqlen: int) -
     return f"{size} --method {m}{cal}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import unseen_bench
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REAL)
@@ -85,7 +85,7 @@ def main() -> None:
     how.add_argument("--autoround-iters", type=int, help="auto-round iterations per block (default: its own)")
     how.add_argument("--autoround-light", action="store_true",
                      help="auto-round's light recipe (iters 50, lr 5e-3): its defaults take hours on 2 cores")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     model = real_model(args.model)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
