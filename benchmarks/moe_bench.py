@@ -11,6 +11,7 @@ calibration windows for qcompile and llama-imatrix (identical windows, decoded t
 ``llama-perplexity --kl-divergence`` on the in-domain held-out text and the four unseen sets, each row's
 commit. Rows: llama-quantize Q4_K_M, llama-quantize --imatrix Q4_K_M, and qcompile rtn / imatrix / gptq / awq
 with llama.cpp's Q4_K_M types (the same file size: the MoE mix rules are llama.cpp's, tests/test_moe.py).
+Then the experts' share of the error: the peer's and GPTQ's expert tensors alone in the F16 (splice.py).
 
     python benchmarks/moe_bench.py [--methods rtn imatrix gptq awq] [--samples 128] [--seqlen 512] [...]
 """
@@ -38,6 +39,33 @@ def main(argv: list[str] | None = None) -> None:
     if "--work" not in argv:
         argv += ["--work", str(WORK)]
     quality.main(["--model", str(moe), *argv])
+    experts_share(moe, Path(argv[argv.index("--work") + 1]).resolve())
+
+
+def experts_share(moe: Path, work: Path) -> None:
+    """The experts' share of the error: the llama-imatrix peer's and qcompile GPTQ's files with only their
+    expert tensors (ffn_*_exps) taken over into the F16, everything else left F16, scored like the rows above
+    (benchmarks/splice.py; unseen_bench's --external rows, so cached and labelled the same way)."""
+    import json
+
+    import unseen_bench
+    runs = work / "runs"
+    table = json.loads((runs / "table.json").read_text())
+    builds = json.loads((runs / "results.json").read_text())["builds"]
+    f16 = runs / f"f16-{unseen_bench.model_id(moe)}" / "convert-F16.gguf"
+    splice = Path(__file__).resolve().parent / "splice.py"
+    argv = ["--model", str(moe), "--work", str(runs), "--no-peers", "--text", f"in-domain={work / 'eval.txt'}",
+            "--json", str(runs / "experts-share.json")]
+    rows = table["rows"] if isinstance(table, dict) else table
+    for r in rows:
+        m = r["method"]
+        if m == "llama-quantize --imatrix" or (m.startswith("qcompile") and "--method gptq" in m
+                                                and "--max-size" not in m):
+            donor = builds[r["build_key"]]["gguf"]
+            label = f"{r['label'].split(' @')[0]}, experts only (rest F16)"
+            argv += ["--external", f"{label}:splice:{sys.executable} {splice} {f16} {donor} {{out}}/experts-only.gguf "
+                                   "--pattern _exps"]
+    unseen_bench.main(argv)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
+import synthetic
 from _tools import commit, machine, measure, table, tools
-from synthetic import TOKENIZER, _bf16, _values
 
 # Qwen/Qwen3-30B-A3B config.json (the fields that shape the tensors, and those llama.cpp reads)
 QWEN3_30B_A3B = dict(
@@ -49,31 +48,15 @@ def layer_shapes(c: dict) -> dict[str, tuple[int, ...]]:
 
 def build(out: Path, layers: int, seed: int = 0) -> Path:
     """The synthetic checkpoint (one shard per layer, one for the embeddings and head), unless complete."""
-    from safetensors.torch import save_file
     cfg = {**QWEN3_30B_A3B, "num_hidden_layers": layers}
     if (out / "config.json").is_file() and json.loads((out / "config.json").read_text()) == cfg:
         return out
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     shards = [("model-top.safetensors", {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
                                          "lm_head.weight": (v, h)})]
     shards += [(f"model-layer-{i:03d}.safetensors", {f"model.layers.{i}.{k}": s for k, s in layer_shapes(cfg).items()})
                for i in range(layers)]
-    index: dict[str, str] = {}
-    for fname, tensors in shards:
-        save_file({n: _bf16(_values(rng, n, s)) for n, s in tensors.items()}, str(tmp / fname),
-                  metadata={"format": "pt"})
-        index |= {n: fname for n in tensors}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in TOKENIZER.iterdir():
-        shutil.copy(f, tmp / f.name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return synthetic.write(out, cfg, shards, seed)
 
 
 def main() -> None:

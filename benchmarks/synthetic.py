@@ -71,7 +71,6 @@ def _values(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.n
 def build(size: str, out: Path, layers: int | None = None, seed: int = 0) -> Path:
     """Write the synthetic checkpoint of ``size`` (a key of :data:`CONFIGS`) into ``out`` (one safetensors
     shard per layer, plus one for the embeddings/head) unless it is already complete there."""
-    from safetensors.torch import save_file
     cfg = {**COMMON, **CONFIGS[size]}
     if layers is not None:
         cfg["num_hidden_layers"] = layers
@@ -79,11 +78,6 @@ def build(size: str, out: Path, layers: int | None = None, seed: int = 0) -> Pat
         if json.loads((out / "config.json").read_text()) == cfg:
             return out
         shutil.rmtree(out)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    index: dict[str, str] = {}
     top = {"model.embed_tokens.weight": (cfg["vocab_size"], cfg["hidden_size"]),
            "model.norm.weight": (cfg["hidden_size"],)}
     if not cfg["tie_word_embeddings"]:
@@ -91,6 +85,19 @@ def build(size: str, out: Path, layers: int | None = None, seed: int = 0) -> Pat
     shards = [("model-top.safetensors", top)] + [
         (f"model-layer-{i:03d}.safetensors", {f"model.layers.{i}.{k}": s for k, s in layer_shapes(cfg).items()})
         for i in range(cfg["num_hidden_layers"])]
+    return write(out, cfg, shards, seed)
+
+
+def write(out: Path, cfg: dict, shards: list[tuple[str, dict[str, tuple[int, ...]]]], seed: int = 0) -> Path:
+    """Write a checkpoint of random values: ``shards`` (file name, tensor name -> shape), one tensor of values at
+    a time, the index, ``cfg`` as config.json and the real tokenizer, into a temporary folder renamed to
+    ``out`` once complete."""
+    from safetensors.torch import save_file
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    index: dict[str, str] = {}
     for fname, tensors in shards:
         save_file({n: _bf16(_values(rng, n, s)) for n, s in tensors.items()}, str(tmp / fname),
                   metadata={"format": "pt"})

@@ -72,9 +72,8 @@ def fit_router(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray
 
 def build(src: Path, out: Path, experts: int, top_k: int, shared: int, fit_tokens: int, spread: float,
           seed: int = 0) -> Path:
-    from safetensors.numpy import load_file as _unused  # noqa: F401 - checks safetensors is importable
-    from safetensors.torch import load_file, save_file
     import torch
+    from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
     cfg = json.loads((src / "config.json").read_text())
     inter, hidden = cfg["intermediate_size"], cfg["hidden_size"]
@@ -107,8 +106,7 @@ def build(src: Path, out: Path, experts: int, top_k: int, shared: int, fit_token
             if rel != "gate_proj.weight":
                 continue  # up/down handled with gate (a layer's MLP lives in one shard)
             i = int(pre.rsplit(".", 1)[1])
-            f = lambda r: state[f"{pre}.mlp.{r}.weight"].float()
-            gate, up, down = f("gate_proj"), f("up_proj"), f("down_proj")
+            gate, up, down = (state[f"{pre}.mlp.{r}.weight"].float() for r in ("gate_proj", "up_proj", "down_proj"))
             router = fit_router(x_layers[i], gate.numpy(), up.numpy(), down.numpy(), cuts, spread)
             bf = lambda a: a.contiguous().to(torch.bfloat16)
             new[f"{pre}.mlp.gate.weight"] = bf(torch.from_numpy(router))
