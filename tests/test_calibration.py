@@ -332,7 +332,7 @@ def test_interrupted_run_resumes_to_the_identical_file(tiny_models, tmp_path, mo
     monkeypatch.setattr(capture.LayerwiseEngine, "layer", real_layer)
     computed = []
     monkeypatch.setattr(capture.LayerwiseEngine, "_collect",
-                        lambda self, m, _c=capture.LayerwiseEngine._collect: computed.append(1) or _c(self, m))
+                        lambda self, *a, _c=capture.LayerwiseEngine._collect: computed.append(1) or _c(self, *a))
     assert run_cli(*args, "--out", tmp_path / "r", "--resume") == 0
     assert len(computed) == 2  # only layers 2 and 3 were recomputed
     assert (tmp_path / "r" / "qwen3-Q4_K_M.gguf").read_bytes() == (tmp_path / "clean" / "qwen3-Q4_K_M.gguf").read_bytes()
