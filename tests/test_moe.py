@@ -350,7 +350,7 @@ def test_tied_qwen2_moe_gets_an_output_matrix(tmp_path):
 def test_rtn_streams_the_experts(tmp_path):
     """RTN of an MoE checkpoint streams row-chunks of the stacked expert tensors: 2 and 12 layers of 8 experts
     (hidden 512, expert width 512) peak alike (``--no-verify``: the conversion alone), where a path holding the
-    model in float32 would grow by the 10 extra layers' 295 MB (test_memory.py's measure and bound). One RTN
+    model in float32 would grow by the 10 extra layers' 295 MB (test_memory.py's measure). One RTN
     thread: with two, the workers' malloc arenas made the same run's peak vary by up to 30 MB (58-122 MB
     measured over repeats), which would drown the signal; with one, 58-65 MB at 2, 12 and 24 layers."""
     from qcompile import memwatch
@@ -371,4 +371,7 @@ def test_rtn_streams_the_experts(tmp_path):
         peaks[n] = r.anon_mb
     growth, whole = peaks[12] - peaks[2], 10 * per_layer_f32_mb
     print({n: round(p) for n, p in peaks.items()}, f"growth {growth:.0f} MB, f32 model growth {whole:.0f} MB")
-    assert whole > 3 * 45 and growth < 45
+    # a quarter of the whole-model growth: the 2- and 12-layer peaks vary by up to ~30 MB between runs on a
+    # loaded machine (32-39 MB growth measured under load, 0-7 MB on a quiet one), which a 45 MB bound met
+    # too narrowly; a path holding the model (or its experts) in float32 would still be 4x over
+    assert growth < whole / 4
