@@ -39,6 +39,11 @@ def _compile(model, out, quant, *extra) -> Path:
     return next(out.glob(f"*-{quant}.gguf"))
 
 
+def _n_experts(cfg: dict) -> int:
+    """transformers 5.0 saves qwen3_moe's expert count as num_experts, later 5.x as num_local_experts."""
+    return cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"]
+
+
 def _types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
 
@@ -49,7 +54,7 @@ def test_gguf_layout_and_metadata(moe_models, tmp_path):
     for name, d in moe_models.items():
         cfg = json.loads((d / "config.json").read_text())
         arch = {"qwen2-moe": "qwen2moe", "qwen3-moe": "qwen3moe"}[name]
-        n_exp = cfg.get("num_experts") or cfg["num_local_experts"]
+        n_exp = _n_experts(cfg)
         r = GGUFReader(_compile(d, tmp_path / name, "Q4_K_M"))
         t = {x.name: x for x in r.tensors}
         hidden, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
@@ -132,7 +137,7 @@ def test_fused_layout_gives_the_same_file(moe_models, tmp_path):
     d = moe_models["qwen3-moe"]
     cfg = json.loads((d / "config.json").read_text())
     fused = tmp_path / "fused" / d.name   # the same folder name: the file's general.name comes from it
-    _fuse(d, fused, cfg["num_hidden_layers"], cfg["num_local_experts"])
+    _fuse(d, fused, cfg["num_hidden_layers"], _n_experts(cfg))
     for quant in ("F16", "Q4_K_M"):
         a = _compile(d, tmp_path / "per-expert" / quant, quant)
         b = _compile(fused, tmp_path / "fused-out" / quant, quant)
@@ -191,7 +196,7 @@ def test_every_expert_is_calibrated(moe_models, tmp_path):
     lists every expert's tokens and blend; with more tokens, well-covered experts use only their own."""
     d = moe_models["qwen3-moe"]
     cfg = json.loads((d / "config.json").read_text())
-    n_exp, layers = cfg["num_local_experts"], cfg["num_hidden_layers"]
+    n_exp, layers = _n_experts(cfg), cfg["num_hidden_layers"]
     calib = _calib(tmp_path)
     common = ["--quant", "Q4_K_M", "--calib", calib, "-q"]
     assert run_cli(d, *common, "--method", "rtn", "--out", tmp_path / "rtn", "--no-verify") == 0
