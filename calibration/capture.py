@@ -257,7 +257,7 @@ class LayerwiseEngine:
             # the same rows as one call, batch by batch
             self.hidden = self._new_residual(lambda rows: self.dec.embed(self.source, self.tokens[rows]))
         module = self.dec.build_layer(i, self.source, self.device).to(self.dtype)
-        routed: dict[str, list] = {"x": [], "idx": []}
+        routed: dict[str, list] = {"x": [], "idx": [], "w": []}
         stats = self._collect(module, routed if self.cfg.arch.moe else None)
         for lin in self.cfg.arch.LINEARS:  # until the quantized values take their place, their memory is GPTQ's
             module.get_submodule(lin).weight.data = self.torch.empty(0, dtype=self.dtype, device=self.device)
@@ -314,13 +314,13 @@ class LayerwiseEngine:
         it, and load them into ``module``; returns the stacked tensors (``ffn_*_exps``), keyed by HF name.
 
         Statistics per expert: gate/up see the expert's tokens, down sees its intermediate activations on them
-        (float weights, as the dense layers' statistics pass). An expert with fewer tokens than its input
+        (float weights, as the dense layers' statistics pass), each token weighted by its routing weight. An expert with fewer tokens than its input
         width also gets the layer's other tokens (a seeded sample), weighted so its statistics count that
         many (:data:`EXPERT_MIN_TOKENS_PER_INPUT`): never left in float, never rounded on a Hessian its few
         tokens cannot span. Memory: one expert's statistics and weights at a time, beside the layer's
         recorded inputs (tokens x hidden)."""
         torch, cfg, arch = self.torch, self.cfg, self.cfg.arch
-        x_all, idx = torch.cat(routed.pop("x")), torch.cat(routed.pop("idx"))
+        x_all, idx, gates = torch.cat(routed.pop("x")), torch.cat(routed.pop("idx")), torch.cat(routed.pop("w"))
         routed.clear()
         names = arch.expert_names(i)                   # gate, up, down: stacked [E, rows, cols]
         n_exp, width, hidden = cfg.num_experts, cfg.expert_intermediate_size, cfg.hidden_size
@@ -333,16 +333,22 @@ class LayerwiseEngine:
         parts: list[list[QuantizedTensor]] = [[], [], []]
         coverage = []
         for e in range(n_exp):
-            rows = torch.nonzero((idx == e).any(dim=1)).flatten()
+            hit = idx == e
+            rows = torch.nonzero(hit.any(dim=1)).flatten()
             x = x_all[rows]
+            # each token weighted by its routing weight: the expert's output reaches the layer's output times
+            # that weight, so its rounding error there counts w^2 (H = sum w^2 x x^T). Scaled to mean w^2 = 1,
+            # so the blend below still counts tokens.
+            g = (gates[rows] * hit[rows]).sum(dim=1)
+            g = (g / g.pow(2).mean().sqrt().clamp_min(1e-12))[:, None] if len(rows) else g[:, None]
             w = [self.source.rows(n, e * r, (e + 1) * r) for n, r in zip(names, spans)]
             blend = max(0.0, EXPERT_MIN_TOKENS_PER_INPUT * hidden - len(rows)) / max(1, len(pool))
-            st = self._stats_of(x)
+            st = self._stats_of(x * g)
             if blend:
                 st.merge(pool_in, blend)
             wg, wu = torch.from_numpy(w[0]), torch.from_numpy(w[1])
             inter = lambda a: act(a @ wg.T) * (a @ wu.T)   # the expert's down input, float weights
-            st_down = self._stats_of(inter(x))
+            st_down = self._stats_of(inter(x) * g)
             if blend:
                 st_down.merge(self._stats_of(inter(pool)), max(0.0, EXPERT_MIN_TOKENS_PER_INPUT * width
                                                                - len(rows)) / max(1, len(pool)))
@@ -451,9 +457,10 @@ class LayerwiseEngine:
         hooks = []
         if routed is not None:
             def record(_mod, inputs):
-                x, idx = inputs[0], inputs[1]
+                x, idx, w = inputs[0], inputs[1], inputs[2]
                 routed["x"].append(x.reshape(-1, x.shape[-1]).to("cpu", self.torch.float32, copy=True))
                 routed["idx"].append(idx.reshape(x.shape[0], -1).to("cpu", copy=True))
+                routed["w"].append(w.reshape(x.shape[0], -1).to("cpu", self.torch.float32, copy=True))
             hooks.append(module.get_submodule(self.cfg.arch.EXPERTS_MODULE).register_forward_pre_hook(record))
         n_tokens = int(np.prod(self.hidden.shape[:2]))
         for name in set(self.cfg.arch.LINEARS.values()):
