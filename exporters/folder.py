@@ -22,6 +22,7 @@ from qcompile.model import (
     QuantizedSource,
     WeightSource,
 )
+from qcompile.model.experts import split_experts
 from qcompile.report_types import Artifact, ArtifactFile, TargetInfo, TensorRecord
 from qcompile.spill import Spill, release
 from quantizers import rtn
@@ -66,6 +67,7 @@ class FolderTarget(Target):
     module: ClassVar[str]              # the runtime's Python module (a missing one is a one-line error)
     float_embeddings: ClassVar[str]    # the float type a kept embedding table is stored in
     quantized_embeddings: ClassVar[bool] = False  # the input embeddings on the head's grid too
+    experts: ClassVar[bool] = True    # routed experts: one traced MatMul per expert (qcompile.model.experts)
 
     def __init__(self):
         self.types: FolderTypes | None = None
@@ -91,9 +93,10 @@ class FolderTarget(Target):
     def assign(self, job) -> None:
         cfg, ckpt, t = job.cfg, job.ckpt, self.types.linear
         for i in range(cfg.num_layers):
-            for lin, name in zip(cfg.arch.LINEARS, cfg.linear_names(i)):
+            experts = cfg.arch.expert_names(i) if cfg.arch.moe else ()
+            for lin, name in [*zip(cfg.arch.LINEARS, cfg.linear_names(i)), *((n.split(".", 3)[3], n) for n in experts)]:
                 try:
-                    t.group_for(ckpt.entry(name).shape[1])
+                    t.group_for(ckpt.entry(name).shape[-1])
                 except ValueError as e:
                     raise QCompileError(f"layer {i} {lin}: {e}") from None
 
@@ -116,7 +119,7 @@ class FolderTarget(Target):
         return est_bytes, rtn_work, self.name
 
     def engine_types(self, job) -> dict[str, IntType]:
-        return {n: self.types.linear for n in job.cfg.decoder_linears()}
+        return {n: self.types.linear for n in job.cfg.decoder_linears() + job.cfg.expert_tensors()}
 
     def fingerprint(self, job) -> tuple:
         return (self.types.linear.name, self.name)
@@ -127,7 +130,7 @@ class FolderTarget(Target):
     # ---- writing ----------------------------------------------------------------------------------------
     def produce(self, job) -> Output:
         opts, cfg, ckpt = job.opts, job.cfg, job.ckpt
-        names = cfg.decoder_linears()
+        names = set(cfg.decoder_linears() + cfg.expert_tensors())
         # the quantized tensors wait on disk until the graph is built and verified (the run closes the spill)
         spill = job.hold(Spill(opts.out / f".{self.name}.spill"))
         with job.stage("quantize"):
@@ -144,6 +147,8 @@ class FolderTarget(Target):
             # AWQ folds scales into norms/biases: those go into the float graph before the linears are swapped
             linears = {n: q for n, q in tensors.items() if n in names or n in (cfg.head_name, cfg.embed_name)}
             folded = {n: q.dequantize().reshape(-1) for n, q in tensors.items() if n not in linears}
+            for n in cfg.expert_tensors():   # the graph reads one MatMul per expert: the stacked rows, cut
+                linears |= split_experts(linears.pop(n), cfg.num_experts)
             files = self.write(job, linears, folded)
         return Output(opts.out / self.main_file, files, tensors=tensors)
 
@@ -255,8 +260,24 @@ def quantize_decoder(cfg: ModelConfig, source: WeightSource, target: IntType, en
                 if errors is not None:
                     errors.add(n, w, q)
                 tensors[n] = keep(q)
+            for n in (cfg.arch.expert_names(i) if cfg.arch.moe else ()):
+                tensors[n] = keep(_rtn_experts(source, n, cfg.num_experts, target, threads, errors))
         on_layer(i)
     return tensors
+
+
+def _rtn_experts(source: WeightSource, name: str, n_experts: int, t: IntType, threads: int | None,
+                 errors: ErrorTally | None) -> QuantizedTensor:
+    """RTN of a stacked expert tensor [E, rows, cols] one expert at a time (a 30B-A3B layer's stacked gate is
+    0.8 GB in float32; one expert's, 6 MB), as the rows [E * rows, cols] the exporters cut again."""
+    shape = source.shape(name)
+    rows, parts = int(np.prod(shape[:-1])) // n_experts, []
+    for e in range(n_experts):
+        w = source.rows(name, e * rows, (e + 1) * rows)
+        parts.append(rtn.quantize(name, w, t, row0=e * rows, threads=threads))
+        if errors is not None:
+            errors.add(name, w, parts[-1])
+    return QuantizedTensor(name, t, (rows * n_experts, shape[-1]), np.concatenate([q.data for q in parts]))
 
 
 def quantize_head(ckpt: Checkpoint, cfg: ModelConfig, t: IntType, threads: int | None,

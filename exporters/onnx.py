@@ -98,7 +98,7 @@ def _wrapper(model, weights: list[str]):
     return Flat().eval()
 
 
-def _weightless(model_dir: Path):
+def _weightless(model_dir: Path, cfg: ModelConfig):
     """The transformers model with no weights in memory: built on the meta device, every parameter then a
     zero-strided view of one float32 zero (shape right, ~0 bytes), the rotary buffers rebuilt on the CPU.
 
@@ -109,6 +109,7 @@ def _weightless(model_dir: Path):
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        cfg.arch.traceable(model, cfg)   # MoE: experts the trace can follow (on meta too: no memory)
     if config.tie_word_embeddings:  # (transformers 5.0 ties only when loading weights: tie here, explicitly)
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     zero, done = torch.zeros((), dtype=torch.float32), {}
@@ -143,7 +144,7 @@ def export_fp(model_dir: Path, cfg: ModelConfig, path: Path) -> None:
     HF names: the model is traced without its weights in memory, so a 7B export costs a trace, not 28 GB.
     ``bind_weights`` turns those inputs into initializers."""
     import torch
-    model = _weightless(model_dir)
+    model = _weightless(model_dir, cfg)
     weights, args = trace_inputs(model, cfg)
     ins, outs = io_names(cfg.num_layers)
     dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
@@ -263,6 +264,9 @@ def linear_of(node) -> str | None:
     path = node.name.strip("/").rsplit("/", 1)[0].split("/")
     if path[:1] == ["model"]:     # the wrapper's attribute
         path = path[1:]
+    # a module list that is called itself (an MoE's traced experts) is a scope, and its children are scoped
+    # "experts.0" inside it: /mlp/experts/experts.0/gate_proj is mlp.experts.0.gate_proj
+    path = [p for k, p in enumerate(path) if not (k + 1 < len(path) and path[k + 1].startswith(p + "."))]
     return ".".join(path) or None
 
 

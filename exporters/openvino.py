@@ -106,7 +106,7 @@ def trace_fp(model_dir: Path, cfg: ModelConfig):
     import torch
 
     from exporters.onnx import _weightless, _wrapper, trace_inputs
-    model = _weightless(model_dir)
+    model = _weightless(model_dir, cfg)
     weights, args = trace_inputs(model, cfg)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes

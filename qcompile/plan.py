@@ -216,13 +216,14 @@ def choose_method(opts: Options, low_bit: bool, imatrix_required: bool = False) 
 
 def moe_method(opts: Options, cfg: ModelConfig, target: Target, method: quantizers.Method,
                needs_statistics: bool = False) -> quantizers.Method:
-    """What a mixture-of-experts model can be compiled with so far: GGUF, with any method (the calibration
-    engine routes the calibration tokens with the full-precision router and calibrates each expert on its
-    own, :meth:`calibration.capture.LayerwiseEngine._quantize_experts`), with llama.cpp's mixes; refused in
-    one place: other formats and size budgets, whose machinery does not cover experts yet."""
+    """What a mixture-of-experts model can be compiled with so far: any method (the calibration engine routes
+    the calibration tokens with the full-precision router and calibrates each expert on its own,
+    :meth:`calibration.capture.LayerwiseEngine._quantize_experts`) to GGUF (llama.cpp's mixes), ONNX and
+    OpenVINO (one grid); refused in one place: a target that cannot write experts, and size budgets, whose
+    sensitivity analysis does not cover experts yet."""
     what = f"{cfg.arch.hf_name} (mixture of experts)"
     if not target.experts:
-        raise UsageError(f"--to {target.name}: {what} models are written to GGUF only so far (--to gguf)")
+        raise UsageError(f"--to {target.name}: {what} models cannot be written to {target.name}")
     if opts.max_size is not None or opts.target_bpw is not None:
         raise UsageError(f"--max-size/--target-bpw: the size budget does not cover the experts of {what} yet; "
                          "use --quant (llama.cpp's mixes)")

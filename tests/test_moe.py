@@ -167,9 +167,9 @@ def test_missing_expert_and_unsupported_configs_fail_in_one_line(moe_models, tmp
 
 
 def test_what_is_not_supported_yet_is_refused_up_front(moe_models, tmp_path, capsys):
-    """Size budgets over experts and ONNX/OpenVINO: refused before any work (exit 2, one line)."""
+    """Size budgets over experts: refused before any work (exit 2, one line)."""
     d = moe_models["qwen3-moe"]
-    for args in (["--to", "onnx"], ["--to", "openvino"], ["--max-size", "10MB"], ["--target-bpw", "4.5"]):
+    for args in (["--max-size", "10MB"], ["--target-bpw", "4.5"]):
         assert run_cli(d, *args, "--out", tmp_path / "o", "-q") == 2, args
         err = capsys.readouterr().err.strip()
         assert "mixture of experts" in err and len(err.splitlines()) == 1, (args, err)

@@ -225,7 +225,7 @@ def test_lm_head_policy_and_tied_matrix_stored_once(tiny_models, tmp_path, keep)
 def test_export_traces_without_the_weights(tiny_models):
     """The traced model holds no weights (a 7B export must not need 28 GB of float32): every parameter is a
     zero-strided view, shapes and tying intact; the weights enter the graph one tensor at a time."""
-    model = ox._weightless(tiny_models["qwen2.5"])
+    model = ox._weightless(tiny_models["qwen2.5"], read_config(tiny_models["qwen2.5"]))
     params = list(model.parameters())
     assert sum(p.numel() for p in params) > 500_000
     assert sum(p.untyped_storage().nbytes() for p in params) <= 4 * len(params)

@@ -120,6 +120,9 @@ class Architecture:
         """Whether the layers hold routed experts (:class:`MoeArchitecture`)."""
         return bool(self.EXPERTS)
 
+    def traceable(self, model, cfg) -> None:
+        """Make the weightless transformers ``model`` traceable by the graph exporters (dense: it is)."""
+
     def module_state(self, state: dict) -> dict:
         """A layer's tensors (relative names) -> its transformers module's state dict: the same for dense."""
         return state
@@ -246,6 +249,12 @@ class MoeArchitecture(Architecture):
         with torch.no_grad():
             experts.gate_up_proj[e] = torch.cat([gate, up]).to(experts.gate_up_proj.dtype)
             experts.down_proj[e] = down.to(experts.down_proj.dtype)
+
+    def traceable(self, model, cfg) -> None:
+        """Swap each layer's experts module of the weightless ``model`` for one the exporters can trace
+        (:mod:`qcompile.model.experts`: one MLP per expert, ``mlp.experts.{e}.gate_proj.weight`` ...)."""
+        from qcompile.model.experts import swap_in_traced
+        swap_in_traced(model, self, cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size)
 
     def module_state(self, state: dict) -> dict:
         """The layer's tensors (relative names, stacked experts) -> transformers' module parameters: its

@@ -55,6 +55,10 @@ class ModelConfig:
         """HF weight names of every decoder linear, layer by layer."""
         return [n for i in range(self.num_layers) for n in self.linear_names(i)]
 
+    def expert_tensors(self) -> list[str]:
+        """HF names of every stacked routed-expert tensor [E, rows, cols], layer by layer (none when dense)."""
+        return [n for i in range(self.num_layers) for n in self.arch.expert_names(i)] if self.arch.moe else []
+
     @property
     def embed_name(self) -> str:
         return self.arch.EMBED

@@ -71,6 +71,8 @@ class QuantizedSource:
         if qt.type == T.F32 and qt.shape[0] == 1:
             # a vector the calibration engine replaced (AWQ-folded norm or bias) travels as one float row
             return (qt.shape[1],)
+        if ".experts." in name:   # stacked experts travel as [E * rows, cols]; the modules want [E, rows, cols]
+            return tuple(self.base.shape(name))
         return tuple(qt.shape)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
