@@ -187,7 +187,8 @@ def _mm(torch, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _by_layer(cfg: ModelConfig, names: list[str]) -> dict[int, list[str]]:
     """The analysed decoder linears per layer index (``lm_head.weight`` aside); unknown names are an error."""
     head_name = cfg.head_name
-    where = {n: i for i in range(cfg.num_layers) for n in cfg.linear_names(i)}
+    where = {n: i for i in range(cfg.num_layers)
+             for n in cfg.linear_names(i) + (list(cfg.arch.expert_names(i)) if cfg.arch.moe else [])}
     missing = [n for n in names if n != head_name and n not in where]
     if missing:
         raise ValueError(f"no such weights to analyse: {', '.join(sorted(missing))}")
@@ -314,14 +315,15 @@ def _backward_layer(dec: StreamedDecoder, source: WeightSource, i: int, saved: P
     """Back-propagate ``grad`` (d loss / d output of layer ``i``, [n, T, H]) through layer ``i`` re-run from
     its ``saved`` input, one window at a time. Returns (name, weight, Fisher summed over windows) of the
     analysed ``names``; with ``pass_down``, ``grad`` becomes d loss / d input of the layer (in place)."""
-    torch = dec.torch
+    torch, arch = dec.torch, dec.cfg.arch
     layer = dec.build_layer(i, source, device)
     params = {}
     for rel, p in layer.named_parameters():
-        full = dec.cfg.arch.layer_prefix(i) + rel
-        p.requires_grad_(full in names)
-        if full in names:
-            params[full] = p
+        # a module parameter may hold several analysed tensors (an MoE's gate_up_proj: stacked gate and up)
+        wanted = any(arch.layer_prefix(i) + k in names for k in arch.from_module(rel, p))
+        p.requires_grad_(wanted)
+        if wanted:
+            params[rel] = p
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
     inputs = np.load(saved, mmap_mode="r")
     with torch.enable_grad(), _autocast(torch, device):  # whatever the caller's grad mode
@@ -336,7 +338,13 @@ def _backward_layer(dec: StreamedDecoder, source: WeightSource, i: int, saved: P
                 grad[s] = x.grad[0]  # this window's gradient is spent: its slot takes the one for layer i - 1
     del inputs
     saved.unlink()  # its disk is free as soon as the layer is done
-    return [(n, params[n].detach().cpu().numpy(), acc.pop(n).cpu().numpy()) for n in names]
+    out = {}
+    for rel, p in params.items():
+        held, fisher = arch.from_module(rel, p.detach().cpu()), arch.from_module(rel, acc.pop(rel).cpu())
+        for k, w in held.items():   # stacked experts [E, rows, cols] as the rows [E * rows, cols] ggml rounds
+            out[arch.layer_prefix(i) + k] = (np.ascontiguousarray(w.reshape(-1, w.shape[-1]).numpy()),
+                                             np.ascontiguousarray(fisher[k].reshape(-1, w.shape[-1]).numpy()))
+    return [(n, *out[n]) for n in names]
 
 
 def _predict_layer(fisher: list[tuple[str, np.ndarray, np.ndarray]], types: dict[str, list[Target]],

@@ -53,7 +53,7 @@ class Target:
     sized: ClassVar[bool] = False      # chooses types per tensor within a size budget (--max-size)
     has_weights: ClassVar[bool] = False  # :meth:`weights` reads an artifact's weights back (qcompile eval)
     packaged: ClassVar[bool] = False   # can be packaged for Ollama / LM Studio (--package)
-    experts: ClassVar[bool] = False    # writes a mixture-of-experts model's routed experts (GGUF so far)
+    experts: ClassVar[bool] = False    # writes a mixture-of-experts model's routed experts
 
     # ---- options and types ------------------------------------------------------------------------------
     def check(self, opts) -> None:

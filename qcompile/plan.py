@@ -216,17 +216,14 @@ def choose_method(opts: Options, low_bit: bool, imatrix_required: bool = False) 
 
 def moe_method(opts: Options, cfg: ModelConfig, target: Target, method: quantizers.Method,
                needs_statistics: bool = False) -> quantizers.Method:
-    """What a mixture-of-experts model can be compiled with so far: any method (the calibration engine routes
-    the calibration tokens with the full-precision router and calibrates each expert on its own,
-    :meth:`calibration.capture.LayerwiseEngine._quantize_experts`) to GGUF (llama.cpp's mixes), ONNX and
-    OpenVINO (one grid); refused in one place: a target that cannot write experts, and size budgets, whose
-    sensitivity analysis does not cover experts yet."""
+    """What a mixture-of-experts model can be compiled with: any method (the calibration engine routes the
+    calibration tokens with the full-precision router and calibrates each expert on its own,
+    :meth:`calibration.capture.LayerwiseEngine._quantize_experts`) to GGUF (llama.cpp's mixes or a size
+    budget over every tensor, experts included), ONNX and OpenVINO (one grid); a target that cannot write
+    experts is refused here, in one place."""
     what = f"{cfg.arch.hf_name} (mixture of experts)"
     if not target.experts:
         raise UsageError(f"--to {target.name}: {what} models cannot be written to {target.name}")
-    if opts.max_size is not None or opts.target_bpw is not None:
-        raise UsageError(f"--max-size/--target-bpw: the size budget does not cover the experts of {what} yet; "
-                         "use --quant (llama.cpp's mixes)")
     return method
 
 

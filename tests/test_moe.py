@@ -166,14 +166,31 @@ def test_missing_expert_and_unsupported_configs_fail_in_one_line(moe_models, tmp
         assert words in err and len(err.splitlines()) == 1, err
 
 
-def test_what_is_not_supported_yet_is_refused_up_front(moe_models, tmp_path, capsys):
-    """Size budgets over experts: refused before any work (exit 2, one line)."""
-    d = moe_models["qwen3-moe"]
-    for args in (["--max-size", "10MB"], ["--target-bpw", "4.5"]):
-        assert run_cli(d, *args, "--out", tmp_path / "o", "-q") == 2, args
-        err = capsys.readouterr().err.strip()
-        assert "mixture of experts" in err and len(err.splitlines()) == 1, (args, err)
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+@pytestmark_llama
+def test_size_budget_spends_bytes_over_experts_and_attention(moe_models, tmp_path):
+    """``--max-size`` at plain Q4_K_M's size: the stacked experts (and the shared expert) are candidates of the
+    knapsack beside attention and the head, their Fisher taken through transformers' fused experts; the file
+    fits, and the measured KLD (PyTorch reference) is below plain Q4_K_M's."""
+    for name, d in moe_models.items():
+        assert run_cli(d, "--quant", "Q4_K_M", "--method", "rtn", "--out", tmp_path / name / "plain", "-q") == 0
+        plain = json.loads((tmp_path / name / "plain" / "report.json").read_text())
+        size = plain["artifact"]["bytes"]
+        assert run_cli(d, "--max-size", size, "--calib", _calib(tmp_path), "--calib-samples", "8", "--calib-seqlen",
+                       "128", "--method", "rtn", "--out", tmp_path / name / "mix", "-q") == 0
+        rep = json.loads((tmp_path / name / "mix" / "report.json").read_text())
+        alloc = rep["allocation"]["tensors"]
+        exps = [n for n in alloc if "_exps" in n]
+        assert len(exps) == 3 * _n_layers(d) and all(len(alloc[n]["options"]) >= 3 for n in exps)
+        assert all(alloc[n]["options"][t]["predicted_kld"] > 0 for n in exps for t in alloc[n]["options"])
+        assert (name == "qwen2-moe") == any("_shexp" in n for n in alloc)
+        assert "blk.0.ffn_gate_inp.weight" not in alloc   # the router stays F32, as in llama.cpp
+        got, base = rep["metrics"]["reference"]["kld_mean"], plain["metrics"]["reference"]["kld_mean"]
+        print(f"{name}: {rep['artifact']['bytes']} <= {size} bytes, KLD {got:.5f} vs plain Q4_K_M {base:.5f}")
+        assert rep["artifact"]["bytes"] <= size and got < base
+
+
+def _n_layers(d: Path) -> int:
+    return json.loads((d / "config.json").read_text())["num_hidden_layers"]
 
 
 def _calib(tmp_path: Path) -> Path:

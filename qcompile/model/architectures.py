@@ -123,6 +123,11 @@ class Architecture:
     def traceable(self, model, cfg) -> None:
         """Make the weightless transformers ``model`` traceable by the graph exporters (dense: it is)."""
 
+    def from_module(self, rel: str, value) -> dict:
+        """A layer module's parameter (relative name) -> the layer tensors it holds, by relative name (the
+        inverse of :meth:`module_state`; dense: itself)."""
+        return {rel: value}
+
     def module_state(self, state: dict) -> dict:
         """A layer's tensors (relative names) -> its transformers module's state dict: the same for dense."""
         return state
@@ -265,6 +270,16 @@ class MoeArchitecture(Architecture):
                                                      state["mlp.experts.up_proj.weight"]], dim=1)
         out["mlp.experts.down_proj"] = state["mlp.experts.down_proj.weight"]
         return out
+
+    def from_module(self, rel: str, value) -> dict:
+        """``mlp.experts.gate_up_proj`` [E, 2I, H] -> views of the stacked gate and up tensors [E, I, H];
+        ``mlp.experts.down_proj`` -> the stacked down tensor; anything else: itself."""
+        if rel == "mlp.experts.gate_up_proj":
+            half = value.shape[1] // 2
+            return {"mlp.experts.gate_proj.weight": value[:, :half], "mlp.experts.up_proj.weight": value[:, half:]}
+        if rel == "mlp.experts.down_proj":
+            return {"mlp.experts.down_proj.weight": value}
+        return {rel: value}
 
     def add_gguf_hparams(self, w: gguf.GGUFWriter, cfg) -> None:
         super().add_gguf_hparams(w, cfg)
