@@ -52,6 +52,11 @@ SPILL_RESIDUAL_BYTES = 256 << 20  # on the CPU, a larger residual stream waits i
 # calibrated on the layer's inputs as a whole, one it reached often on its own tokens (report: per expert)
 EXPERT_MIN_TOKENS_PER_INPUT = 1.0
 EXPERT_POOL_TOKENS = 2048  # the layer's tokens (seeded sample) that thinly routed experts are blended with
+# what a thinly routed expert (fewer tokens than its input width) is calibrated with: "blend" (the above),
+# "own" (its own tokens alone: the method's damping fills the rank its tokens leave), "imatrix" (imatrix-weighted
+# RTN on its own tokens' statistics, plain RTN with none: llama.cpp's behaviour). benchmarks/expert_blend.py
+# measures the three on the real-weight MoE.
+EXPERT_THIN = "blend"
 
 
 @dataclass
@@ -343,6 +348,12 @@ class LayerwiseEngine:
             g = (g / g.pow(2).mean().sqrt().clamp_min(1e-12))[:, None] if len(rows) else g[:, None]
             w = [self.source.rows(n, e * r, (e + 1) * r) for n, r in zip(names, spans)]
             blend = max(0.0, EXPERT_MIN_TOKENS_PER_INPUT * hidden - len(rows)) / max(1, len(pool))
+            method = self.method
+            if blend and EXPERT_THIN != "blend":
+                if EXPERT_THIN == "imatrix":
+                    import quantizers
+                    method = quantizers.get("imatrix" if len(rows) else "rtn")
+                blend = 0.0
             st = self._stats_of(x * g)
             if blend:
                 st.merge(pool_in, blend)
@@ -357,16 +368,16 @@ class LayerwiseEngine:
             calib_in = st.calib()
             for k, group in enumerate(groups):
                 calib_in.last_use = k == len(groups) - 1
-                q = self.method.quantize(f"{names[group[0]]}[{e}]", _stack((w[j] for j in group),
-                                                                          [spans[j] for j in group]),
-                                         self.types[names[group[0]]], calib_in)
+                q = method.quantize(f"{names[group[0]]}[{e}]", _stack((w[j] for j in group),
+                                                                      [spans[j] for j in group]),
+                                    self.types[names[group[0]]], calib_in)
                 r0 = 0
                 for j in group:
                     parts[j].append(QuantizedTensor(names[j], q.type, w[j].shape, q.data[r0:r0 + spans[j]]))
                     r0 += spans[j]
             calib_down = st_down.calib()
             calib_down.last_use = True
-            parts[2].append(self.method.quantize(f"{names[2]}[{e}]", w[2], self.types[names[2]], calib_down))
+            parts[2].append(method.quantize(f"{names[2]}[{e}]", w[2], self.types[names[2]], calib_down))
             deq = [qs[-1].dequantize() for qs in parts]
             for name, ref, qs, dq in zip(names, w, parts, deq):
                 self.errors.add(name, ref, qs[-1], dq)
