@@ -22,7 +22,7 @@ from qcompile.model import (
     QuantizedSource,
     WeightSource,
 )
-from qcompile.model.experts import split_experts
+from qcompile.model.experts import per_expert_name
 from qcompile.report_types import Artifact, ArtifactFile, TargetInfo, TensorRecord
 from qcompile.spill import Spill, release
 from quantizers import rtn
@@ -264,6 +264,17 @@ def quantize_decoder(cfg: ModelConfig, source: WeightSource, target: IntType, en
                 tensors[n] = keep(_rtn_experts(source, n, cfg.num_experts, target, threads, errors))
         on_layer(i)
     return tensors
+
+
+def split_experts(qt: QuantizedTensor, n_experts: int) -> dict[str, QuantizedTensor]:
+    """A stacked expert tensor [E * rows, cols] as one QuantizedTensor per expert (views of the same bytes:
+    the blocks of a row never span two rows, so each expert's rows are its own)."""
+    rows, cols = qt.shape[0] // n_experts, qt.shape[-1]
+    data = qt.data.reshape(qt.shape[0], -1)
+    return {per_expert_name(qt.name, e): QuantizedTensor(per_expert_name(qt.name, e), qt.type, (rows, cols),
+                                                         data[e * rows:(e + 1) * rows])
+            for e in range(n_experts)}
+
 
 
 def _rtn_experts(source: WeightSource, name: str, n_experts: int, t: IntType, threads: int | None,

@@ -52,7 +52,7 @@ def tunable(p: PlannedTensor, cfg: ModelConfig) -> bool:
     """Whether the budget chooses this tensor's type: decoder linears and an untied output matrix."""
     if p.name == "output.weight":
         return not cfg.tie_word_embeddings
-    return cfg.arch.is_linear(p.source) or ".mlp.experts." in p.source   # an MoE's stacked experts too
+    return cfg.arch.is_linear(p.source) or cfg.arch.is_expert(p.source)   # an MoE's stacked experts too
 
 
 def _nbytes(p: PlannedTensor, t: T) -> int:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from exporters.folder import quantize_decoder
+from exporters.folder import quantize_decoder, split_experts
 from qcompile import tiny
 from qcompile.model import Checkpoint, CheckpointSource, read_config
-from qcompile.model.experts import split_experts, stacked_of
+from qcompile.model.experts import stacked_of
 from quantizers.grids import IntType
 
 VARIANTS = ("qwen2-moe", "qwen3-moe")

@@ -103,6 +103,11 @@ class Architecture:
         where = self.split(name)
         return where is not None and where[1].removesuffix(".weight") in self.LINEARS and where[1].endswith(".weight")
 
+    def is_expert(self, name: str) -> bool:
+        """Whether ``name`` is a stacked routed-expert tensor (:class:`MoeArchitecture`'s ``EXPERTS``)."""
+        where = self.split(name)
+        return where is not None and where[1] in self.EXPERTS
+
     def head_source(self, tied: bool) -> str:
         """The checkpoint tensor the output matrix is read from (the embeddings when tied)."""
         return self.EMBED if tied else self.HEAD

@@ -10,14 +10,13 @@ data-dependent ``nonzero`` (ONNX ``NonZero``, OpenVINO ``NonZero``) and added ba
 work per token is its top-k experts, not all of them, and the graph holds no routing decision of the trace.
 
 The expert quantized tensors are stacked ([E * rows, cols], llama.cpp's layout, what the calibration makes);
-:func:`split_experts` cuts them into the per-expert tensors the traced graph reads, byte for byte.
+:func:`exporters.folder.split_experts` cuts them into the per-expert tensors the traced graph reads, byte
+for byte.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from quantizers.tensor import QuantizedTensor
 
 
 class ExpertMLP(nn.Module):
@@ -66,16 +65,6 @@ def per_expert_name(stacked: str, e: int) -> str:
     """``model.layers.3.mlp.experts.gate_proj.weight``, 5 -> ``model.layers.3.mlp.experts.5.gate_proj.weight``."""
     head, proj, w = stacked.rsplit(".", 2)
     return f"{head}.{e}.{proj}.{w}"
-
-
-def split_experts(qt: QuantizedTensor, n_experts: int) -> dict[str, QuantizedTensor]:
-    """A stacked expert tensor [E * rows, cols] as one QuantizedTensor per expert (views of the same bytes:
-    the blocks of a row never span two rows, so each expert's rows are its own)."""
-    rows, cols = qt.shape[0] // n_experts, qt.shape[-1]
-    data = qt.data.reshape(qt.shape[0], -1)
-    return {per_expert_name(qt.name, e): QuantizedTensor(per_expert_name(qt.name, e), qt.type, (rows, cols),
-                                                         data[e * rows:(e + 1) * rows])
-            for e in range(n_experts)}
 
 
 def stacked_of(name: str) -> tuple[str, int] | None:
