@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
 def experts_share(moe: Path, work: Path) -> None:
     """The experts' share of the error: the llama-imatrix peer's and qcompile GPTQ's files with only their
     expert tensors (ffn_*_exps) taken over into the F16, everything else left F16, scored like the rows above
-    (benchmarks/splice.py; unseen_bench's --external rows, so cached and labelled the same way)."""
+    (benchmarks/splice.py; unseen_bench's --external rows, so cached and labelled the same way); and the whole
+    file at Q8_0 for context."""
     import json
 
     import unseen_bench
@@ -56,6 +57,11 @@ def experts_share(moe: Path, work: Path) -> None:
     splice = Path(__file__).resolve().parent / "splice.py"
     argv = ["--model", str(moe), "--work", str(runs), "--no-peers", "--text", f"in-domain={work / 'eval.txt'}",
             "--json", str(runs / "experts-share.json")]
+    # context: the whole file at Q8_0, where rounding is small and what is left is mostly routing flips (the
+    # upcycled router's logits are near-ties: a small change of the layer input reorders the experts)
+    q8 = unseen_bench.tools()["quantize"]
+    argv += ["--external", f"llama-quantize Q8_0 (whole file; the routing-flip floor):llama.cpp-0.3.36:{q8} {f16} "
+                           "{out}/q8_0.gguf Q8_0"]
     rows = table["rows"] if isinstance(table, dict) else table
     for r in rows:
         m = r["method"]
