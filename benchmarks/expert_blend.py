@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = ["--model", str(moe), "--work", str(work / "runs"), "--no-peers", "--text", f"in-domain={work / 'eval.txt'}",
             "--json", str(work / "runs" / "expert-blend.json")]
     for rule in args.rules:
-        label = f"qcompile gptq {args.samples}x{args.seqlen} thin experts: {rule}"
+        label = f"qcompile gptq {args.samples}x{args.seqlen}, thin experts by {rule}"  # (no colon: --external splits on it)
         argv += ["--external", f"{label}:{commit}:{sys.executable} {HERE / 'expert_blend.py'} build --rule {rule} "
                                f"--model {moe} --calib {calib} --samples {args.samples} --seqlen {args.seqlen} "
                                "--out {out}"]
