@@ -113,7 +113,8 @@ def expert_coverage(job: CompilePlan) -> list[ExpertCoverage] | None:
     got = getattr(job.engine, "experts", None)
     if not got:
         return None
-    return [ExpertCoverage(i, [e["tokens"] for e in got[i]], [e["blend"] for e in got[i]]) for i in sorted(got)]
+    return [ExpertCoverage(i, [e["tokens"] for e in got[i]], [e["blend"] for e in got[i]],
+                           [e.get("method", job.method.name) for e in got[i]]) for i in sorted(got)]
 
 
 def _written(out: Output) -> list[Path]:

@@ -126,11 +126,13 @@ class Metrics:
 @dataclass
 class ExpertCoverage:
     """One MoE layer's calibration coverage: per routed expert, the calibration tokens its full-precision
-    router sent it, and the weight per token of the layer's other tokens it was blended with (0: its own
-    tokens only; an expert with fewer tokens than its input width gets them, never left uncalibrated)."""
+    router sent it, the weight per token of the layer's other tokens its statistics were blended with (0: its
+    own tokens only; an expert no token reached uses the layer's), and the method that rounded it (the run's,
+    or ``imatrix`` for an expert with fewer tokens than its input width: never left uncalibrated)."""
     layer: int = 0
     tokens: list[int] = field(default_factory=list)
     blend: list[float] = field(default_factory=list)
+    method: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -208,9 +208,10 @@ def _expert_bytes(path: Path, name: str, e: int) -> bytes:
 @pytestmark_llama
 def test_every_expert_is_calibrated(moe_models, tmp_path):
     """Calibration routes tokens with the full-precision router and calibrates each expert on its own; an
-    expert the calibration never reaches (1 x 16 tokens here: some get none, checked) is calibrated on the
-    layer's other tokens instead of left in float or rounded plainly: its bytes differ from RTN's, report.json
-    lists every expert's tokens and blend; with more tokens, well-covered experts use only their own."""
+    expert with fewer tokens than its input width gets imatrix-weighted RTN, and one the calibration never
+    reaches (1 x 16 tokens here: some get none, checked) the layer's other tokens' statistics instead of being
+    left in float or rounded plainly: its bytes differ from RTN's; report.json lists every expert's tokens,
+    blend and method; with more tokens, well-covered experts use the run's method on their own tokens."""
     d = moe_models["qwen3-moe"]
     cfg = json.loads((d / "config.json").read_text())
     n_exp, layers = _n_experts(cfg), cfg["num_hidden_layers"]
@@ -226,7 +227,11 @@ def test_every_expert_is_calibrated(moe_models, tmp_path):
     assert all(sum(c["tokens"]) == 16 * cfg["num_experts_per_tok"] for c in cov)  # every token, top-k times
     unreached = [(c["layer"], e) for c in cov for e, n in enumerate(c["tokens"]) if n == 0]
     assert unreached, "precondition: some expert gets no calibration token"
-    assert all(cov[i]["blend"][e] > 0 for i, e in unreached)
+    assert all(cov[i]["blend"][e] > 0 and cov[i]["method"][e] == "imatrix" for i, e in unreached)
+    # every expert is thin here (16 tokens < 256 inputs): imatrix-weighted RTN (benchmarks/expert_blend.py),
+    # on its own statistics when it has tokens
+    assert all(m == "imatrix" for c in cov for m in c["method"])
+    assert all(b == 0 for c in cov for n, b in zip(c["tokens"], c["blend"]) if n)
     types = _types(tmp_path / "thin" / rep["artifact"]["path"])
     errors = {t["name"]: t["rel_error"] for t in rep["tensors"]}
     for i in range(layers):
@@ -243,6 +248,11 @@ def test_every_expert_is_calibrated(moe_models, tmp_path):
     wide = json.loads((tmp_path / "wide" / "report.json").read_text())["experts"]
     own = [b == 0 for c in wide for n, b in zip(c["tokens"], c["blend"]) if n >= cfg["hidden_size"]]
     assert own and all(own)
+    assert run_cli(d, *common, "--method", "gptq", "--calib-samples", "8", "--calib-seqlen", "128",
+                   "--out", tmp_path / "wide-gptq", "--no-verify") == 0
+    wide = json.loads((tmp_path / "wide-gptq" / "report.json").read_text())["experts"]
+    methods = {(n >= cfg["hidden_size"], m) for c in wide for n, m in zip(c["tokens"], c["method"])}
+    assert (True, "gptq") in methods and (True, "imatrix") not in methods and (False, "gptq") not in methods
 
 
 def test_gptq_beats_rtn_on_moe(moe_models, tmp_path):
