@@ -190,8 +190,9 @@ def test_optimum_onnx_loads_the_moe_folder(moe_models, tmp_path):
         overlay = optimum_overlay.ensure()
     except RuntimeError as e:
         pytest.skip(str(e))
-    from exporters import onnx as ox
     from test_onnx import _OPTIMUM_GENERATE
+
+    from exporters import onnx as ox
     model = moe_models["qwen2-moe"]
     cfg, tensors = _quantize(model, IntType(4, 128))
     ox.write_onnx(tmp_path, model, cfg, tensors, accuracy_level=0)
