@@ -143,6 +143,7 @@ class LayerView:
     read: Callable[[str], np.ndarray]    # a tensor's float32 values by HF name, from the checkpoint
     weights: dict[str, np.ndarray] | None = None
     params: dict[str, np.ndarray] = field(default_factory=dict)
+    linears: dict[str, str] = field(default_factory=dict)   # the layer's linears (Architecture.linears)
 
 
 class LayerwiseEngine:
@@ -266,13 +267,13 @@ class LayerwiseEngine:
             self.hidden = self._new_residual(lambda rows: self.dec.embed(self.source, self.tokens[rows]))
         module = self.dec.build_layer(i, self.source, self.device).to(self.dtype)
         routed: dict[str, list] = {"x": [], "idx": [], "w": []}
-        stats = self._collect(module, routed if self.cfg.arch.moe else None)
-        for lin in self.cfg.arch.LINEARS:  # until the quantized values take their place, their memory is GPTQ's
+        stats = self._collect(module, self.cfg.arch.linears(i), routed if self.cfg.arch.moe else None)
+        for lin in self.cfg.arch.linears(i):  # until the quantized values take their place, their memory is GPTQ's
             module.get_submodule(lin).weight.data = self.torch.empty(0, dtype=self.dtype, device=self.device)
         prefix = self.cfg.arch.layer_prefix(i)
         calib = {k: st.calib() for k, st in stats.items()}
         view = LayerView(self.cfg.arch, prefix, self.cfg.layer_tensor_names(i), stats, calib, self.types,
-                         self.source.full)
+                         self.source.full, linears=self.cfg.arch.linears(i))
         self.method.transform_layer(view)  # e.g. AWQ: scales folded into the linears and their producers
         # full precision, not the bf16 copies inside the module: read group by group as they are quantized,
         # unless the hook replaced them (then each is let go once its group is quantized)
@@ -280,7 +281,7 @@ class LayerwiseEngine:
             (lambda lin: self.source.full(f"{prefix}{lin}.weight"))
         fp = view.params                   # folded norms/biases, exported instead of the checkpoint's
         del stats, view
-        out = self._quantize(prefix, module, weight, calib)
+        out = self._quantize(i, module, weight, calib)
         if self.cfg.arch.moe:
             out |= self._quantize_experts(i, module, routed)
         del routed
@@ -293,7 +294,7 @@ class LayerwiseEngine:
         self.progress(i)
         return out
 
-    def _quantize(self, prefix: str, module, weight: Callable[[str], np.ndarray], calib: dict[str, CalibStats]
+    def _quantize(self, i: int, module, weight: Callable[[str], np.ndarray], calib: dict[str, CalibStats]
                   ) -> dict[str, QuantizedTensor]:
         """Quantize the layer's linears and load them into ``module``. Those that share input statistics and
         target type (q/k/v, gate/up) are stacked into one matrix: every method here treats rows independently
@@ -304,7 +305,7 @@ class LayerwiseEngine:
         use (which may overwrite the Hessian), so 7B's 1.4 GB down_proj Hessian is gone before the
         gate/up stack (0.5 GB, and as much again inside GPTQ) is read."""
         groups: dict[tuple, list[str]] = {}
-        linears = self.cfg.arch.LINEARS
+        prefix, linears = self.cfg.arch.layer_prefix(i), self.cfg.arch.linears(i)
         for lin, stat_of in linears.items():
             groups.setdefault((stat_of, self.types[f"{prefix}{lin}.weight"]), []).append(lin)
         uses = Counter(stat_of for stat_of, _ in groups)
@@ -465,7 +466,7 @@ class LayerwiseEngine:
                 self.torch.zeros(n, n, device=self.device)
         return Stats(np.zeros(n), np.zeros(n), hessian, sample_every)
 
-    def _collect(self, module, routed: dict[str, list] | None = None) -> dict[str, Stats]:
+    def _collect(self, module, linears: dict[str, str], routed: dict[str, list] | None = None) -> dict[str, Stats]:
         """The layer's statistics pass: input statistics of each linear group; with ``routed`` (an MoE layer)
         also the experts module's inputs and each token's chosen experts, for :meth:`_quantize_experts`."""
         stats: dict[str, Stats] = {}
@@ -478,7 +479,7 @@ class LayerwiseEngine:
                 routed["w"].append(w.reshape(x.shape[0], -1).to("cpu", self.torch.float32, copy=True))
             hooks.append(module.get_submodule(self.cfg.arch.EXPERTS_MODULE).register_forward_pre_hook(record))
         n_tokens = int(np.prod(self.hidden.shape[:2]))
-        for name in set(self.cfg.arch.LINEARS.values()):
+        for name in sorted(set(linears.values())):
             lin = module.get_submodule(name)
             stats[name] = self._new_stats(lin.in_features,
                                           max(1, n_tokens // SAMPLE_TOKENS) if self.method.samples else 0)

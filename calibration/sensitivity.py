@@ -225,14 +225,14 @@ def _forward(dec: StreamedDecoder, source: WeightSource, tokens: np.ndarray, sav
             saved[i] = tmp / f"layer{i}.npy"
             np.save(saved[i], h.cpu().numpy())
         layer = dec.build_layer(i, source, device)
-        for mod in set(arch.LINEARS.values()):  # q/k/v share their input, as do gate/up
+        for mod in set(arch.linears(i).values()):  # q/k/v share their input, as do gate/up
             layer.get_submodule(mod).register_forward_pre_hook(record(arch.layer_prefix(i) + mod))
         with _autocast(dec.torch, device):
             h = dec.run_layer(layer, h, batch)
         del layer
     n_tok = int(tokens.size)
     sq_mean = {f"{arch.layer_prefix(i)}{lin}.weight": (sq_sum[arch.layer_prefix(i) + mod] / n_tok).cpu().numpy()
-               for i in range(dec.cfg.num_layers) for lin, mod in arch.LINEARS.items()}
+               for i in range(dec.cfg.num_layers) for lin, mod in arch.linears(i).items()}
     return saved, h, sq_mean
 
 

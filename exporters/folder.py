@@ -94,7 +94,7 @@ class FolderTarget(Target):
         cfg, ckpt, t = job.cfg, job.ckpt, self.types.linear
         for i in range(cfg.num_layers):
             experts = cfg.arch.expert_names(i) if cfg.arch.moe else ()
-            for lin, name in [*zip(cfg.arch.LINEARS, cfg.linear_names(i)), *((n.split(".", 3)[3], n) for n in experts)]:
+            for lin, name in [*zip(cfg.arch.linears(i), cfg.linear_names(i)), *((n.split(".", 3)[3], n) for n in experts)]:
                 try:
                     t.group_for(ckpt.entry(name).shape[-1])
                 except ValueError as e:

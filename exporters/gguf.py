@@ -65,7 +65,7 @@ class _ChunkedTensor:
 
 def _add_vocab(w: GGUFWriter, vocab: Vocab) -> None:
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+    w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
     vocab.special.add_to_gguf(w, quiet=True)
@@ -146,6 +146,7 @@ class GGUFSource:
 
     def __init__(self, path: Path, cfg: ModelConfig):
         from gguf import GGUFReader
+        self.cfg = cfg
         self.tensors = {t.name: t for t in GGUFReader(path).tensors}
         self.names = dict(cfg.name_map)
         if self.names[cfg.head_name] not in self.tensors:   # tied: the embeddings are the output matrix
@@ -175,7 +176,16 @@ class GGUFSource:
         return self._decode(name, self._raw(name)[ids])
 
     def full(self, name: str) -> np.ndarray:
-        return self._decode(name, self._raw(name)).reshape(self.shape(name))
+        a = self._decode(name, self._raw(name)).reshape(self.shape(name))
+        layout = self.cfg.arch.gguf_layout(name, self.cfg)
+        if layout is None:
+            return a
+        # the checkpoint's layout, which transformers' modules compute with (a squeezed conv1d regains its axis)
+        shape = a.shape if layout.shape is None else self._hf_shape(name, a.shape)
+        return layout.from_gguf(a, shape)
+
+    def _hf_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], 1, shape[1]) if name.endswith("conv1d.weight") else shape
 
 
 # ---- the GGUF target -----------------------------------------------------------------------------------------
@@ -198,7 +208,8 @@ def tensor_plan(cfg: ModelConfig, ckpt: Checkpoint, sch: Scheme) -> list[Planned
                                                                  else [])
     for source, hf in wanted:
         gname = names[hf]
-        shape = ckpt.entry(source).shape
+        layout = cfg.arch.gguf_layout(hf, cfg)
+        shape = layout.shape if layout is not None and layout.shape is not None else ckpt.entry(source).shape
         layer = int(gname.split(".")[1]) if gname.startswith("blk.") else None
         t = sch.tensor_type(gname, shape, layer=layer, n_layers=cfg.num_layers, n_gqa=n_gqa, tied=tied,
                             n_expert=cfg.num_experts)
@@ -215,15 +226,26 @@ def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | 
     checkpoint through RTN, row-chunk by row-chunk. ``errors`` gets the tensor's reconstruction error
     (measured on each chunk while its float rows are in memory, or taken from the engine)."""
     layer = engine.layer(int(p.name.split(".")[1])) if engine is not None and p.name.startswith("blk.") else {}
+    layout = ckpt.config.arch.gguf_layout(p.source, ckpt.config)
     if p.source in layer:
         qt = layer[p.source]
         if qt.type != p.type:
             raise RuntimeError(f"{p.name}: engine produced {qt.type.name}, planned {p.type.name}")
         if errors is not None:
             errors.take(engine.errors, p.source, as_name=p.name)
-        yield QuantizedTensor(p.name, qt.type, qt.shape, qt.data)
+        data = qt.data
+        if layout is not None:
+            # whole rows move (row-wise quantization commutes with that); anything else was refused by the plan
+            if layout.cols is not None or layout.offset or layout.neg_exp or qt.type == T.F32:
+                raise RuntimeError(f"{p.name}: the engine's tensor needs llama.cpp's layout {layout}")
+            data = data.reshape(qt.shape[0], -1)[layout.rows] if layout.rows is not None else data
+        yield QuantizedTensor(p.name, qt.type, qt.shape, data)
         return
-    chunks = [(0, ckpt.read(p.source)[None, :])] if len(p.shape) == 1 else ckpt.iter_rows(p.source)
+    if layout is not None:   # laid out as llama.cpp's converter writes it: read whole (a layer's tensor at most)
+        whole = layout.to_gguf(ckpt.read(p.source))
+        chunks = [(0, whole[None, :] if whole.ndim == 1 else whole.reshape(-1, whole.shape[-1]))]
+    else:
+        chunks = [(0, ckpt.read(p.source)[None, :])] if len(p.shape) == 1 else ckpt.iter_rows(p.source)
     head = engine is not None and p.name == "output.weight" and p.type in GRIDS
     stats = engine.head_stats() if head else None
     for r0, rows in chunks:
@@ -257,6 +279,7 @@ class GGUFTarget(Target):
     packaged = True
     has_weights = True
     experts = True
+    hybrid = True
 
     def __init__(self):
         self.scheme: Scheme | None = None

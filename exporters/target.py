@@ -54,6 +54,7 @@ class Target:
     has_weights: ClassVar[bool] = False  # :meth:`weights` reads an artifact's weights back (qcompile eval)
     packaged: ClassVar[bool] = False   # can be packaged for Ollama / LM Studio (--package)
     experts: ClassVar[bool] = False    # writes a mixture-of-experts model's routed experts
+    hybrid: ClassVar[bool] = False     # writes linear-attention (Gated DeltaNet) layers and their state
 
     # ---- options and types ------------------------------------------------------------------------------
     def check(self, opts) -> None:

@@ -159,6 +159,8 @@ def build(opts: Options, announce: bool = True) -> CompilePlan:
     job.method = choose_method(opts, target.low_bit(job), needs_statistics)
     if job.cfg.arch.moe:
         job.method = moe_method(opts, job.cfg, target, job.method, needs_statistics)
+    if job.cfg.arch.hybrid:
+        hybrid_check(job.cfg, target, job.method)
     # load (lazily: headers only; tensors stream during quantization)
     job.ckpt = Checkpoint(job.res.path, job.cfg, allow_pickle=opts.allow_pickle)
     job.shapes = cost.Shapes.of(job.cfg)
@@ -225,6 +227,22 @@ def moe_method(opts: Options, cfg: ModelConfig, target: Target, method: quantize
     if not target.experts:
         raise UsageError(f"--to {target.name}: {what} models cannot be written to {target.name}")
     return method
+
+
+def hybrid_check(cfg: ModelConfig, target: Target, method: quantizers.Method) -> None:
+    """What a linear-attention hybrid (Qwen3.5) can be compiled with, refused here in one line: GGUF only (the
+    graph exporters do not carry the recurrent and conv state yet), and a calibrated method only where no
+    linear must be stored with its columns reordered (llama.cpp tiles the value heads when there are more of
+    them than key heads, which reorders out_proj's columns across quantization blocks; the layer engine
+    quantizes in the checkpoint's order)."""
+    what = f"{cfg.arch.hf_name} (linear-attention hybrid)"
+    if not target.hybrid:
+        raise UsageError(f"--to {target.name}: {what} models cannot be written to {target.name} yet; use --to gguf")
+    if method.needs_calibration and any(
+            (lay := cfg.arch.gguf_layout(n, cfg)) is not None and lay.cols is not None for n in cfg.decoder_linears()):
+        raise UsageError(f"--method {method.name}: {what} models with more value heads than key heads "
+                         f"(linear_num_value_heads {cfg.raw['linear_num_value_heads']} > linear_num_key_heads "
+                         f"{cfg.raw['linear_num_key_heads']}) are not calibrated yet; use --method rtn")
 
 
 def calibration_shape(opts: Options, device: str) -> tuple[str, int, int]:

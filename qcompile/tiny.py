@@ -87,18 +87,25 @@ def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, s
     import transformers
     from transformers import GenerationConfig
 
-    classes = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe"}[arch]
-    config_cls, model_cls = getattr(transformers, f"{classes}Config"), getattr(transformers, f"{classes}ForCausalLM")
+    classes = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
+               "qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}[arch]
+    # Qwen3.5's causal-LM classes take the text config (the top-level config is the multimodal one)
+    config_cls = getattr(transformers, f"{classes}TextConfig" if arch.startswith("qwen3_5") else f"{classes}Config")
+    model_cls = getattr(transformers, f"{classes}ForCausalLM")
     cfg = config_cls(**{**TINY_CONFIG, "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None,
                         "torch_dtype": "bfloat16", **overrides})
     torch.manual_seed(seed)
     model = model_cls(cfg)
     routers = [m.weight for m in model.modules() if type(m).__name__.endswith("Router")]  # MoE top-k routers
+    zero_centred = arch.startswith("qwen3_5")
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed + 1)
         for name, p in model.named_parameters():
             if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+                # Qwen3.5's norms are zero-centred (x * (1 + w)): stored near 0, as its checkpoints hold them,
+                # except the linear attention's gated norm (x * w)
+                one = "norm" in name and (not zero_centred or "linear_attn.norm" in name)
+                p.copy_((1.0 if one else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
             elif any(p is r for r in routers):
                 # an MoE router with clear preferences: top-k choices that a last-bit difference between two
                 # runtimes does not flip (a flip swaps a whole expert's output for a token)
@@ -132,10 +139,51 @@ MOE_VARIANTS: dict[str, tuple[str, dict, int]] = {
 }
 
 
+# Linear-attention hybrids (Qwen3.5: three Gated DeltaNet layers, then a gated full-attention layer). qwen3.5: as many
+# value heads as key heads (llama.cpp stores every tensor as transformers does, so calibrated methods apply);
+# qwen3.5-tiled: twice as many value heads (llama.cpp's converter tiles them: rows and out_proj's columns reordered);
+# qwen3.5-moe: 4 experts, top-2, a shared expert. head_dim 64 (q_proj: query and gate, 512 rows), rows of 256.
+_LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=4,
+               linear_num_value_heads=4, head_dim=64, full_attention_interval=4, tie_word_embeddings=False)
+HYBRID_VARIANTS: dict[str, tuple[str, dict, int]] = {
+    "qwen3.5": ("qwen3_5", _LINEAR, 15),
+    "qwen3.5-tiled": ("qwen3_5", {**_LINEAR, "linear_num_key_heads": 2, "linear_num_value_heads": 4}, 16),
+    "qwen3.5-moe": ("qwen3_5_moe", {**_LINEAR, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256}, 17),
+}
+
+
+def build_multimodal(out: Path, name: str = "qwen3.5", vocab_size: int = MODEL_VOCAB, **text_overrides) -> None:
+    """A seeded random multimodal Qwen3.5 (``Qwen3_5ForConditionalGeneration`` / the MoE one): the hybrid variant
+    ``name``'s text model (``model.language_model.``, ``text_config``) with a two-block vision tower
+    (``model.visual.``), saved as the releases are; a tokenizer is the caller's."""
+    import torch
+    import transformers
+    arch, overrides, seed = HYBRID_VARIANTS[name]
+    prefix = {"qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}[arch]
+    text = {**TINY_CONFIG, "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None, **overrides,
+            **text_overrides}
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64)
+    cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision,
+                                                   tie_word_embeddings=text["tie_word_embeddings"])
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(cfg)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for pname, p in model.named_parameters():
+            if p.ndim == 1:
+                one = "norm" in pname and ("linear_attn.norm" in pname or "visual" in pname)
+                p.copy_((1.0 if one else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.6 / p.shape[-1] ** 0.5))
+    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+
+
 def build_variant(name: str, out: Path) -> Path:
     """Build the tiny variant ``name`` (:data:`VARIANTS` or :data:`MOE_VARIANTS`) into the empty or new
     folder ``out``."""
-    arch, overrides, seed = {**VARIANTS, **MOE_VARIANTS}[name]
+    arch, overrides, seed = {**VARIANTS, **MOE_VARIANTS, **HYBRID_VARIANTS}[name]
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
     build_model(out, arch=arch, seed=seed, **overrides)

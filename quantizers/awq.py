@@ -102,7 +102,7 @@ def transform_layer(view) -> None:
     producers (norms, biases), and rescale the statistics to the folded inputs. Reads all the layer's linears up
     front (each is folded by one group and read by another)."""
     arch, prefix = view.arch, view.prefix
-    weights = {lin: view.read(f"{prefix}{lin}.weight") for lin in arch.LINEARS}
+    weights = {lin: view.read(f"{prefix}{lin}.weight") for lin in view.linears}
     scales = {}
     for producer, stat_of, consumers in arch.SCALE_GROUPS:
         if not foldable(producer, consumers, weights):

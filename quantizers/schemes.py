@@ -70,9 +70,9 @@ class Scheme:
                     n_gqa: int, tied: bool, n_expert: int = 0) -> T:
         """The GGUF type for one tensor (``shape`` in PyTorch order, last dim = row length; an MoE's stacked
         expert tensors are 3-D, ``n_expert`` their count)."""
-        if len(shape) < 2 or "_norm" in gguf_name or "ffn_gate_inp" in gguf_name:
-            # 1-D tensors (norms, biases) and the MoE routers (ffn_gate_inp, ffn_gate_inp_shexp) stay F32, as
-            # llama.cpp's converter writes them and llama-quantize leaves them
+        if len(shape) < 2 or "_norm" in gguf_name or "ffn_gate_inp" in gguf_name or "ssm_conv1d" in gguf_name:
+            # 1-D tensors (norms, biases), the MoE routers (ffn_gate_inp, ffn_gate_inp_shexp) and the linear
+            # attention's conv1d stay F32, as llama.cpp's converter writes them and llama-quantize leaves them
             return T.F32
         if not self.quantized:
             return self.base
@@ -91,7 +91,8 @@ class Scheme:
             return t if t == T.Q8_0 else T.Q6_K
         if name == "token_embd.weight":
             return T.IQ3_S if ft == F.MOSTLY_IQ3_XXS else t
-        if name.endswith("attn_v.weight"):
+        if name.endswith(("attn_v.weight", "attn_qkv.weight")):
+            # llama.cpp counts a linear-attention layer's fused attn_qkv as an attn_v (category_is_attn_v)
             if ft == F.MOSTLY_Q2_K:
                 t = T.Q4_K if n_gqa >= 4 else T.Q3_K
             elif ft == F.MOSTLY_IQ3_XXS:

@@ -11,11 +11,12 @@ llama.cpp's own converter uses), not from a hand table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import ClassVar
 
 import gguf
+import numpy as np
 
 from qcompile.errors import QCompileError
 
@@ -82,13 +83,30 @@ class Architecture:
             return False
         return self.qk_norm or not (rel.startswith("self_attn.") and "_norm." in rel)
 
+    def bind(self, raw: dict) -> Architecture:
+        """This description for one checkpoint's config (text part): a family whose layers differ by kind
+        (:class:`HybridArchitecture`) records the schedule; the others are the same for every config."""
+        return self
+
+    def layer_tensors(self, i: int) -> tuple[str, ...]:
+        """Layer ``i``'s tensors relative to its prefix, in export order, before :meth:`has` filters them."""
+        return self.LAYER_TENSORS
+
+    def linears(self, i: int) -> dict[str, str]:
+        """Layer ``i``'s linears -> the module whose input statistics they use (:attr:`LINEARS`)."""
+        return self.LINEARS
+
+    def scale_groups(self, i: int) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        """Layer ``i``'s AWQ scale groups (:attr:`SCALE_GROUPS`)."""
+        return self.SCALE_GROUPS
+
     def layer_tensor_names(self, i: int) -> list[str]:
         """HF names of layer ``i``'s tensors, in export order."""
-        return [self.layer_prefix(i) + rel for rel in self.LAYER_TENSORS if self.has(rel)]
+        return [self.layer_prefix(i) + rel for rel in self.layer_tensors(i) if self.has(rel)]
 
     def linear_names(self, i: int) -> list[str]:
-        """HF weight names of layer ``i``'s linears, in :attr:`LINEARS` order."""
-        return [f"{self.layer_prefix(i)}{lin}.weight" for lin in self.LINEARS]
+        """HF weight names of layer ``i``'s linears, in :meth:`linears` order."""
+        return [f"{self.layer_prefix(i)}{lin}.weight" for lin in self.linears(i)]
 
     def split(self, name: str) -> tuple[int, str] | None:
         """(layer index, relative name) of a layer tensor's HF name; None for a tensor outside the layers."""
@@ -101,7 +119,8 @@ class Architecture:
     def is_linear(self, name: str) -> bool:
         """Whether ``name`` is a decoder linear's weight."""
         where = self.split(name)
-        return where is not None and where[1].removesuffix(".weight") in self.LINEARS and where[1].endswith(".weight")
+        return where is not None and where[1].endswith(".weight") and \
+            where[1].removesuffix(".weight") in self.linears(where[0])
 
     def is_expert(self, name: str) -> bool:
         """Whether ``name`` is a stacked routed-expert tensor (:class:`MoeArchitecture`'s ``EXPERTS``)."""
@@ -118,7 +137,26 @@ class Architecture:
 
     def producer_param(self, producer: str) -> str:
         """The non-linear tensor (relative name) that folding AWQ scales into ``producer`` changes."""
-        return self.bias_of(producer) if producer in self.LINEARS else f"{producer}.weight"
+        return self.bias_of(producer) if producer in self.all_linears() else f"{producer}.weight"
+
+    def all_linears(self) -> dict[str, str]:
+        """The linears of every kind of layer this family has (:meth:`linears` of each)."""
+        return self.LINEARS
+
+    @property
+    def text_config_type(self) -> str:
+        """transformers' ``model_type`` of the decoder's own config (a multimodal family nests it)."""
+        return self.model_type
+
+    @property
+    def rotary_class(self) -> str:
+        """transformers' rotary-embedding class for the decoder layers."""
+        return f"{self.hf_prefix}RotaryEmbedding"
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether layers differ by kind (linear attention and full attention: :class:`HybridArchitecture`)."""
+        return False
 
     @property
     def moe(self) -> bool:
@@ -141,13 +179,23 @@ class Architecture:
         """HF tensor name -> GGUF tensor name for every tensor a model of ``n_layers`` may contain."""
         return dict(_gguf_names(self, n_layers))
 
+    def gguf_key(self, name: str) -> str:
+        """The name gguf-py's ``TensorNameMap`` knows ``name`` by (llama.cpp's converter renames a few first)."""
+        return name
+
+    def gguf_layout(self, name: str, cfg) -> GgufLayout | None:
+        """How tensor ``name`` is laid out in llama.cpp's file when that differs from the checkpoint (None: as
+        stored). Dense Qwen: always as stored."""
+        return None
+
     # ---- GGUF hyper-parameters -----------------------------------------------------------------------
     def add_gguf_hparams(self, w: gguf.GGUFWriter, cfg) -> None:
         """The family's llama.cpp hyper-parameters (``cfg``: :class:`qcompile.model.ModelConfig`)."""
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
         w.add_block_count(cfg.num_layers)
-        w.add_feed_forward_length(cfg.intermediate_size)
+        if cfg.intermediate_size:   # an MoE config may have no dense width (qwen3_5_moe); the converter then writes none
+            w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count(cfg.num_heads)
         w.add_head_count_kv(cfg.num_kv_heads)
         w.add_rope_freq_base(cfg.rope_theta)
@@ -176,7 +224,7 @@ def _gguf_names(arch: Architecture, n_layers: int) -> tuple[tuple[str, str], ...
     hf = [arch.EMBED, arch.FINAL_NORM, arch.HEAD] + [n for i in range(n_layers) for n in arch.layer_tensor_names(i)]
     out = []
     for name in hf:
-        mapped = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        mapped = tmap.get_name(arch.gguf_key(name), try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise RuntimeError(f"gguf-py has no {arch.gguf_arch} name for {name}")
         out.append((name, mapped))
@@ -325,6 +373,215 @@ register(Qwen2MoeArchitecture("Qwen2MoeForCausalLM", "qwen2_moe", "qwen2moe", qk
                               hf_prefix="Qwen2Moe", norm_topk_prob=False))
 register(MoeArchitecture("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3moe", qkv_bias=False, qk_norm=True,
                          hf_prefix="Qwen3Moe", norm_topk_prob=True))
+
+
+@dataclass(frozen=True, eq=False)
+class GgufLayout:
+    """How llama.cpp's converter stores one tensor when that differs from the checkpoint: rows and columns
+    reordered (whole rows: a permutation of rows commutes with row-wise quantization; columns do not), values
+    shifted or mapped, a shape squeezed. ``to_gguf`` / ``from_gguf`` are exact inverses up to float rounding."""
+    rows: np.ndarray | None = None    # the checkpoint row (or vector element) of each row in the file
+    cols: np.ndarray | None = None    # the checkpoint column of each column in the file
+    offset: float = 0.0               # file value = checkpoint value + offset (Qwen3.5's zero-centred norms)
+    neg_exp: bool = False             # file value = -exp(checkpoint value) (A_log -> A)
+    shape: tuple[int, ...] | None = None   # the file's logical shape (conv1d [C, 1, K] -> [C, K])
+
+    def to_gguf(self, a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, dtype=np.float32)
+        if self.shape is not None:
+            a = a.reshape(self.shape)
+        if self.rows is not None:
+            a = a[self.rows]
+        if self.cols is not None:
+            a = a[:, self.cols]
+        if self.neg_exp:
+            a = -np.exp(a)
+        return (a + np.float32(self.offset)) if self.offset else a
+
+    def from_gguf(self, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The checkpoint's values (``shape``: its shape) from the file's."""
+        a = np.asarray(a, dtype=np.float32)
+        if self.offset:
+            a = a - np.float32(self.offset)
+        if self.neg_exp:
+            a = np.log(-a)
+        if self.cols is not None:
+            a = a[:, np.argsort(self.cols)]
+        if self.rows is not None:
+            a = a[np.argsort(self.rows)]
+        return a.reshape(shape)
+
+
+def head_major(n_groups: int, per_group: int, width: int) -> np.ndarray:
+    """The order llama.cpp's qwen35 converter gives value heads: grouped by key head in the checkpoint
+    ([g0v0, g0v1, g1v0, g1v1]) -> tiled ([g0v0, g1v0, g0v1, g1v1]) so that ggml broadcasts the key heads;
+    ``width`` rows per head. Index of the checkpoint row for each file row."""
+    return np.arange(n_groups * per_group * width).reshape(n_groups, per_group, width).transpose(1, 0, 2).reshape(-1)
+
+
+@dataclass(frozen=True)
+class HybridArchitecture(Architecture):
+    """Qwen3.5 / Qwen3.6 (``qwen3_5``: Gated DeltaNet linear-attention layers and gated full-attention layers,
+    three of the first for each of the second by config's ``layer_types``).
+
+    A full-attention layer's q_proj holds the query and its output gate (2 x heads x head_dim rows); q/k norms;
+    partial RoPE. A linear-attention layer: ``in_proj_qkv`` / ``in_proj_z`` / ``in_proj_b`` / ``in_proj_a`` read
+    the normed input, a depthwise causal ``conv1d`` over q/k/v, ``dt_bias`` / ``A_log`` per value head, a gated
+    RMSNorm, ``out_proj``. Every norm except that gated one is zero-centred (``x * (1 + w)``), stored by
+    llama.cpp as ``1 + w``. The multimodal checkpoints (``*ForConditionalGeneration``) keep the text model under
+    ``model.language_model.`` with its hyper-parameters in ``text_config``; the vision tower (``model.visual.``)
+    and the multi-token-prediction layers (``mtp.``) are not read (``--no-mtp`` is what this writes)."""
+    layer_kinds: tuple[str, ...] = ()     # "linear_attention" | "full_attention" per layer (bound by read_config)
+    text_prefix: str = "model."           # "model.language_model." in a multimodal checkpoint
+    config_type: str = ""                 # transformers' model_type of the text config (qwen3_5_text)
+    rotary: str = ""                      # transformers' rotary class (Qwen3_5TextRotaryEmbedding)
+
+    FULL_ATTENTION: ClassVar[tuple[str, ...]] = (
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "self_attn.q_norm.weight", "self_attn.k_norm.weight", "self_attn.o_proj.weight")
+    LINEAR_ATTENTION: ClassVar[tuple[str, ...]] = (
+        "linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight", "linear_attn.in_proj_b.weight",
+        "linear_attn.in_proj_a.weight", "linear_attn.conv1d.weight", "linear_attn.dt_bias", "linear_attn.A_log",
+        "linear_attn.norm.weight", "linear_attn.out_proj.weight")
+    LINEAR_LINEARS: ClassVar[dict[str, str]] = {
+        "linear_attn.in_proj_qkv": "linear_attn.in_proj_qkv", "linear_attn.in_proj_z": "linear_attn.in_proj_qkv",
+        "linear_attn.in_proj_b": "linear_attn.in_proj_qkv", "linear_attn.in_proj_a": "linear_attn.in_proj_qkv",
+        "linear_attn.out_proj": "linear_attn.out_proj"}
+    # AWQ: only up -> down. The norms are zero-centred (x * (1 + w)): folding a scale into one is not the
+    # division the other families' groups do; and a linear-attention layer's q/k pass through an L2 norm.
+    SCALE_GROUPS: ClassVar[tuple[tuple[str, str, tuple[str, ...]], ...]] = (
+        ("mlp.up_proj", "mlp.down_proj", ("mlp.down_proj",)),)
+
+    @property
+    def EMBED(self) -> str:  # the base's class constant, per instance here
+        return f"{self.text_prefix}embed_tokens.weight"
+
+    @property
+    def FINAL_NORM(self) -> str:
+        return f"{self.text_prefix}norm.weight"
+
+    @property
+    def LAYER(self) -> str:
+        return self.text_prefix + "layers.{i}."
+
+    def bind(self, raw: dict) -> HybridArchitecture:
+        n = int(raw["num_hidden_layers"])
+        kinds = raw.get("layer_types") or [
+            "full_attention" if (i + 1) % int(raw.get("full_attention_interval", 4)) == 0 else "linear_attention"
+            for i in range(n)]
+        if len(kinds) != n or set(kinds) - {"linear_attention", "full_attention"}:
+            raise ValueError(f"layer_types {kinds!r} (need {n} of linear_attention / full_attention)")
+        return replace(self, layer_kinds=tuple(kinds))
+
+    @property
+    def hybrid(self) -> bool:
+        return True
+
+    def kind(self, i: int) -> str:
+        return self.layer_kinds[i]
+
+    def _ffn(self) -> tuple[str, ...]:
+        return tuple(t for t in super().layer_tensors(0) if t.startswith("mlp."))
+
+    def layer_tensors(self, i: int) -> tuple[str, ...]:
+        mixer = self.LINEAR_ATTENTION if self.kind(i) == "linear_attention" else self.FULL_ATTENTION
+        return ("input_layernorm.weight", *mixer, "post_attention_layernorm.weight", *self._ffn())
+
+    def linears(self, i: int) -> dict[str, str]:
+        ffn = {k: v for k, v in super().linears(i).items() if k.startswith("mlp.")}
+        if self.kind(i) == "linear_attention":
+            return {**self.LINEAR_LINEARS, **ffn}
+        return {k: v for k, v in Architecture.LINEARS.items() if k.startswith("self_attn.")} | ffn
+
+    def all_linears(self) -> dict[str, str]:
+        return {**Architecture.LINEARS, **self.LINEAR_LINEARS, **super().all_linears()}
+
+    @property
+    def text_config_type(self) -> str:
+        return self.config_type
+
+    @property
+    def rotary_class(self) -> str:
+        return self.rotary
+
+    def gguf_key(self, name: str) -> str:
+        """The converter reads the text model as ``model.``, and names dt_bias dt_proj.bias."""
+        if name.startswith(self.text_prefix):
+            name = "model." + name[len(self.text_prefix):]
+        return name.removesuffix(".dt_bias") + ".dt_proj.bias" if name.endswith(".dt_bias") else name
+
+    def gguf_layout(self, name: str, cfg) -> GgufLayout | None:
+        """llama.cpp's qwen35 converter: ``1 + w`` for the zero-centred norms, ``A = -exp(A_log)``, conv1d
+        squeezed to [channels, kernel], and, when there are more value heads than key heads, the value heads
+        in tiled order in every tensor that has them (rows of in_proj_qkv's v part, in_proj_z / a / b, conv1d's
+        v channels, dt_bias, A_log; columns of out_proj)."""
+        where = self.split(name)
+        rel = where[1] if where else None
+        if name.endswith("norm.weight") and rel != "linear_attn.norm.weight":
+            return GgufLayout(offset=1.0)
+        if rel is None or not rel.startswith("linear_attn."):
+            return None
+        r = cfg.raw
+        nk, nv = int(r["linear_num_key_heads"]), int(r["linear_num_value_heads"])
+        dk, dv = int(r["linear_key_head_dim"]), int(r["linear_value_head_dim"])
+        order = (lambda width: head_major(nk, nv // nk, width)) if nv != nk else (lambda width: None)
+        qk = np.arange(2 * nk * dk)
+        v_rows = order(dv)
+        qkv = None if v_rows is None else np.concatenate([qk, 2 * nk * dk + v_rows])
+        if rel == "linear_attn.in_proj_qkv.weight":
+            return GgufLayout(rows=qkv) if qkv is not None else None
+        if rel == "linear_attn.conv1d.weight":
+            return GgufLayout(rows=qkv, shape=(2 * nk * dk + nv * dv, int(r.get("linear_conv_kernel_dim", 4))))
+        if rel == "linear_attn.in_proj_z.weight":
+            return GgufLayout(rows=v_rows) if v_rows is not None else None
+        if rel in ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight", "linear_attn.dt_bias"):
+            return GgufLayout(rows=order(1)) if nv != nk else None
+        if rel == "linear_attn.A_log":
+            return GgufLayout(rows=order(1), neg_exp=True)
+        if rel == "linear_attn.out_proj.weight":
+            return GgufLayout(cols=v_rows) if v_rows is not None else None
+        return None
+
+    def add_gguf_hparams(self, w: gguf.GGUFWriter, cfg) -> None:
+        super().add_gguf_hparams(w, cfg)
+        r = cfg.raw
+        w.add_ssm_conv_kernel(int(r.get("linear_conv_kernel_dim", 4)))
+        w.add_ssm_state_size(int(r["linear_key_head_dim"]))
+        w.add_ssm_group_count(int(r["linear_num_key_heads"]))
+        w.add_ssm_time_step_rank(int(r["linear_num_value_heads"]))
+        w.add_ssm_inner_size(int(r["linear_value_head_dim"]) * int(r["linear_num_value_heads"]))
+        # gguf-py 0.19 has no add_recurrent_layers; the key is llama.cpp's (Keys.Attention.RECURRENT_LAYERS)
+        w.add_array(f"{self.gguf_arch}.attention.recurrent_layers", [k == "linear_attention" for k in self.layer_kinds])
+        w.add_full_attention_interval(int(r.get("full_attention_interval", 4)))
+        rope = r.get("rope_parameters") or r.get("rope_scaling") or {}
+        partial = float(rope.get("partial_rotary_factor", r.get("partial_rotary_factor", 0.25)))
+        w.add_rope_dimension_count(int(cfg.head_dim * partial))
+        # interleaved M-RoPE sections (time, height, width); llama.cpp's qwen35 loaders require the key
+        sections = list(rope.get("mrope_section") or [11, 11, 10])
+        w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
+
+
+@dataclass(frozen=True)
+class HybridMoeArchitecture(HybridArchitecture, Qwen2MoeArchitecture):
+    """Qwen3.5 / Qwen3.6 MoE (``qwen3_5_moe``: Qwen3.5-35B-A3B, 122B-A10B, 397B-A17B): the hybrid layers with
+    routed experts (top-k weights renormalised) and a shared expert behind a sigmoid gate. The experts get no
+    AWQ scales (their input feeds the router too)."""
+    REQUIRES_OUTPUT: ClassVar[bool] = False
+    SCALE_GROUPS: ClassVar[tuple[tuple[str, str, tuple[str, ...]], ...]] = ()
+
+
+register(HybridArchitecture("Qwen3_5ForCausalLM", "qwen3_5", "qwen35", qkv_bias=False, qk_norm=True,
+                            hf_prefix="Qwen3_5", config_type="qwen3_5_text", rotary="Qwen3_5TextRotaryEmbedding"))
+register(HybridArchitecture("Qwen3_5ForConditionalGeneration", "qwen3_5", "qwen35", qkv_bias=False, qk_norm=True,
+                            hf_prefix="Qwen3_5", text_prefix="model.language_model.", config_type="qwen3_5_text",
+                            rotary="Qwen3_5TextRotaryEmbedding"))
+register(HybridMoeArchitecture("Qwen3_5MoeForCausalLM", "qwen3_5_moe", "qwen35moe", qkv_bias=False, qk_norm=True,
+                               hf_prefix="Qwen3_5Moe", norm_topk_prob=True, config_type="qwen3_5_moe_text",
+                               rotary="Qwen3_5MoeTextRotaryEmbedding"))
+register(HybridMoeArchitecture("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe", "qwen35moe", qkv_bias=False,
+                               qk_norm=True, hf_prefix="Qwen3_5Moe", norm_topk_prob=True,
+                               text_prefix="model.language_model.", config_type="qwen3_5_moe_text",
+                               rotary="Qwen3_5MoeTextRotaryEmbedding"))
 
 
 def supported() -> str:

@@ -94,7 +94,13 @@ def read_config(model_dir: Path) -> ModelConfig:
     except (OSError, ValueError) as e:
         raise QCompileError(f"{path}: unreadable config.json ({e})") from None
     arch = lookup(raw, model_dir)
+    if isinstance(raw.get("text_config"), dict) and "num_hidden_layers" not in raw:
+        # a multimodal checkpoint: the decoder's hyper-parameters are its text_config; the output matrix is tied
+        # or not by the top level (transformers' *ForConditionalGeneration)
+        raw = {**raw["text_config"], "tie_word_embeddings": raw.get("tie_word_embeddings",
+                                                                  raw["text_config"].get("tie_word_embeddings", False))}
     try:
+        arch = arch.bind(raw)
         moe = _moe_fields(raw, arch, path) if arch.moe else {}
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -107,7 +113,7 @@ def read_config(model_dir: Path) -> ModelConfig:
             arch=arch,
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
+            intermediate_size=int(raw["intermediate_size"] if not arch.moe else raw.get("intermediate_size") or 0),
             num_layers=int(raw["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),

@@ -100,11 +100,11 @@ class StreamedDecoder:
         self.layer_cls = getattr(mod, f"{cfg.arch.hf_prefix}DecoderLayer")
         self.norm_cls = getattr(mod, f"{cfg.arch.hf_prefix}RMSNorm")
         hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.raw.items() if k != "model_type"},
-                                                   model_type=cfg.arch.model_type)
+                                                   model_type=cfg.arch.text_config_type)
         hf_cfg._attn_implementation = "sdpa"
         hf_cfg._experts_implementation = "eager"   # an MoE layer built on its own: transformers' loop over experts
         self.hf_cfg = hf_cfg
-        self.rotary = getattr(mod, f"{cfg.arch.hf_prefix}RotaryEmbedding")(hf_cfg)
+        self.rotary = getattr(mod, cfg.arch.rotary_class)(hf_cfg)
         self._rope_cache: dict = {}
 
     def _t(self, a: np.ndarray):

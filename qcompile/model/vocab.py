@@ -22,6 +22,7 @@ class Vocab:
     tokens: list[str]
     types: list[int]
     special: SpecialVocab  # merges, bos/eos/pad ids, chat template
+    pre: str = "qwen2"     # llama.cpp's pre-tokenizer: qwen2, or qwen35 (Qwen3.5's regex also keeps marks \p{M})
 
 
 def _looks_special(tok: str) -> bool:
@@ -65,8 +66,9 @@ def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
             tokens.append(f"[PAD{i}]")
             types.append(TokenType.UNUSED)
     sv = SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    pre = "qwen35" if r"\p{M}" in json.dumps(tj.get("pre_tokenizer")).replace("\\\\", "\\") else "qwen2"
     if not sv.merges:
         raise QCompileError(f"{model_dir}: tokenizer has no BPE merges")
     # Qwen never prepends BOS; say so explicitly so every runtime agrees.
     sv.add_special_token.pop("bos", None)
-    return Vocab(tokens, [int(t) for t in types], sv)
+    return Vocab(tokens, [int(t) for t in types], sv, pre)

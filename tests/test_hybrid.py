@@ -1,0 +1,305 @@
+"""Linear-attention hybrids (Qwen3.5 dense and MoE: Gated DeltaNet layers and gated full attention): tiny random
+checkpoints built from transformers' own configs, compiled to GGUF and run by real llama.cpp against
+transformers and against llama.cpp's own converter."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REAL_TOKENIZER, hf_logits, rel_error, requires_llama, run_cli
+from gguf import GGUFReader
+from gguf import LlamaFileType as F
+
+from qcompile import llama_worker, tiny
+
+pytestmark = pytest.mark.skipif(not hasattr(__import__("transformers"), "Qwen3_5ForCausalLM"),
+                                reason="this transformers has no Qwen3.5 (added after 5.0)")
+VARIANTS = list(tiny.HYBRID_VARIANTS)
+
+
+def _tokens(n: int = 64, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 760, n).tolist()
+
+
+@pytest.fixture(scope="module")
+def hybrids(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hybrid")
+    return {name: tiny.build_variant(name, root / name) for name in VARIANTS}
+
+
+def _compile(model, out, quant, *extra) -> Path:
+    assert run_cli(model, "--quant", quant, "--out", out, "-q", "--no-verify", *extra) == 0
+    return next(out.glob(f"*-{quant}.gguf"))
+
+
+def _types(path: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def _calib(tmp_path: Path) -> Path:
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny.builtin_text())
+    return calib
+
+
+def test_layout_follows_the_layer_schedule(hybrids, tmp_path):
+    """Linear-attention layers carry attn_qkv / attn_gate / ssm_* (conv1d F32 [kernel, channels], A and dt F32),
+    full-attention layers attn_q (query and gate) / attn_k / attn_v; the hyper-parameters llama.cpp's qwen35
+    loader requires are written."""
+    d = hybrids["qwen3.5"]
+    cfg = json.loads((d / "config.json").read_text())
+    r = GGUFReader(_compile(d, tmp_path, "Q4_K_M"))
+    t = {x.name: x for x in r.tensors}
+    for i, kind in enumerate(cfg["layer_types"]):
+        linear = kind == "linear_attention"
+        assert (f"blk.{i}.attn_qkv.weight" in t) == linear and (f"blk.{i}.attn_q.weight" in t) == (not linear)
+    assert [int(v) for v in t["blk.0.ssm_conv1d.weight"].shape] == [4, 768]
+    assert t["blk.0.ssm_conv1d.weight"].tensor_type.name == t["blk.0.ssm_a"].tensor_type.name == "F32"
+    assert [int(v) for v in t["blk.3.attn_q.weight"].shape] == [256, 2 * 4 * 64]
+    fields = {k.removeprefix("qwen35."): v.contents() for k, v in r.fields.items()}
+    assert fields["ssm.conv_kernel"] == 4 and fields["ssm.group_count"] == 4 and fields["ssm.inner_size"] == 256
+    assert fields["attention.recurrent_layers"] == [True, True, True, False]
+    assert fields["rope.dimension_count"] == 16 and fields["rope.dimension_sections"] == [11, 11, 10, 0]
+
+
+pytestmark_llama = requires_llama()
+
+
+@pytestmark_llama
+@pytest.mark.parametrize("quant,bound", [("F32", 1e-5), ("F16", 6e-3)])
+def test_float_files_match_transformers(hybrids, tmp_path, quant, bound):
+    """F32 within the dense bound of transformers; F16 measured 2.0e-3 / 2.1e-3 / 4.1e-3 (dense, tiled, MoE),
+    above the dense tests' 1e-3: the F16 weights' rounding passes through the delta rule's recurrence (see
+    test_quantized_files_equal_llama_quantize). llama.cpp's own converter's F16 of the same kind of checkpoint
+    errs alike (3.95e-3 vs our 3.95e-3 on a small MoE hybrid): test_f16_against_llama_cpp_converter holds us to
+    1.5x of it."""
+    for name, d in hybrids.items():
+        err = rel_error(llama_worker.logits(_compile(d, tmp_path / name, quant), _tokens()), hf_logits(d, _tokens()))
+        print(f"{name} {quant} rel error vs transformers {err:.2e}")
+        assert err <= bound, f"{name} {quant}: rel error {err:.2e} > {bound}"
+
+
+@pytestmark_llama
+def test_quantized_files_equal_llama_quantize(hybrids, tmp_path):
+    """Our Q8_0 is byte-for-byte llama-quantize's Q8_0 of our F16 (RTN on the same grid), and our Q4_K_M has
+    llama-quantize's tensor types and size (the attn_qkv of a linear-attention layer counts as an attn_v). Both
+    run: --verify holds llama.cpp against the dequantized PyTorch model. (Its error is larger than a dense
+    model's: llama.cpp rounds a quantized matmul's activations to 8 bits, and the delta rule's recurrence
+    amplifies input noise: 0.4% of noise on in_proj_qkv's output moves this model's logits by 2.4%, on a
+    dense attention's input 0.65%.)"""
+    for name, d in hybrids.items():
+        f16 = _compile(d, tmp_path / f"{name}-f16", "F16")
+        for quant, ftype in (("Q8_0", F.MOSTLY_Q8_0), ("Q4_K_M", F.MOSTLY_Q4_K_M)):
+            ours = _compile(d, tmp_path / f"{name}-{quant}", quant)
+            theirs = tmp_path / f"{name}-{quant}-theirs.gguf"
+            llama_worker.quantize(f16, theirs, ftype)
+            assert _types(ours) == _types(theirs), name
+            assert abs(ours.stat().st_size - theirs.stat().st_size) <= 0.01 * theirs.stat().st_size
+            if quant == "Q8_0":
+                a, b = ({t.name: t for t in GGUFReader(p).tensors} for p in (ours, theirs))
+                assert a.keys() == b.keys(), name   # (llama-quantize writes the [1, hidden] shared-expert gate as 1-D)
+                assert all(np.array_equal(np.ravel(a[n].data), np.ravel(b[n].data)) for n in a), name
+        assert run_cli(d, "--quant", "Q4_K_M", "--out", tmp_path / f"{name}-v", "-q") == 0
+        art = json.loads((tmp_path / f"{name}-v" / "report.json").read_text())["metrics"]["artifact"]
+        print(name, art)
+        # measured 0.089 / 0.083 / 0.221 (the MoE adds expert choices flipped by the activation rounding)
+        bound = 0.3 if "moe" in name else 0.12
+        assert art["runtime"] == "llama.cpp" and art["rel_error"] < bound and art["top1"] >= 0.75, art
+
+
+def _llama_cpp_converter() -> Path | None:
+    try:
+        from _tools import llama_cpp_root
+        return next(llama_cpp_root().glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    except Exception:  # noqa: BLE001 - no network for pip download, or no sdist: the test skips
+        return None
+
+
+def _meta(path: Path) -> dict:
+    r = GGUFReader(path)
+    return {k: v.contents() for k, v in r.fields.items() if not k.startswith(("general.", "GGUF."))
+            and k != "tokenizer.ggml.add_eos_token"}
+
+
+@pytestmark_llama
+@pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
+@pytest.mark.parametrize("variant", ["qwen3.5-tiled", "qwen3.5-moe"])
+def test_f16_against_llama_cpp_converter(variant, tmp_path):
+    """Our F16 against convert_hf_to_gguf.py --no-mtp on the same checkpoint (the converter knows real tokenizers
+    only, so the model gets Qwen2.5's): the same metadata (every key but general.* and the add_eos flag), the same
+    tensors with the same shapes and types, error vs transformers within 1.5x of the converter's, the same tokens.
+    qwen3.5-tiled has twice as many value heads as key heads: the converter's reordered rows and columns."""
+    conv = _llama_cpp_converter()
+    if conv is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (pip download of llama-cpp-python failed)")
+    arch, overrides, seed = tiny.HYBRID_VARIANTS[variant]
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REAL_TOKENIZER / f, d / f)
+    small = dict(vocab_size=151936, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                 intermediate_size=128, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+                 moe_intermediate_size=64, shared_expert_intermediate_size=64)   # expert widths: the MoE only
+    tiny.build_model(d, arch=arch, seed=seed, **{**overrides, **{k: v for k, v in small.items()
+                                                                 if k in overrides or not ("expert" in k or "moe" in k)}})
+    ours = _compile(d, tmp_path / "ours", "F16")
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, conv, d, "--outtype", "f16", "--no-mtp", "--outfile", theirs], check=True,
+                   capture_output=True)
+    assert _meta(ours) == _meta(theirs)
+    shape = lambda p: {t.name: ([int(v) for v in t.shape], t.tensor_type.name) for t in GGUFReader(p).tensors}
+    assert shape(ours) == shape(theirs)
+    tokens = np.random.default_rng(1).integers(0, 151000, 48).tolist()
+    ref = hf_logits(d, tokens)
+    e_ours = rel_error(llama_worker.logits(ours, tokens), ref)
+    e_theirs = rel_error(llama_worker.logits(theirs, tokens), ref)
+    print(f"{variant} F16 rel error vs transformers: qcompile {e_ours:.3e}, convert_hf_to_gguf {e_theirs:.3e}")
+    assert e_ours <= 1.5 * e_theirs, f"ours {e_ours:.2e} vs convert_hf_to_gguf {e_theirs:.2e}"
+    text = ["Hello, hybrid world! def f(x): return x"]
+    assert llama_worker.tokenize(ours, text) == llama_worker.tokenize(theirs, text)
+
+
+@pytestmark_llama
+def test_multimodal_checkpoint_gives_the_text_model(tmp_path):
+    """A Qwen3_5ForConditionalGeneration checkpoint (text model under model.language_model., its hyper-parameters
+    in text_config, a vision tower beside it): the GGUF holds the text model and matches transformers."""
+    d = tmp_path / "mm"
+    d.mkdir()
+    tiny.build_tokenizer(d)
+    tiny.build_multimodal(d)
+    f32 = _compile(d, tmp_path / "o", "F32")
+    assert not any("visual" in t.name or t.name.startswith("v.") for t in GGUFReader(f32).tensors)
+    assert rel_error(llama_worker.logits(f32, _tokens()), hf_logits(d, _tokens())) < 1e-5
+
+
+def test_qwen35_pre_tokenizer_is_detected(hybrids, tmp_path):
+    """Qwen3.5's tokenizer splits letters with their combining marks (\\p{M}): llama.cpp's qwen35 pre-tokenizer;
+    Qwen2.5's regex gives qwen2. The tokenizer here is built with Qwen3.5's regex (no real one is at hand)."""
+    from qcompile.model import load_vocab
+    d = tmp_path / "tok"
+    shutil.copytree(hybrids["qwen3.5"], d)
+    assert load_vocab(d, 832).pre == "qwen2"
+    tj = json.loads((d / "tokenizer.json").read_text())
+    split = tj["pre_tokenizer"]["pretokenizers"][0]
+    split["pattern"]["Regex"] = split["pattern"]["Regex"].replace(r"\p{L}+", r"[\p{L}\p{M}]+")
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    assert load_vocab(d, 832).pre == "qwen35"
+    if llama_worker.available():
+        from transformers import AutoTokenizer
+        # letters followed by combining marks (Devanagari vowel signs, a virama): split apart by qwen2's regex, kept
+        # whole by qwen35's (no decomposed Latin here: HF's NFC normaliser composes it, llama.cpp does not)
+        text = "Café naïve — क्षत्रिय हिन्दी, ভাষা"
+        got = llama_worker.tokenize(_compile(d, tmp_path / "o", "F16"), [text])[0]
+        assert got == AutoTokenizer.from_pretrained(d)(text)["input_ids"]
+
+
+def test_unsupported_targets_and_calibration_fail_in_one_line(hybrids, tmp_path, capsys):
+    """ONNX / OpenVINO do not carry the recurrent state yet; a calibrated method on a model whose out_proj
+    columns llama.cpp reorders (more value heads than key heads) is refused rather than written wrong."""
+    assert run_cli(hybrids["qwen3.5"], "--to", "onnx", "--bits", "4", "--out", tmp_path / "o", "-q") == 2
+    assert "cannot be written to onnx yet; use --to gguf" in capsys.readouterr().err
+    assert run_cli(hybrids["qwen3.5-tiled"], "--quant", "Q4_K_M", "--method", "gptq", "--calib", _calib(tmp_path),
+                   "--out", tmp_path / "g", "-q") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more value heads than key heads" in err[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def _skewed(src: Path, dst: Path, seed: int = 0) -> Path:
+    """``src`` with uneven input channels, as real models' activations have (outlier channels): every linear
+    layer's inputs are scaled per channel through the norm weights in front of them (input_layernorm,
+    post_attention_layernorm and the gated norm before out_proj). The float model stays a valid Qwen3.5."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    rng = np.random.default_rng(seed)
+    import torch
+    for name, t in state.items():
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):   # x * (1 + w)
+            scale = rng.uniform(0.2, 3.0, t.shape[0]).astype(np.float32)
+            state[name] = torch.from_numpy((1 + t.float().numpy()) * scale - 1).to(t.dtype)
+        elif name.endswith("linear_attn.norm.weight"):                                      # x * w
+            state[name] = (t.float() * torch.from_numpy(rng.uniform(0.2, 3.0, t.shape[0]).astype(np.float32))).to(t.dtype)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_gptq_lowers_every_linear_attention_projection_error(hybrids, tmp_path):
+    """GPTQ through the hybrid layers (transformers' Gated DeltaNet run by the layer engine): on the inputs
+    each linear-attention projection sees, its output error is below RTN's on the same grid for every projection
+    of every linear-attention layer. Measured 0.75-0.90x on this model with uneven input channels (:func:`_skewed`;
+    0.91-0.96x on the isotropic random one): NOT the 0.8x of test_gptq_beats_rtn_by_20_percent_on_the_same_grid
+    everywhere (out_proj 0.87-0.90x) — a random tiny model's inputs have none of a trained model's correlations.
+    The bound is the measured worst plus a margin."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from exporters.gguf import GGUFSource
+    from qcompile.model import read_config
+    d = _skewed(hybrids["qwen3.5"], tmp_path / "skewed")
+    calib = _calib(tmp_path)
+    files = {}
+    for m in ("rtn", "gptq"):
+        assert run_cli(d, "--quant", "Q4_K_M", "--method", m, "--calib", calib, "--calib-samples", "8",
+                       "--calib-seqlen", "128", "-q", "--no-verify", "--out", tmp_path / m) == 0
+        files[m] = GGUFSource(next((tmp_path / m).glob("*.gguf")), read_config(d))
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ids = torch.tensor([llama_worker.tokenize(next((tmp_path / "rtn").glob("*.gguf")), [calib.read_text()])[0][:1024]])
+    inputs: dict[str, np.ndarray] = {}
+
+    def record(name):
+        def hook(_mod, args):
+            inputs[name] = args[0].reshape(-1, args[0].shape[-1]).numpy().copy()
+        return hook
+    for n, mod in model.named_modules():
+        if ".linear_attn." in n and isinstance(mod, torch.nn.Linear):
+            mod.register_forward_pre_hook(record(n))
+    with torch.no_grad():
+        model(ids)
+    assert len(inputs) == 3 * 5
+    ratios = {}
+    for n, x in inputs.items():
+        w = model.get_submodule(n).weight.detach().numpy()
+        err = {m: np.linalg.norm(x @ (src.full(n + ".weight") - w).T) for m, src in files.items()}
+        ratios[n.split("layers.")[1]] = round(float(err["gptq"] / err["rtn"]), 3)
+    print(ratios)
+    assert all(r <= 0.93 for r in ratios.values()), ratios
+    assert sum(ratios.values()) / len(ratios) <= 0.86, ratios
+
+
+def test_interrupted_hybrid_gptq_resumes_to_the_identical_file(hybrids, tmp_path, monkeypatch):
+    """Resume across an interrupted GPTQ run on the MoE hybrid: the same file as the clean run."""
+    from calibration import capture
+    args = [hybrids["qwen3.5-moe"], "--quant", "Q4_K_M", "--method", "gptq", "--calib", _calib(tmp_path),
+            "--calib-samples", "4", "--calib-seqlen", "64", "-q", "--no-verify"]
+    assert run_cli(*args, "--out", tmp_path / "clean") == 0
+    real_layer = capture.LayerwiseEngine.layer
+
+    def interrupt_at_layer_2(self, i):
+        if i == 2 and self.done == 1:
+            raise KeyboardInterrupt
+        return real_layer(self, i)
+    monkeypatch.setattr(capture.LayerwiseEngine, "layer", interrupt_at_layer_2)
+    assert run_cli(*args, "--out", tmp_path / "r") == 1
+    monkeypatch.setattr(capture.LayerwiseEngine, "layer", real_layer)
+    assert run_cli(*args, "--out", tmp_path / "r", "--resume") == 0
+    name = "qwen3.5-moe-Q4_K_M.gguf"
+    assert (tmp_path / "r" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_size_budget_on_a_hybrid(hybrids, tmp_path):
+    """--max-size on a hybrid: the sensitivity analysis runs through the linear-attention layers and the
+    knapsack meets the budget; report.json says which tensors got more bits."""
+    d = hybrids["qwen3.5"]
+    q4 = _compile(d, tmp_path / "q4", "Q4_K_M").stat().st_size
+    assert run_cli(d, "--max-size", str(q4), "--calib", _calib(tmp_path), "--calib-samples", "4",
+                   "--calib-seqlen", "64", "--method", "rtn", "-q", "--no-verify", "--out", tmp_path / "b") == 0
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rep["artifact"]["bytes"] <= q4
+    alloc = rep["allocation"]
+    assert alloc is not None and any("attn_qkv" in json.dumps(alloc) for _ in [0])
