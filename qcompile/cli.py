@@ -27,7 +27,8 @@ examples:
 
 MODEL is a checkpoint directory, a Hugging Face repo id (cache first, download when online;
 --offline or HF_HUB_OFFLINE=1 forbids downloads), a size alias (0.5B 1.5B 3B 7B 14B 32B 72B with
---family; mixture-of-experts 30B-A3B 235B-A22B 480B-A35B 57B-A14B, GGUF with RTN mixes so far), or 'tiny'. The artifact OUT/{name}-{TYPE}.gguf and OUT/report.json are written to temp
+--family; mixture-of-experts 30B-A3B 235B-A22B 480B-A35B 57B-A14B; --family qwen3.5: the linear-attention
+hybrids 0.8B 2B 4B 9B 27B 35B-A3B 122B-A10B 397B-A17B, GGUF only), or 'tiny'. The artifact OUT/{name}-{TYPE}.gguf and OUT/report.json are written to temp
 names and renamed only once complete and verified.
 
 other commands:
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(default 0.5%%)")
     q.add_argument("--max-top1-drop", metavar="PTS", type=float, help="with --baseline: top-1 agreement drop "
                                                                       "allowed, in percentage points (default 0.5)")
-    p.add_argument("--family", default="instruct", choices=["instruct", "base", "coder", "math", "qwen3"],
+    p.add_argument("--family", default="instruct", choices=["instruct", "base", "coder", "math", "qwen3", "qwen3.5", "qwen3.6"],
                    help="model family for size aliases (default: instruct)")
     p.add_argument("--offline", action="store_true", help="never download; use local files and the hub cache only")
     p.add_argument("--allow-pickle", action="store_true",

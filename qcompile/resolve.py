@@ -35,6 +35,13 @@ FAMILIES["instruct"] |= {"57B-A14B": "Qwen/Qwen2-57B-A14B-Instruct", "30B-A3B": 
                          "235B-A22B": "Qwen/Qwen3-235B-A22B-Instruct-2507"}
 FAMILIES["base"] |= {"57B-A14B": "Qwen/Qwen2-57B-A14B", "30B-A3B": "Qwen/Qwen3-30B-A3B-Base"}
 FAMILIES["coder"] |= {"30B-A3B": "Qwen/Qwen3-Coder-30B-A3B-Instruct", "480B-A35B": "Qwen/Qwen3-Coder-480B-A35B-Instruct"}
+# the Qwen3.5 generation (linear-attention hybrids, published post-trained under the bare name): the sizes
+# llama.cpp's qwen35 / qwen35moe loaders name (0.8B 2B 4B 9B 27B; 35B-A3B 122B-A10B 397B-A17B) and its
+# converter's examples (Qwen/Qwen3.5-9B, Qwen/Qwen3.5-35B-A3B); Qwen3.6: the 27B its docs and tests load
+# (ggml-org/Qwen3.6-27B-GGUF). Only those: no size is guessed.
+FAMILIES["qwen3.5"] = {s: f"Qwen/Qwen3.5-{s}" for s in ("0.8B", "2B", "4B", "9B", "27B", "35B-A3B", "122B-A10B",
+                                                       "397B-A17B")}
+FAMILIES["qwen3.6"] = {"27B": "Qwen/Qwen3.6-27B"}
 _SIZE = re.compile(r"^\d+(\.\d+)?[bB](-[aA]\d+(\.\d+)?[bB])?$")
 _REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja", "tokenizer*"]

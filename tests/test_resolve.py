@@ -15,6 +15,9 @@ from qcompile.resolve import FAMILIES, alias_repo, resolve
     ("30B-A3B", "qwen3", "Qwen/Qwen3-30B-A3B"), ("30b-a3b", "coder", "Qwen/Qwen3-Coder-30B-A3B-Instruct"),
     ("235B-A22B", "qwen3", "Qwen/Qwen3-235B-A22B"), ("480B-A35B", "coder", "Qwen/Qwen3-Coder-480B-A35B-Instruct"),
     ("30B-A3B", "instruct", "Qwen/Qwen3-30B-A3B-Instruct-2507"), ("57B-A14B", "base", "Qwen/Qwen2-57B-A14B"),
+    # the Qwen3.5 / 3.6 hybrids
+    ("9B", "qwen3.5", "Qwen/Qwen3.5-9B"), ("0.8b", "qwen3.5", "Qwen/Qwen3.5-0.8B"),
+    ("35B-A3B", "qwen3.5", "Qwen/Qwen3.5-35B-A3B"), ("27B", "qwen3.6", "Qwen/Qwen3.6-27B"),
 ])
 def test_alias(size, family, repo):
     assert alias_repo(size, family) == repo

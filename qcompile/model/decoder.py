@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from qcompile.errors import QCompileError
 from qcompile.model.architectures import Architecture
 from qcompile.model.checkpoint import Checkpoint
 from qcompile.model.config import ModelConfig
@@ -96,7 +97,11 @@ class StreamedDecoder:
         import transformers
         self.torch = torch
         self.cfg = cfg
-        mod = importlib.import_module(f"transformers.models.{cfg.arch.model_type}.modeling_{cfg.arch.model_type}")
+        try:
+            mod = importlib.import_module(f"transformers.models.{cfg.arch.model_type}.modeling_{cfg.arch.model_type}")
+        except ModuleNotFoundError:
+            raise QCompileError(f"{cfg.arch.hf_name} needs a transformers that implements {cfg.arch.model_type} "
+                                f"(installed: {transformers.__version__}; pip install -U transformers)") from None
         self.layer_cls = getattr(mod, f"{cfg.arch.hf_prefix}DecoderLayer")
         self.norm_cls = getattr(mod, f"{cfg.arch.hf_prefix}RMSNorm")
         hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.raw.items() if k != "model_type"},
