@@ -406,21 +406,40 @@ class LayerwiseEngine:
         names = [f"{prefix}{lin}.weight" for lin in lins]
         rows = [self.source.shape(n)[0] for n in names]
         w = _stack(map(weight, lins), rows)
+        cols = self._file_columns(names)
+        if cols is not None:
+            # llama.cpp stores this linear with its columns reordered (Qwen3.5's out_proj under tiled value
+            # heads), which moves columns across quantization blocks: quantize in the file's column order, on
+            # statistics reordered alike, so the blocks are the file's (GgufLayout.cols; the GGUF exporter
+            # takes such a tensor as it is)
+            w = np.ascontiguousarray(w[:, cols])
+            stat = CalibStats(None if stat.hessian is None else np.ascontiguousarray(stat.hessian[np.ix_(cols, cols)]),
+                              stat.sq_mean[cols], last_use=True)
         q = self.method.quantize("+".join(names), w, target, stat)
         out, r0 = {}, 0
         for lin, name, n in zip(lins, names, rows):
             out[lin] = QuantizedTensor(name, q.type, (n, q.shape[1]), q.data[r0:r0 + n])
-            self._install(module, prefix, out[lin], w[r0:r0 + n])
+            self._install(module, prefix, out[lin], w[r0:r0 + n], None if cols is None else np.argsort(cols))
             r0 += n
         return out
 
-    def _install(self, module, prefix: str, qt: QuantizedTensor, reference: np.ndarray) -> None:
+    def _file_columns(self, names: list[str]) -> np.ndarray | None:
+        """The column order llama.cpp stores a lone linear in, when it is not the checkpoint's."""
+        lay = self.cfg.arch.gguf_layout(names[0], self.cfg) if len(names) == 1 else None
+        return None if lay is None else lay.cols
+
+    def _install(self, module, prefix: str, qt: QuantizedTensor, reference: np.ndarray,
+                 to_module: np.ndarray | None = None) -> None:
         """Record ``qt``'s reconstruction error against ``reference`` (what it was quantized from, same shape)
-        and put its values into ``module``, in the engine dtype, for the layer's second pass."""
+        and put its values into ``module``, in the engine dtype, for the layer's second pass (``to_module``:
+        the column order of the module when ``qt`` is in the file's)."""
         deq = qt.dequantize()
         self.errors.add(qt.name, reference, qt, deq)
+        if to_module is not None:
+            deq = deq.reshape(reference.shape)[:, to_module]
         param = module.get_parameter(qt.name[len(prefix):])
-        param.data = self.torch.from_numpy(deq).reshape(reference.shape).to(self.device, self.dtype)
+        param.data = self.torch.from_numpy(np.ascontiguousarray(deq)).reshape(reference.shape).to(self.device,
+                                                                                                   self.dtype)
 
     def _new_residual(self, part: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         """A float32 [n, T, hidden] residual stream for the calibration windows, filled batch by batch with

@@ -235,8 +235,9 @@ def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | 
             errors.take(engine.errors, p.source, as_name=p.name)
         data = qt.data
         if layout is not None:
-            # whole rows move (row-wise quantization commutes with that); anything else was refused by the plan
-            if layout.cols is not None or layout.offset or layout.neg_exp or qt.type == T.F32:
+            # whole rows move (row-wise quantization commutes with that); columns the engine already quantized
+            # in the file's order (LayerwiseEngine._quantize_group); values are never transformed for a linear
+            if layout.offset or layout.neg_exp or qt.type == T.F32:
                 raise RuntimeError(f"{p.name}: the engine's tensor needs llama.cpp's layout {layout}")
             data = data.reshape(qt.shape[0], -1)[layout.rows] if layout.rows is not None else data
         yield QuantizedTensor(p.name, qt.type, qt.shape, data)

@@ -160,7 +160,7 @@ def build(opts: Options, announce: bool = True) -> CompilePlan:
     if job.cfg.arch.moe:
         job.method = moe_method(opts, job.cfg, target, job.method, needs_statistics)
     if job.cfg.arch.hybrid:
-        hybrid_check(job.cfg, target, job.method)
+        hybrid_check(job.cfg, target)
     # load (lazily: headers only; tensors stream during quantization)
     job.ckpt = Checkpoint(job.res.path, job.cfg, allow_pickle=opts.allow_pickle)
     job.shapes = cost.Shapes.of(job.cfg)
@@ -229,20 +229,12 @@ def moe_method(opts: Options, cfg: ModelConfig, target: Target, method: quantize
     return method
 
 
-def hybrid_check(cfg: ModelConfig, target: Target, method: quantizers.Method) -> None:
+def hybrid_check(cfg: ModelConfig, target: Target) -> None:
     """What a linear-attention hybrid (Qwen3.5) can be compiled with, refused here in one line: GGUF only (the
-    graph exporters do not carry the recurrent and conv state yet), and a calibrated method only where no
-    linear must be stored with its columns reordered (llama.cpp tiles the value heads when there are more of
-    them than key heads, which reorders out_proj's columns across quantization blocks; the layer engine
-    quantizes in the checkpoint's order)."""
-    what = f"{cfg.arch.hf_name} (linear-attention hybrid)"
+    graph exporters do not carry the recurrent and conv state yet)."""
     if not target.hybrid:
-        raise UsageError(f"--to {target.name}: {what} models cannot be written to {target.name} yet; use --to gguf")
-    if method.needs_calibration and any(
-            (lay := cfg.arch.gguf_layout(n, cfg)) is not None and lay.cols is not None for n in cfg.decoder_linears()):
-        raise UsageError(f"--method {method.name}: {what} models with more value heads than key heads "
-                         f"(linear_num_value_heads {cfg.raw['linear_num_value_heads']} > linear_num_key_heads "
-                         f"{cfg.raw['linear_num_key_heads']}) are not calibrated yet; use --method rtn")
+        raise UsageError(f"--to {target.name}: {cfg.arch.hf_name} (linear-attention hybrid) models cannot be "
+                         f"written to {target.name} yet; use --to gguf")
 
 
 def calibration_shape(opts: Options, device: str) -> tuple[str, int, int]:
