@@ -285,6 +285,7 @@ class GGUFTarget(Target):
     def __init__(self):
         self.scheme: Scheme | None = None
         self.types: GGUFTypes | None = None
+        self.tower = None   # qcompile.model.vision.VisionTower of a multimodal checkpoint (the mmproj file)
 
     def check(self, opts) -> None:
         super().check(opts)
@@ -295,6 +296,14 @@ class GGUFTarget(Target):
     def prepare(self, job) -> None:
         job.vocab = load_vocab(job.res.path, job.cfg.vocab_size)
         self.scheme = choose_scheme(job.opts.quant, job.opts.bits, job.opts.pure)
+        self.tower = None
+        if job.opts.mmproj != "none":
+            import json
+
+            from qcompile.model.vision import vision_tower
+            self.tower = vision_tower(job.res.path, json.loads((job.res.path / "config.json").read_text()))
+            if self.tower is None and job.opts.mmproj != "auto":
+                raise UsageError(f"--mmproj {job.opts.mmproj}: {job.res.name} has no vision tower (vision_config)")
 
     def low_bit(self, job) -> bool:
         return self.scheme.quantized and self.scheme.base not in (T.Q8_0, T.Q6_K)
@@ -352,6 +361,8 @@ class GGUFTarget(Target):
                     if not is_write_error(e):
                         raise
                     raise write_failed(job.artifact, e, opts.out) from None
+            if self.tower is not None:
+                self._write_mmproj(job, out)
             planned = job.allocation["bytes"] if job.allocation is not None else None
             if planned is not None and not out.pending.stat().st_size == planned <= job.budget.bytes:
                 raise RuntimeError(f"wrote {out.pending.stat().st_size} bytes; planned {planned} within the "
@@ -360,6 +371,23 @@ class GGUFTarget(Target):
             self.discard(job, out)  # a half-written file never stays behind
             raise
         return out
+
+    def _write_mmproj(self, job, out: Output) -> None:
+        """The vision tower as ``mmproj-{name}-{TYPE}.gguf`` beside the text GGUF, under a temporary name until
+        the text file is published with it."""
+        from exporters.mmproj import write_mmproj
+        kind = "f16" if job.opts.mmproj == "auto" else job.opts.mmproj
+        final = job.opts.out / f"mmproj-{job.res.name}-{kind.upper()}.gguf"
+        pending = job.opts.out / f".{final.name}.{os.getpid()}.tmp"
+        out.companions.append((pending, final))
+        out.files.append(final)
+        with job.stage("mmproj"):
+            try:
+                write_mmproj(pending, job.ckpt, self.tower, kind, job.res.name)
+            except OSError as e:
+                if not is_write_error(e):
+                    raise
+                raise write_failed(final, e, job.opts.out) from None
 
     def size(self, job) -> int:
         """The exact bytes of the file for the current plan (the size model checks itself against this)."""
@@ -378,12 +406,17 @@ class GGUFTarget(Target):
             raise QCompileError(f"verification failed: llama.cpp could not run the GGUF ({e})") from None
 
     def publish(self, job, out: Output) -> None:
+        for pending, final in out.companions:
+            os.replace(pending, final)
+        out.companions = []
         os.replace(out.pending, out.main)
         out.pending = None
 
     def discard(self, job, out: Output | None) -> None:
         if out is not None and out.pending is not None:
             out.pending.unlink(missing_ok=True)
+        for pending, _final in (out.companions if out is not None else []):
+            pending.unlink(missing_ok=True)
 
     def report(self, job, out: Output) -> dict:
         sch, plan, size = self.scheme, self.types.plan, out.main.stat().st_size

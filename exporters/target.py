@@ -43,6 +43,7 @@ class Output:
     files: list[Path]
     pending: Path | None = None          # the temporary file to rename to ``main`` on publish (GGUF)
     tensors: dict[str, Any] = field(default_factory=dict)   # quantized tensors the reference check reads
+    companions: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, final) files published with it
 
 
 class Target:

@@ -59,6 +59,7 @@ class Options:
     keep_embeddings_fp: bool = False
     float_activations: bool = False
     package: str | None = None        # ollama | lmstudio | all (GGUF only)
+    mmproj: str = "auto"              # a multimodal checkpoint's vision tower beside the GGUF: auto (f16) | f16 | q8_0 | none
     max_size: str | None = None       # GGUF size budget ("491400096", "468.6MiB", "0.49GB")
     target_bpw: float | None = None   # or as bits per weight over all parameters
     threads: int | None = None

@@ -172,7 +172,7 @@ def test_multimodal_checkpoint_gives_the_text_model(tmp_path):
     d.mkdir()
     tiny.build_tokenizer(d)
     tiny.build_multimodal(d)
-    f32 = _compile(d, tmp_path / "o", "F32")
+    f32 = _compile(d, tmp_path / "o", "F32", "--mmproj", "none")
     assert not any("visual" in t.name or t.name.startswith("v.") for t in GGUFReader(f32).tensors)
     assert rel_error(llama_worker.logits(f32, _tokens()), hf_logits(d, _tokens())) < 1e-5
 
@@ -310,3 +310,60 @@ def test_size_budget_on_a_hybrid(hybrids, tmp_path):
     for n, t in alloc["tensors"].items():
         bits.setdefault(n.split(".")[-2], []).append(t["type"])
     print(bits)
+
+
+def _multimodal(d: Path, real_tokenizer: bool = True) -> Path:
+    """A tiny multimodal Qwen3.5 (text model with tiled value heads, two vision blocks) with an image processor
+    config, as the releases ship one (Qwen's normalisation: mean = std = 0.5)."""
+    d.mkdir()
+    if real_tokenizer:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(REAL_TOKENIZER / f, d / f)
+    else:
+        tiny.build_tokenizer(d)
+    small = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, intermediate_size=128,
+                 linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2)
+    tiny.build_multimodal(d, **({"vocab_size": 151936} if real_tokenizer else {}), **small)
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16, "temporal_patch_size": 2,
+         "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessorFast"}))
+    return d
+
+
+@pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_mmproj_equals_llama_cpp_converter(tmp_path, kind):
+    """A multimodal checkpoint gives the text GGUF and mmproj-{name}-{TYPE}.gguf beside it; the mmproj equals
+    convert_hf_to_gguf.py --mmproj's of the same checkpoint in every key but general.*, every tensor's name,
+    shape, type and bytes (the Conv3d patch embedding split in two, the merger as mm.0 / mm.2 / v.post_ln)."""
+    conv = _llama_cpp_converter()
+    if conv is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (pip download of llama-cpp-python failed)")
+    d = _multimodal(tmp_path / "mm")
+    quant = {"f16": "F16", "q8_0": "Q8_0"}[kind]
+    assert run_cli(d, "--quant", quant, "--mmproj", kind, "--out", tmp_path / "o", "-q", "--no-verify") == 0
+    ours = tmp_path / "o" / f"mmproj-mm-{quant}.gguf"
+    assert ours.is_file() and (tmp_path / "o" / f"mm-{quant}.gguf").is_file()
+    assert not list((tmp_path / "o").glob(".*tmp"))
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, conv, d, "--outtype", kind, "--mmproj", "--outfile", theirs], check=True,
+                   capture_output=True)
+    assert _meta(ours) == _meta(theirs)
+    a, b = ({t.name: t for t in GGUFReader(p).tensors} for p in (ours, theirs))
+    assert a.keys() == b.keys() and "v.patch_embd.weight.1" in a and "mm.2.weight" in a
+    for n in a:
+        assert (a[n].tensor_type, list(a[n].shape)) == (b[n].tensor_type, list(b[n].shape)), n
+        assert np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)), n
+
+
+def test_mmproj_needs_the_image_processor_config(tmp_path, capsys):
+    """No preprocessor_config.json (its image_mean / image_std go into the mmproj): one line naming the file and
+    the way out (--mmproj none), no output; with --mmproj none the text model alone is written."""
+    d = _multimodal(tmp_path / "mm", real_tokenizer=False)
+    (d / "preprocessor_config.json").unlink()
+    capsys.readouterr()
+    assert run_cli(d, "--quant", "Q8_0", "--out", tmp_path / "o", "-q", "--no-verify") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "preprocessor_config.json" in err[0] and "--mmproj none" in err[0]
+    assert run_cli(d, "--quant", "Q8_0", "--mmproj", "none", "--out", tmp_path / "t", "-q", "--no-verify") == 0
+    assert [p.name for p in (tmp_path / "t").glob("*.gguf")] == ["mm-Q8_0.gguf"]
