@@ -37,6 +37,88 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+def random_tokens(n: int = 64, seed: int = 0) -> list[int]:
+    """Token ids within the tiny tokenizer's 768 (seeded)."""
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, 760, n).tolist()
+
+
+def compile_gguf(model, out, quant, *extra) -> Path:
+    """``qcompile MODEL --quant QUANT --out OUT -q --no-verify ...``, asserted to succeed; the file written."""
+    assert run_cli(model, "--quant", quant, "--out", out, "-q", "--no-verify", *extra) == 0
+    return next(Path(out).glob(f"*-{quant}.gguf"))
+
+
+def gguf_types(path: Path) -> dict[str, str]:
+    """Tensor name -> type name of a GGUF."""
+    from gguf import GGUFReader
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def calib_file(tmp_path: Path) -> Path:
+    """The packaged text as a --calib file."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny.builtin_text())
+    return calib
+
+
+def llama_cpp_converter() -> Path | None:
+    """convert_hf_to_gguf.py from the llama-cpp-python sdist (benchmarks/_tools.py fetches it once); None when
+    it cannot be had (no network for pip download): the tests that need it skip."""
+    try:
+        from _tools import llama_cpp_root
+        return next(llama_cpp_root().glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def real_tokenizer_dir(d: Path) -> Path:
+    """A new folder ``d`` holding Qwen2.5's tokenizer (llama.cpp's converter knows real tokenizers only)."""
+    import shutil
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REAL_TOKENIZER / f, d / f)
+    return d
+
+
+def f16_pair(d: Path, tmp_path: Path, *converter_flags: str) -> tuple[Path, Path, float, float]:
+    """Our F16 of checkpoint ``d`` and convert_hf_to_gguf.py's (skips without the converter), and each one's
+    logits error vs transformers on 48 seeded tokens: (ours, theirs, error of ours, error of theirs)."""
+    import subprocess
+
+    import numpy as np
+
+    from qcompile import llama_worker
+    conv = llama_cpp_converter()
+    if conv is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (pip download of llama-cpp-python failed)")
+    ours = compile_gguf(d, tmp_path / "ours", "F16")
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([sys.executable, conv, d, "--outtype", "f16", *converter_flags, "--outfile", theirs], check=True,
+                   capture_output=True)
+    tokens = np.random.default_rng(1).integers(0, 151000, 48).tolist()
+    ref = hf_logits(d, tokens)
+    return ours, theirs, rel_error(llama_worker.logits(ours, tokens), ref), \
+        rel_error(llama_worker.logits(theirs, tokens), ref)
+
+
+def run_interrupted(monkeypatch, *args, at: int = 2) -> int:
+    """The CLI with the calibration engine interrupted (KeyboardInterrupt, as Ctrl-C) when it starts layer
+    ``at``, after layers 0..at-1 are done; the engine is whole again afterwards. Returns the exit status."""
+    from calibration import capture
+    real = capture.LayerwiseEngine.layer
+
+    def interrupted(self, i):
+        if i == at and self.done == at - 1:
+            raise KeyboardInterrupt
+        return real(self, i)
+    monkeypatch.setattr(capture.LayerwiseEngine, "layer", interrupted)
+    try:
+        return run_cli(*args)
+    finally:
+        monkeypatch.setattr(capture.LayerwiseEngine, "layer", real)
+
+
 def requires_llama():
     from qcompile import llama_worker
     return pytest.mark.skipif(not llama_worker.available(), reason="llama-cpp-python is not installed")

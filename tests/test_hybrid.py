@@ -11,7 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_TOKENIZER, hf_logits, rel_error, requires_llama, run_cli
+from conftest import (
+    REAL_TOKENIZER,
+    f16_pair,
+    hf_logits,
+    real_tokenizer_dir,
+    rel_error,
+    requires_llama,
+    run_cli,
+    run_interrupted,
+)
+from conftest import calib_file as _calib
+from conftest import compile_gguf as _compile
+from conftest import gguf_types as _types
+from conftest import llama_cpp_converter as _llama_cpp_converter
+from conftest import random_tokens as _tokens
 from gguf import GGUFReader
 from gguf import LlamaFileType as F
 
@@ -22,9 +36,6 @@ pytestmark = pytest.mark.skipif(not hasattr(__import__("transformers"), "Qwen3_5
 VARIANTS = list(tiny.HYBRID_VARIANTS)
 
 
-def _tokens(n: int = 64, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 760, n).tolist()
-
 
 @pytest.fixture(scope="module")
 def hybrids(tmp_path_factory) -> dict[str, Path]:
@@ -32,19 +43,7 @@ def hybrids(tmp_path_factory) -> dict[str, Path]:
     return {name: tiny.build_variant(name, root / name) for name in VARIANTS}
 
 
-def _compile(model, out, quant, *extra) -> Path:
-    assert run_cli(model, "--quant", quant, "--out", out, "-q", "--no-verify", *extra) == 0
-    return next(out.glob(f"*-{quant}.gguf"))
 
-
-def _types(path: Path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
-
-
-def _calib(tmp_path: Path) -> Path:
-    calib = tmp_path / "calib.txt"
-    calib.write_text(tiny.builtin_text())
-    return calib
 
 
 def test_layout_follows_the_layer_schedule(hybrids, tmp_path):
@@ -112,13 +111,6 @@ def test_quantized_files_equal_llama_quantize(hybrids, tmp_path):
         assert art["runtime"] == "llama.cpp" and art["rel_error"] < bound and art["top1"] >= 0.75, art
 
 
-def _llama_cpp_converter() -> Path | None:
-    try:
-        from _tools import llama_cpp_root
-        return next(llama_cpp_root().glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    except Exception:  # noqa: BLE001 - no network for pip download, or no sdist: the test skips
-        return None
-
 
 def _meta(path: Path) -> dict:
     r = GGUFReader(path)
@@ -134,30 +126,17 @@ def test_f16_against_llama_cpp_converter(variant, tmp_path):
     only, so the model gets Qwen2.5's): the same metadata (every key but general.* and the add_eos flag), the same
     tensors with the same shapes and types, error vs transformers within 1.5x of the converter's, the same tokens.
     qwen3.5-tiled has twice as many value heads as key heads: the converter's reordered rows and columns."""
-    conv = _llama_cpp_converter()
-    if conv is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (pip download of llama-cpp-python failed)")
     arch, overrides, seed = tiny.HYBRID_VARIANTS[variant]
-    d = tmp_path / "m"
-    d.mkdir()
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(REAL_TOKENIZER / f, d / f)
+    d = real_tokenizer_dir(tmp_path / "m")
     small = dict(vocab_size=151936, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                  intermediate_size=128, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
                  moe_intermediate_size=64, shared_expert_intermediate_size=64)   # expert widths: the MoE only
     tiny.build_model(d, arch=arch, seed=seed, **{**overrides, **{k: v for k, v in small.items()
                                                                  if k in overrides or not ("expert" in k or "moe" in k)}})
-    ours = _compile(d, tmp_path / "ours", "F16")
-    theirs = tmp_path / "theirs.gguf"
-    subprocess.run([sys.executable, conv, d, "--outtype", "f16", "--no-mtp", "--outfile", theirs], check=True,
-                   capture_output=True)
+    ours, theirs, e_ours, e_theirs = f16_pair(d, tmp_path, "--no-mtp")
     assert _meta(ours) == _meta(theirs)
     shape = lambda p: {t.name: ([int(v) for v in t.shape], t.tensor_type.name) for t in GGUFReader(p).tensors}
     assert shape(ours) == shape(theirs)
-    tokens = np.random.default_rng(1).integers(0, 151000, 48).tolist()
-    ref = hf_logits(d, tokens)
-    e_ours = rel_error(llama_worker.logits(ours, tokens), ref)
-    e_theirs = rel_error(llama_worker.logits(theirs, tokens), ref)
     print(f"{variant} F16 rel error vs transformers: qcompile {e_ours:.3e}, convert_hf_to_gguf {e_theirs:.3e}")
     assert e_ours <= 1.5 * e_theirs, f"ours {e_ours:.2e} vs convert_hf_to_gguf {e_theirs:.2e}"
     text = ["Hello, hybrid world! def f(x): return x"]
@@ -274,19 +253,10 @@ def test_gptq_lowers_every_linear_attention_projection_error(hybrids, tmp_path, 
 
 def test_interrupted_hybrid_gptq_resumes_to_the_identical_file(hybrids, tmp_path, monkeypatch):
     """Resume across an interrupted GPTQ run on the MoE hybrid: the same file as the clean run."""
-    from calibration import capture
     args = [hybrids["qwen3.5-moe"], "--quant", "Q4_K_M", "--method", "gptq", "--calib", _calib(tmp_path),
             "--calib-samples", "4", "--calib-seqlen", "64", "-q", "--no-verify"]
     assert run_cli(*args, "--out", tmp_path / "clean") == 0
-    real_layer = capture.LayerwiseEngine.layer
-
-    def interrupt_at_layer_2(self, i):
-        if i == 2 and self.done == 1:
-            raise KeyboardInterrupt
-        return real_layer(self, i)
-    monkeypatch.setattr(capture.LayerwiseEngine, "layer", interrupt_at_layer_2)
-    assert run_cli(*args, "--out", tmp_path / "r") == 1
-    monkeypatch.setattr(capture.LayerwiseEngine, "layer", real_layer)
+    assert run_interrupted(monkeypatch, *args, "--out", tmp_path / "r") == 1
     assert run_cli(*args, "--out", tmp_path / "r", "--resume") == 0
     name = "qwen3.5-moe-Q4_K_M.gguf"
     assert (tmp_path / "r" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
@@ -315,11 +285,10 @@ def test_size_budget_on_a_hybrid(hybrids, tmp_path):
 def _multimodal(d: Path, real_tokenizer: bool = True) -> Path:
     """A tiny multimodal Qwen3.5 (text model with tiled value heads, two vision blocks) with an image processor
     config, as the releases ship one (Qwen's normalisation: mean = std = 0.5)."""
-    d.mkdir()
     if real_tokenizer:
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(REAL_TOKENIZER / f, d / f)
+        real_tokenizer_dir(d)
     else:
+        d.mkdir()
         tiny.build_tokenizer(d)
     small = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, intermediate_size=128,
                  linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2)

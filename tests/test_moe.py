@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_TOKENIZER, hf_logits, rel_error, requires_llama, run_cli
+from conftest import (
+    REAL_TOKENIZER,
+    f16_pair,
+    hf_logits,
+    real_tokenizer_dir,
+    rel_error,
+    requires_llama,
+    run_cli,
+    run_interrupted,
+)
+from conftest import calib_file as _calib
+from conftest import compile_gguf as _compile
+from conftest import gguf_types as _types
+from conftest import random_tokens as _tokens
 from gguf import GGUFReader
 from gguf import LlamaFileType as F
 
@@ -18,9 +30,6 @@ from qcompile import llama_worker, tiny
 
 VARIANTS = list(tiny.MOE_VARIANTS)
 
-
-def _tokens(n: int = 64, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 760, n).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +43,11 @@ def reference(moe_models):
     return {name: hf_logits(d, _tokens()) for name, d in moe_models.items()}
 
 
-def _compile(model, out, quant, *extra) -> Path:
-    assert run_cli(model, "--quant", quant, "--out", out, "-q", "--no-verify", *extra) == 0
-    return next(out.glob(f"*-{quant}.gguf"))
-
 
 def _n_experts(cfg: dict) -> int:
     """transformers 5.0 saves qwen3_moe's expert count as num_experts, later 5.x as num_local_experts."""
     return cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"]
 
-
-def _types(path: Path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
 
 
 def test_gguf_layout_and_metadata(moe_models, tmp_path):
@@ -193,11 +195,6 @@ def _n_layers(d: Path) -> int:
     return json.loads((d / "config.json").read_text())["num_hidden_layers"]
 
 
-def _calib(tmp_path: Path) -> Path:
-    calib = tmp_path / "calib.txt"
-    calib.write_text(tiny.builtin_text())
-    return calib
-
 
 def _expert_bytes(path: Path, name: str, e: int) -> bytes:
     """Expert ``e``'s bytes in a stacked expert tensor of a GGUF."""
@@ -284,15 +281,7 @@ def test_interrupted_moe_gptq_resumes_to_the_identical_file(moe_models, tmp_path
     args = [moe_models["qwen3-moe"], "--quant", "Q4_K_M", "--method", "gptq", "--calib", _calib(tmp_path),
             "--calib-samples", "4", "--calib-seqlen", "64", "-q", "--no-verify"]
     assert run_cli(*args, "--out", tmp_path / "clean") == 0
-    real_layer = capture.LayerwiseEngine.layer
-
-    def interrupt_at_layer_2(self, i):
-        if i == 2 and self.done == 1:
-            raise KeyboardInterrupt
-        return real_layer(self, i)
-    monkeypatch.setattr(capture.LayerwiseEngine, "layer", interrupt_at_layer_2)
-    assert run_cli(*args, "--out", tmp_path / "r") == 1
-    monkeypatch.setattr(capture.LayerwiseEngine, "layer", real_layer)
+    assert run_interrupted(monkeypatch, *args, "--out", tmp_path / "r") == 1
     computed = []
     real_collect = capture.LayerwiseEngine._collect
     monkeypatch.setattr(capture.LayerwiseEngine, "_collect",
@@ -315,14 +304,6 @@ def test_verify_reports_agreement(moe_models, tmp_path):
         assert m["reference"]["kld_mean"] < 5e-3, (name, m)
 
 
-def _llama_cpp_converter() -> Path | None:
-    """convert_hf_to_gguf.py from the llama-cpp-python sdist (benchmarks/_tools.py fetches it once)."""
-    try:
-        from _tools import llama_cpp_root
-        return next(llama_cpp_root().glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-    except Exception:  # noqa: BLE001 - no network for pip download, or no sdist: the test skips
-        return None
-
 
 @pytestmark_llama
 @pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
@@ -331,26 +312,13 @@ def test_f16_against_llama_cpp_converter(variant, tmp_path):
     """Our F16 against llama.cpp's own converter's F16 of the same checkpoint (the converter only knows real
     tokenizers, so the model gets Qwen2.5's): error vs transformers within 1.5x of the converter's; both files
     hold the same tensors with the same shapes and tokenize alike."""
-    conv = _llama_cpp_converter()
-    if conv is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (pip download of llama-cpp-python failed)")
     arch, overrides, seed = tiny.MOE_VARIANTS[variant]
-    d = tmp_path / "m"
-    d.mkdir()
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(REAL_TOKENIZER / f, d / f)
+    d = real_tokenizer_dir(tmp_path / "m")
     tiny.build_model(d, arch=arch, seed=seed, **{**overrides, "vocab_size": 151936, "hidden_size": 64,
                                                  "num_hidden_layers": 2, "num_attention_heads": 2,
                                                  "num_key_value_heads": 1, "head_dim": 32,
                                                  "moe_intermediate_size": 64, "tie_word_embeddings": False})
-    ours = _compile(d, tmp_path / "ours", "F16")
-    theirs = tmp_path / "theirs.gguf"
-    subprocess.run([sys.executable, conv, d, "--outtype", "f16", "--outfile", theirs], check=True,
-                   capture_output=True)
-    tokens = np.random.default_rng(1).integers(0, 151000, 48).tolist()
-    ref = hf_logits(d, tokens)
-    e_ours = rel_error(llama_worker.logits(ours, tokens), ref)
-    e_theirs = rel_error(llama_worker.logits(theirs, tokens), ref)
+    ours, theirs, e_ours, e_theirs = f16_pair(d, tmp_path)
     print(f"{variant} F16 rel error vs transformers: qcompile {e_ours:.3e}, convert_hf_to_gguf {e_theirs:.3e}")
     assert e_ours <= 1.5 * e_theirs, f"ours {e_ours:.2e} vs convert_hf_to_gguf {e_theirs:.2e}"
     shape = lambda p: {t.name: [int(v) for v in t.shape] for t in GGUFReader(p).tensors}
