@@ -336,3 +336,39 @@ def test_mmproj_needs_the_image_processor_config(tmp_path, capsys):
     assert len(err) == 1 and "preprocessor_config.json" in err[0] and "--mmproj none" in err[0]
     assert run_cli(d, "--quant", "Q8_0", "--mmproj", "none", "--out", tmp_path / "t", "-q", "--no-verify") == 0
     assert [p.name for p in (tmp_path / "t").glob("*.gguf")] == ["mm-Q8_0.gguf"]
+
+
+def _mtmd_cli() -> str | None:
+    """llama.cpp's multimodal CLI, when one is at hand (QCOMPILE_MTMD_CLI, or on PATH): the llama-cpp-python build
+    here has its multimodal library off (LLAVA_BUILD=OFF), so the test below needs one built separately
+    (cmake --build BUILD --target llama-mtmd-cli in the sdist's vendor/llama.cpp)."""
+    import os
+    return os.environ.get("QCOMPILE_MTMD_CLI") or shutil.which("llama-mtmd-cli")
+
+
+def _png(path: Path, side: int = 64) -> Path:
+    """A seeded random RGB image as a PNG, written with zlib alone (no imaging library needed)."""
+    import struct
+    import zlib
+    img = np.random.default_rng(0).integers(0, 255, (side, side, 3)).astype(np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in img)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.skipif(_mtmd_cli() is None, reason="no llama-mtmd-cli (set QCOMPILE_MTMD_CLI)")
+@pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
+def test_llama_cpp_runs_the_text_gguf_with_its_mmproj(tmp_path):
+    """llama.cpp's multimodal path loads our text GGUF and mmproj together, encodes an image through the vision
+    tower and the merger into the text model, and generates."""
+    d = _multimodal(tmp_path / "mm")
+    assert run_cli(d, "--quant", "F16", "--out", tmp_path / "o", "-q", "--no-verify") == 0
+    r = subprocess.run([_mtmd_cli(), "-m", tmp_path / "o" / "mm-F16.gguf", "--mmproj", tmp_path / "o" / "mmproj-mm-F16.gguf",
+                        "--image", _png(tmp_path / "img.png"), "-p", "Describe the image.", "-n", "8", "--temp", "0",
+                        "-t", "2"], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "encoding mtmd batch" in r.stderr + r.stdout and "mtmd batch encoding done" in r.stderr + r.stdout
