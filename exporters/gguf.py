@@ -178,14 +178,8 @@ class GGUFSource:
     def full(self, name: str) -> np.ndarray:
         a = self._decode(name, self._raw(name)).reshape(self.shape(name))
         layout = self.cfg.arch.gguf_layout(name, self.cfg)
-        if layout is None:
-            return a
         # the checkpoint's layout, which transformers' modules compute with (a squeezed conv1d regains its axis)
-        shape = a.shape if layout.shape is None else self._hf_shape(name, a.shape)
-        return layout.from_gguf(a, shape)
-
-    def _hf_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (shape[0], 1, shape[1]) if name.endswith("conv1d.weight") else shape
+        return a if layout is None else layout.from_gguf(a)
 
 
 # ---- the GGUF target -----------------------------------------------------------------------------------------

@@ -77,6 +77,28 @@ TINY_CONFIG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, 
                    tie_word_embeddings=True)
 
 
+def randomize(model, seed: int, zero_centred: bool = False) -> None:
+    """Seeded random weights for every parameter of ``model``, so every tensor influences the logits.
+
+    Norm weights near 1 (near 0 where the family's norms are zero-centred, x * (1 + w), as Qwen3.5's checkpoints
+    hold them, except its linear attention's gated norm x * w and the vision tower's LayerNorms); other vectors
+    near 0; matrices scaled by their input width; MoE routers with clear preferences."""
+    import torch
+    routers = [m.weight for m in model.modules() if type(m).__name__.endswith("Router")]  # MoE top-k routers
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                one = "norm" in name and (not zero_centred or "linear_attn.norm" in name or "visual" in name)
+                p.copy_((1.0 if one else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            elif any(p is r for r in routers):
+                # an MoE router with clear preferences: top-k choices that a last-bit difference between two
+                # runtimes does not flip (a flip swaps a whole expert's output for a token)
+                p.copy_(torch.randn(p.shape, generator=g) * (8.0 / p.shape[-1] ** 0.5))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.6 / p.shape[-1] ** 0.5))
+
+
 def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, seed: int = 0, **overrides) -> None:
     """Save a seeded random ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (or the ``qwen2_moe`` / ``qwen3_moe``
     MoE models) (bf16 safetensors) into ``out``.
@@ -96,22 +118,7 @@ def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, s
                         "torch_dtype": "bfloat16", **overrides})
     torch.manual_seed(seed)
     model = model_cls(cfg)
-    routers = [m.weight for m in model.modules() if type(m).__name__.endswith("Router")]  # MoE top-k routers
-    zero_centred = arch.startswith("qwen3_5")
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed + 1)
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                # Qwen3.5's norms are zero-centred (x * (1 + w)): stored near 0, as its checkpoints hold them,
-                # except the linear attention's gated norm (x * w)
-                one = "norm" in name and (not zero_centred or "linear_attn.norm" in name)
-                p.copy_((1.0 if one else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-            elif any(p is r for r in routers):
-                # an MoE router with clear preferences: top-k choices that a last-bit difference between two
-                # runtimes does not flip (a flip swaps a whole expert's output for a token)
-                p.copy_(torch.randn(p.shape, generator=g) * (8.0 / p.shape[-1] ** 0.5))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.6 / p.shape[-1] ** 0.5))
+    randomize(model, seed, zero_centred=arch.startswith("qwen3_5"))
     model.generation_config = GenerationConfig()
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
 
@@ -169,14 +176,7 @@ def build_multimodal(out: Path, name: str = "qwen3.5", vocab_size: int = MODEL_V
                                                    tie_word_embeddings=text["tie_word_embeddings"])
     torch.manual_seed(seed)
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(cfg)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed + 1)
-        for pname, p in model.named_parameters():
-            if p.ndim == 1:
-                one = "norm" in pname and ("linear_attn.norm" in pname or "visual" in pname)
-                p.copy_((1.0 if one else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.6 / p.shape[-1] ** 0.5))
+    randomize(model, seed, zero_centred=True)
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
 
 

@@ -96,10 +96,6 @@ class Architecture:
         """Layer ``i``'s linears -> the module whose input statistics they use (:attr:`LINEARS`)."""
         return self.LINEARS
 
-    def scale_groups(self, i: int) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
-        """Layer ``i``'s AWQ scale groups (:attr:`SCALE_GROUPS`)."""
-        return self.SCALE_GROUPS
-
     def layer_tensor_names(self, i: int) -> list[str]:
         """HF names of layer ``i``'s tensors, in export order."""
         return [self.layer_prefix(i) + rel for rel in self.layer_tensors(i) if self.has(rel)]
@@ -384,7 +380,8 @@ class GgufLayout:
     cols: np.ndarray | None = None    # the checkpoint column of each column in the file
     offset: float = 0.0               # file value = checkpoint value + offset (Qwen3.5's zero-centred norms)
     neg_exp: bool = False             # file value = -exp(checkpoint value) (A_log -> A)
-    shape: tuple[int, ...] | None = None   # the file's logical shape (conv1d [C, 1, K] -> [C, K])
+    shape: tuple[int, ...] | None = None   # the file's logical shape (conv1d [C, 1, K] -> [C, K]) ...
+    stored: tuple[int, ...] | None = None  # ... and then the checkpoint's, which from_gguf restores
 
     def to_gguf(self, a: np.ndarray) -> np.ndarray:
         a = np.asarray(a, dtype=np.float32)
@@ -398,8 +395,8 @@ class GgufLayout:
             a = -np.exp(a)
         return (a + np.float32(self.offset)) if self.offset else a
 
-    def from_gguf(self, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """The checkpoint's values (``shape``: its shape) from the file's."""
+    def from_gguf(self, a: np.ndarray) -> np.ndarray:
+        """The checkpoint's values, in its shape, from the file's."""
         a = np.asarray(a, dtype=np.float32)
         if self.offset:
             a = a - np.float32(self.offset)
@@ -409,7 +406,7 @@ class GgufLayout:
             a = a[:, np.argsort(self.cols)]
         if self.rows is not None:
             a = a[np.argsort(self.rows)]
-        return a.reshape(shape)
+        return a if self.stored is None else a.reshape(self.stored)
 
 
 def head_major(n_groups: int, per_group: int, width: int) -> np.ndarray:
@@ -531,7 +528,8 @@ class HybridArchitecture(Architecture):
         if rel == "linear_attn.in_proj_qkv.weight":
             return GgufLayout(rows=qkv) if qkv is not None else None
         if rel == "linear_attn.conv1d.weight":
-            return GgufLayout(rows=qkv, shape=(2 * nk * dk + nv * dv, int(r.get("linear_conv_kernel_dim", 4))))
+            channels, kernel = 2 * nk * dk + nv * dv, int(r.get("linear_conv_kernel_dim", 4))
+            return GgufLayout(rows=qkv, shape=(channels, kernel), stored=(channels, 1, kernel))
         if rel == "linear_attn.in_proj_z.weight":
             return GgufLayout(rows=v_rows) if v_rows is not None else None
         if rel in ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight", "linear_attn.dt_bias"):
