@@ -372,3 +372,11 @@ def test_llama_cpp_runs_the_text_gguf_with_its_mmproj(tmp_path):
                         "-t", "2"], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "encoding mtmd batch" in r.stderr + r.stdout and "mtmd batch encoding done" in r.stderr + r.stdout
+
+
+def test_mmproj_asked_of_a_text_only_model_fails_in_one_line(hybrids, tmp_path, capsys):
+    """--mmproj f16 on a checkpoint without a vision tower: a usage error in one line, nothing written."""
+    assert run_cli(hybrids["qwen3.5"], "--quant", "Q8_0", "--mmproj", "f16", "--out", tmp_path / "o", "-q") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no vision tower" in err[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.gguf"))
