@@ -42,6 +42,7 @@ FAMILIES["coder"] |= {"30B-A3B": "Qwen/Qwen3-Coder-30B-A3B-Instruct", "480B-A35B
 FAMILIES["qwen3.5"] = {s: f"Qwen/Qwen3.5-{s}" for s in ("0.8B", "2B", "4B", "9B", "27B", "35B-A3B", "122B-A10B",
                                                        "397B-A17B")}
 FAMILIES["qwen3.6"] = {"27B": "Qwen/Qwen3.6-27B"}
+FAMILIES["qwen3-next"] = {"80B-A3B": "Qwen/Qwen3-Next-80B-A3B-Instruct"}
 _SIZE = re.compile(r"^\d+(\.\d+)?[bB](-[aA]\d+(\.\d+)?[bB])?$")
 _REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.jinja", "tokenizer*"]

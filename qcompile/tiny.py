@@ -110,7 +110,7 @@ def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, s
     from transformers import GenerationConfig
 
     classes = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
-               "qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe"}[arch]
+               "qwen3_5": "Qwen3_5", "qwen3_5_moe": "Qwen3_5Moe", "qwen3_next": "Qwen3Next"}[arch]
     # Qwen3.5's causal-LM classes take the text config (the top-level config is the multimodal one)
     config_cls = getattr(transformers, f"{classes}TextConfig" if arch.startswith("qwen3_5") else f"{classes}Config")
     model_cls = getattr(transformers, f"{classes}ForCausalLM")
@@ -118,7 +118,7 @@ def build_model(out: Path, arch: str = "qwen2", vocab_size: int = MODEL_VOCAB, s
                         "torch_dtype": "bfloat16", **overrides})
     torch.manual_seed(seed)
     model = model_cls(cfg)
-    randomize(model, seed, zero_centred=arch.startswith("qwen3_5"))
+    randomize(model, seed, zero_centred=arch.startswith(("qwen3_5", "qwen3_next")))
     model.generation_config = GenerationConfig()
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
 
@@ -157,6 +157,12 @@ HYBRID_VARIANTS: dict[str, tuple[str, dict, int]] = {
     "qwen3.5-tiled": ("qwen3_5", {**_LINEAR, "linear_num_key_heads": 2, "linear_num_value_heads": 4}, 16),
     "qwen3.5-moe": ("qwen3_5_moe", {**_LINEAR, "num_experts": 4, "num_experts_per_tok": 2,
                                      "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256}, 17),
+    # Qwen3-Next: the MoE hybrid with fused in_proj_qkvz / in_proj_ba; two value heads per key head, so the fused
+    # rows interleave per key head (q, k, v v, z z) and in_proj_ba's (b b, a a)
+    "qwen3-next": ("qwen3_next", {**_LINEAR, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                                  "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                                  "shared_expert_intermediate_size": 256, "decoder_sparse_step": 1,
+                                  "mlp_only_layers": []}, 18),
 }
 
 

@@ -66,6 +66,35 @@ def test_layout_follows_the_layer_schedule(hybrids, tmp_path):
     assert fields["rope.dimension_count"] == 16 and fields["rope.dimension_sections"] == [11, 11, 10, 0]
 
 
+def test_qwen3_next_fused_projections_split_as_llama_cpp_stores_them(hybrids, tmp_path):
+    """Qwen3-Next stores in_proj_qkvz per key head (q, k, its value heads' v, then z): the file's attn_qkv holds every
+    q, then every k, then every v row, attn_gate the z rows (two value heads per key head here), ssm_ba is
+    in_proj_ba as stored; plain partial RoPE (no M-RoPE sections). Checked on the F32 file against the checkpoint."""
+    d = hybrids["qwen3-next"]
+    cfg = json.loads((d / "config.json").read_text())
+    r = GGUFReader(_compile(d, tmp_path, "F32"))
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    from safetensors.torch import load_file as load_torch
+    state = {k: v.float().numpy() for k, v in load_torch(d / "model.safetensors").items()}
+    nk, dk, dv = cfg["linear_num_key_heads"], cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    r_ = cfg["linear_num_value_heads"] // nk
+    for i, kind in enumerate(cfg["layer_types"]):
+        if kind != "linear_attention":
+            assert f"blk.{i}.attn_q.weight" in t and f"blk.{i}.attn_gate.weight" not in t
+            continue
+        fused = state[f"model.layers.{i}.linear_attn.in_proj_qkvz.weight"].reshape(nk, 2 * dk + 2 * r_ * dv, -1)
+        q, k, v, z = np.split(fused, [dk, 2 * dk, 2 * dk + r_ * dv], axis=1)
+        want_qkv = np.concatenate([q.reshape(-1, fused.shape[-1]), k.reshape(-1, fused.shape[-1]),
+                                   v.reshape(-1, fused.shape[-1])])
+        assert np.array_equal(t[f"blk.{i}.attn_qkv.weight"], want_qkv)
+        assert np.array_equal(t[f"blk.{i}.attn_gate.weight"], z.reshape(-1, fused.shape[-1]))
+        assert np.array_equal(t[f"blk.{i}.ssm_ba.weight"], state[f"model.layers.{i}.linear_attn.in_proj_ba.weight"])
+    fields = {k.removeprefix("qwen3next."): v.contents() for k, v in r.fields.items()}
+    assert fields["ssm.group_count"] == 2 and fields["ssm.time_step_rank"] == 4
+    assert fields["rope.dimension_count"] == 16 and "rope.dimension_sections" not in fields
+    assert fields["expert_count"] == 4 and fields["attention.recurrent_layers"] == [True, True, True, False]
+
+
 pytestmark_llama = requires_llama()
 
 
@@ -120,12 +149,13 @@ def _meta(path: Path) -> dict:
 
 @pytestmark_llama
 @pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
-@pytest.mark.parametrize("variant", ["qwen3.5-tiled", "qwen3.5-moe"])
+@pytest.mark.parametrize("variant", ["qwen3.5-tiled", "qwen3.5-moe", "qwen3-next"])
 def test_f16_against_llama_cpp_converter(variant, tmp_path):
     """Our F16 against convert_hf_to_gguf.py --no-mtp on the same checkpoint (the converter knows real tokenizers
     only, so the model gets Qwen2.5's): the same metadata (every key but general.* and the add_eos flag), the same
     tensors with the same shapes and types, error vs transformers within 1.5x of the converter's, the same tokens.
-    qwen3.5-tiled has twice as many value heads as key heads: the converter's reordered rows and columns."""
+    qwen3.5-tiled has twice as many value heads as key heads: the converter's reordered rows and columns; qwen3-next:
+    its fused in_proj_qkvz written as attn_qkv + attn_gate, in_proj_ba as ssm_ba."""
     arch, overrides, seed = tiny.HYBRID_VARIANTS[variant]
     d = real_tokenizer_dir(tmp_path / "m")
     small = dict(vocab_size=151936, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
@@ -205,7 +235,7 @@ def _skewed(src: Path, dst: Path, seed: int = 0) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("variant", ["qwen3.5", "qwen3.5-tiled"])
+@pytest.mark.parametrize("variant", ["qwen3.5", "qwen3.5-tiled", "qwen3-next"])
 def test_gptq_lowers_every_linear_attention_projection_error(hybrids, tmp_path, variant):
     """GPTQ through the hybrid layers (transformers' Gated DeltaNet run by the layer engine): on the inputs
     each linear-attention projection sees, its output error is below RTN's on the same grid for every projection
@@ -214,7 +244,8 @@ def test_gptq_lowers_every_linear_attention_projection_error(hybrids, tmp_path, 
     everywhere (out_proj 0.87-0.90x) — a random tiny model's inputs have none of a trained model's correlations.
     The bound is the measured worst plus a margin. qwen3.5-tiled: llama.cpp stores out_proj with its columns in
     tiled value-head order, and the engine quantizes it in that order (the file's blocks); read back into the
-    checkpoint's order here, a block mix-up would show as an error far above RTN's."""
+    checkpoint's order here, a block mix-up would show as an error far above RTN's. qwen3-next: the fused
+    in_proj_qkvz is scored as the module transformers runs, reassembled from the file's attn_qkv and attn_gate."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -240,11 +271,24 @@ def test_gptq_lowers_every_linear_attention_projection_error(hybrids, tmp_path, 
             mod.register_forward_pre_hook(record(n))
     with torch.no_grad():
         model(ids)
-    assert len(inputs) == 3 * 5
+    cfg = read_config(d)
+    cfg = read_config(d)
+    assert len(inputs) == 3 * (3 if variant == "qwen3-next" else 5)   # qwen3-next: in_proj_qkvz, in_proj_ba, out_proj
+
+    def weight(src, n):   # the module's weight from the file: a fused one from the row views that make it up
+        views = {cfg.arch.layer_prefix(int(n.split(".")[2])) + rel: p for rel, p in
+                 cfg.arch.row_views(int(n.split(".")[2]), cfg.raw).items()}
+        if not any(p[0][0] == n + ".weight" for p in views.values()):
+            return src.full(n + ".weight")
+        out = np.zeros(model.get_submodule(n).weight.shape, np.float32)
+        for view, pieces in views.items():
+            rows = np.concatenate([np.arange(a, b) for _, a, b in pieces])
+            out[rows] = src.full(view)
+        return out
     ratios = {}
     for n, x in inputs.items():
         w = model.get_submodule(n).weight.detach().numpy()
-        err = {m: np.linalg.norm(x @ (src.full(n + ".weight") - w).T) for m, src in files.items()}
+        err = {m: np.linalg.norm(x @ (weight(src, n) - w).T) for m, src in files.items()}
         ratios[n.split("layers.")[1]] = round(float(err["gptq"] / err["rtn"]), 3)
     print(ratios)
     assert all(r <= 0.93 for r in ratios.values()), ratios

@@ -171,6 +171,16 @@ class Architecture:
         """A layer's tensors (relative names) -> its transformers module's state dict: the same for dense."""
         return state
 
+    def row_views(self, i: int, raw: dict) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        """Layer ``i``'s tensors (relative names) that the checkpoint stores as rows of another, each as the
+        (stored HF name, first row, end row) pieces it is made of, in order. Dense: none."""
+        return {}
+
+    def adapt_layer(self, layer, i: int):
+        """transformers' decoder layer ``i`` reshaped to hold this description's tensors as its parameters
+        (where :meth:`row_views` splits a stored tensor, the module gets the parts); dense: as built."""
+        return layer
+
     def gguf_names(self, n_layers: int) -> dict[str, str]:
         """HF tensor name -> GGUF tensor name for every tensor a model of ``n_layers`` may contain."""
         return dict(_gguf_names(self, n_layers))
@@ -448,6 +458,10 @@ class HybridArchitecture(Architecture):
     # division the other families' groups do; and a linear-attention layer's q/k pass through an L2 norm.
     SCALE_GROUPS: ClassVar[tuple[tuple[str, str, tuple[str, ...]], ...]] = (
         ("mlp.up_proj", "mlp.down_proj", ("mlp.down_proj",)),)
+    # llama.cpp's converter stores more value heads than key heads in tiled order (qwen35); and writes the
+    # interleaved M-RoPE sections (qwen35 loaders require them)
+    TILED_V: ClassVar[bool] = True
+    MROPE: ClassVar[bool] = True
 
     @property
     def EMBED(self) -> str:  # the base's class constant, per instance here
@@ -521,7 +535,8 @@ class HybridArchitecture(Architecture):
         r = cfg.raw
         nk, nv = int(r["linear_num_key_heads"]), int(r["linear_num_value_heads"])
         dk, dv = int(r["linear_key_head_dim"]), int(r["linear_value_head_dim"])
-        order = (lambda width: head_major(nk, nv // nk, width)) if nv != nk else (lambda width: None)
+        tiled = self.TILED_V and nv != nk
+        order = (lambda width: head_major(nk, nv // nk, width)) if tiled else (lambda width: None)
         qk = np.arange(2 * nk * dk)
         v_rows = order(dv)
         qkv = None if v_rows is None else np.concatenate([qk, 2 * nk * dk + v_rows])
@@ -533,7 +548,7 @@ class HybridArchitecture(Architecture):
         if rel == "linear_attn.in_proj_z.weight":
             return GgufLayout(rows=v_rows) if v_rows is not None else None
         if rel in ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight", "linear_attn.dt_bias"):
-            return GgufLayout(rows=order(1)) if nv != nk else None
+            return GgufLayout(rows=order(1)) if tiled else None
         if rel == "linear_attn.A_log":
             return GgufLayout(rows=order(1), neg_exp=True)
         if rel == "linear_attn.out_proj.weight":
@@ -554,6 +569,8 @@ class HybridArchitecture(Architecture):
         rope = r.get("rope_parameters") or r.get("rope_scaling") or {}
         partial = float(rope.get("partial_rotary_factor", r.get("partial_rotary_factor", 0.25)))
         w.add_rope_dimension_count(int(cfg.head_dim * partial))
+        if not self.MROPE:
+            return
         # interleaved M-RoPE sections (time, height, width); llama.cpp's qwen35 loaders require the key
         sections = list(rope.get("mrope_section") or [11, 11, 10])
         w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
@@ -580,6 +597,66 @@ register(HybridMoeArchitecture("Qwen3_5MoeForConditionalGeneration", "qwen3_5_mo
                                qk_norm=True, hf_prefix="Qwen3_5Moe", norm_topk_prob=True,
                                text_prefix="model.language_model.", config_type="qwen3_5_moe_text",
                                rotary="Qwen3_5MoeTextRotaryEmbedding"))
+
+
+@dataclass(frozen=True)
+class Qwen3NextArchitecture(HybridMoeArchitecture):
+    """Qwen3-Next (``qwen3_next``: Qwen3-Next-80B-A3B): Qwen3.5-MoE's layers with the linear attention's input
+    projections fused as transformers and the releases store them. ``in_proj_qkvz`` holds, per key head, its q and
+    k rows and its value heads' v and z rows; ``in_proj_ba``, per key head, its value heads' b then a rows.
+    llama.cpp's converter writes the first as two tensors (``attn_qkv``: every q, every k, every v; ``attn_gate``:
+    z), which llama.cpp's mix rules give different types, so here they are two linears, ``in_proj_qkv`` and
+    ``in_proj_z``, read as rows of the stored tensor (:meth:`row_views`) and joined back into the fused output in
+    the calibration's module (:meth:`adapt_layer`); ``in_proj_ba`` stays one tensor (``ssm_ba``). Value heads
+    keep the grouped order (llama.cpp's qwen3next graph takes it); plain partial RoPE."""
+    TILED_V: ClassVar[bool] = False
+    MROPE: ClassVar[bool] = False
+    LINEAR_ATTENTION: ClassVar[tuple[str, ...]] = (
+        "linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight", "linear_attn.in_proj_ba.weight",
+        "linear_attn.conv1d.weight", "linear_attn.dt_bias", "linear_attn.A_log", "linear_attn.norm.weight",
+        "linear_attn.out_proj.weight")
+    LINEAR_LINEARS: ClassVar[dict[str, str]] = {
+        "linear_attn.in_proj_qkv": "linear_attn.in_proj_qkv", "linear_attn.in_proj_z": "linear_attn.in_proj_qkv",
+        "linear_attn.in_proj_ba": "linear_attn.in_proj_qkv", "linear_attn.out_proj": "linear_attn.out_proj"}
+
+    def _heads(self, raw: dict) -> tuple[int, int, int, int]:
+        """(key heads, key head dim, value heads per key head, value head dim)."""
+        nk, nv = int(raw["linear_num_key_heads"]), int(raw["linear_num_value_heads"])
+        return nk, int(raw["linear_key_head_dim"]), nv // nk, int(raw["linear_value_head_dim"])
+
+    def row_views(self, i: int, raw: dict) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        if self.kind(i) != "linear_attention":
+            return {}
+        nk, dk, r, dv = self._heads(raw)
+        fused, per = f"{self.layer_prefix(i)}linear_attn.in_proj_qkvz.weight", 2 * dk + 2 * r * dv
+        q = [(fused, g * per, g * per + dk) for g in range(nk)]
+        k = [(fused, g * per + dk, g * per + 2 * dk) for g in range(nk)]
+        v = [(fused, g * per + 2 * dk, g * per + 2 * dk + r * dv) for g in range(nk)]
+        z = [(fused, g * per + 2 * dk + r * dv, (g + 1) * per) for g in range(nk)]
+        return {"linear_attn.in_proj_qkv.weight": tuple(q + k + v), "linear_attn.in_proj_z.weight": tuple(z)}
+
+    def adapt_layer(self, layer, i: int):
+        """A linear-attention layer's ``in_proj_qkvz`` becomes ``in_proj_qkv`` + ``in_proj_z`` (real linears: the
+        calibration hooks and replaces them) and a parameterless module interleaving their outputs per key head
+        as the fused projection did, so transformers' forward runs unchanged."""
+        if self.kind(i) != "linear_attention":
+            return layer
+        import torch
+
+        from qcompile.model.fused import JoinedQKVZ
+        la = layer.linear_attn
+        fused = la.in_proj_qkvz
+        nk, dk, vd = la.num_k_heads, la.head_k_dim, la.value_dim
+        with torch.device(fused.weight.device):
+            la.in_proj_qkv = torch.nn.Linear(fused.in_features, 2 * nk * dk + vd, bias=False, dtype=fused.weight.dtype)
+            la.in_proj_z = torch.nn.Linear(fused.in_features, vd, bias=False, dtype=fused.weight.dtype)
+        la.in_proj_qkvz = JoinedQKVZ(la, nk, dk, vd // nk)
+        return layer
+
+
+register(Qwen3NextArchitecture("Qwen3NextForCausalLM", "qwen3_next", "qwen3next", qkv_bias=False, qk_norm=True,
+                               hf_prefix="Qwen3Next", norm_topk_prob=True, config_type="qwen3_next",
+                               rotary="Qwen3NextRotaryEmbedding"))
 
 
 def supported() -> str:

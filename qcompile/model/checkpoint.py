@@ -140,6 +140,7 @@ class Checkpoint:
         self._pickled: dict = {}  # name -> torch tensor (memory-mapped), only for --allow-pickle
         self.entries = self._index()
         self._stack_experts()
+        self._row_views()
         self._check_complete()
 
     def _index(self) -> dict[str, TensorEntry]:
@@ -208,6 +209,25 @@ class Checkpoint:
                 shape = (cfg.num_experts, rows // cfg.num_experts, first.cols)
                 self.entries[name] = TensorEntry(name, first.path, first.dtype, shape, -1,
                                                  rows * first.cols * _DTYPES[first.dtype][1], tuple(pieces))
+
+    def _row_views(self) -> None:
+        """Add the tensors the description reads as rows of a stored one (Qwen3-Next's ``in_proj_qkvz`` as its
+        qkv and z parts, :meth:`~qcompile.model.architectures.Architecture.row_views`)."""
+        cfg = self.config
+        for i in range(cfg.num_layers):
+            covered: dict[str, int] = {}
+            for rel, pieces in cfg.arch.row_views(i, cfg.raw).items():
+                name, (src, *_), rows = cfg.arch.layer_prefix(i) + rel, pieces[0], sum(b - a for _, a, b in pieces)
+                if src not in self.entries:
+                    raise QCompileError(f"{self.dir}: tensor {src!r} is missing from the checkpoint")
+                e = self.entries[src]
+                covered[src] = covered.get(src, 0) + rows
+                self.entries[name] = TensorEntry(name, e.path, e.dtype, (rows, e.cols), -1,
+                                                 rows * e.cols * _DTYPES[e.dtype][1], tuple(pieces))
+            for src, rows in covered.items():   # the views must tile the stored tensor exactly
+                if len(self.entries[src].shape) != 2 or rows != self.entries[src].rows:
+                    raise QCompileError(f"{self.dir}: {src} has shape {list(self.entries[src].shape)}; the config's "
+                                        f"linear-attention heads make {rows} rows")
 
     def _check_complete(self) -> None:
         cfg = self.config

@@ -127,10 +127,11 @@ class StreamedDecoder:
         # load_state_dict (strict), so the random initialisation that construction would run is skipped
         # (kaiming init of a 1.5B layer's 47 M weights: ~0.4 s, on every build — the sensitivity analysis
         # builds each layer twice). Copied in, not assigned: the checkpoint's arrays may be read-only maps.
+        adapt = self.cfg.arch.adapt_layer   # the description's tensors as the module's parameters
         with self.torch.device("meta"):
-            layer = self.layer_cls(self.hf_cfg, i)
+            layer = adapt(self.layer_cls(self.hf_cfg, i), i)
         if any(True for _ in layer.buffers()):  # a buffer load_state_dict may not fill: initialise for real
-            layer = self.layer_cls(self.hf_cfg, i)
+            layer = adapt(self.layer_cls(self.hf_cfg, i), i)
         else:
             layer = layer.to_empty(device="cpu")
         prefix = self.cfg.arch.layer_prefix(i)
