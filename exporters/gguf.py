@@ -366,12 +366,22 @@ class GGUFTarget(Target):
             raise
         return out
 
+    def companion_paths(self, job) -> list[Path]:
+        """A multimodal checkpoint's ``mmproj-{name}-{TYPE}.gguf`` (unless ``--mmproj none``)."""
+        if self.tower is None:
+            return []
+        return [job.opts.out / f"mmproj-{job.res.name}-{self._mmproj_kind(job).upper()}.gguf"]
+
+    @staticmethod
+    def _mmproj_kind(job) -> str:
+        return "f16" if job.opts.mmproj == "auto" else job.opts.mmproj
+
     def _write_mmproj(self, job, out: Output) -> None:
         """The vision tower as ``mmproj-{name}-{TYPE}.gguf`` beside the text GGUF, under a temporary name until
         the text file is published with it."""
         from exporters.mmproj import write_mmproj
-        kind = "f16" if job.opts.mmproj == "auto" else job.opts.mmproj
-        final = job.opts.out / f"mmproj-{job.res.name}-{kind.upper()}.gguf"
+        kind = self._mmproj_kind(job)
+        final, = self.companion_paths(job)
         pending = job.opts.out / f".{final.name}.{os.getpid()}.tmp"
         out.companions.append((pending, final))
         out.files.append(final)

@@ -89,6 +89,10 @@ class Target:
         """Whether some type refuses to round without calibration statistics (llama.cpp's IQ3_XXS)."""
         return False
 
+    def companion_paths(self, job) -> list[Path]:
+        """Files this target writes beside the artifact and publishes with it (known after :meth:`prepare`)."""
+        return []
+
     def size(self, job) -> int:
         """A sized target's exact artifact bytes for its current types (the allocation checks itself against it)."""
         raise NotImplementedError

@@ -186,7 +186,7 @@ def build(opts: Options, announce: bool = True) -> CompilePlan:
     if package_targets:  # before quantizing: a template or an existing output it cannot handle fails now
         job.package = packaging.plan(package_targets, out=opts.out, artifact=job.artifact, model_dir=job.res.path,
                                      name=job.res.name, repo=job.res.repo, scheme=job.scheme_name, force=opts.force,
-                                     quiet=opts.quiet)
+                                     quiet=opts.quiet, projector=next(iter(target.companion_paths(job)), None))
     job.timings["resolve"] = time.perf_counter() - t0
     return job
 

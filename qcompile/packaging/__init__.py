@@ -7,6 +7,10 @@ checkpoint's tokenizer_config / chat template / generation_config / config, and 
 * ``lmstudio/<publisher>/<Model>-GGUF/<Model>-<TYPE>.gguf`` (a hard link, else a copy) and ``README.md``;
 * ``manifest.json``: every file of the run with its size and sha256, written last.
 
+A multimodal checkpoint's vision tower (``mmproj-*.gguf``, written beside the text GGUF) goes into both: a second
+``FROM`` line in the Modelfile (Ollama stores a GGUF of architecture ``clip`` as the model's projector layer), and
+a link beside the LM Studio copy (LM Studio pairs an ``mmproj*.gguf`` with the model in its folder).
+
 Everything that can be decided before quantizing is (``plan``), so a bad chat template or an existing
 output fails in seconds, not after an hour. After export, ``finish`` writes the files under temporary names
 and renames them into place together (``publish``), then report.json and manifest.json; on failure it
@@ -58,6 +62,12 @@ class Plan:
     lm_gguf: Path | None = None
     license_id: str | None = None
     quiet: bool = False
+    projector: Path | None = None    # the mmproj GGUF written beside the artifact (multimodal checkpoints)
+
+    @property
+    def lm_projector(self) -> Path | None:
+        """The projector's place in the LM Studio folder (its own file name: LM Studio matches ``mmproj``)."""
+        return self.lm_folder / self.projector.name if self.lm_folder is not None and self.projector else None
 
     @property
     def outputs(self) -> list[Path]:
@@ -66,15 +76,17 @@ class Plan:
             paths.append(self.out / T.MODELFILE)
         if self.lm_gguf is not None:
             paths += [self.lm_gguf, self.lm_folder / "README.md"]
+        if self.lm_projector is not None:
+            paths.append(self.lm_projector)
         return paths
 
 
 def plan(targets: tuple[str, ...], *, out: Path, artifact: Path, model_dir: Path, name: str, repo: str | None,
-         scheme: str, force: bool, quiet: bool = False) -> Plan:
+         scheme: str, force: bool, quiet: bool = False, projector: Path | None = None) -> Plan:
     """Read the source checkpoint's metadata, build the Modelfile and check its template; refuse existing
-    package outputs unless ``force``."""
+    package outputs unless ``force``. ``projector``: the mmproj file the export writes beside ``artifact``."""
     p = Plan(targets, out, artifact, model_dir, repo, repo.split("/")[-1] if repo else name, scheme,
-             license_id=lmstudio.license_of(model_dir), quiet=quiet)
+             license_id=lmstudio.license_of(model_dir), quiet=quiet, projector=projector)
     if "ollama" in targets:
         _plan_ollama(p)
     if "lmstudio" in targets:
@@ -98,7 +110,8 @@ def _plan_ollama(p: Plan) -> None:
         modelfile=T.MODELFILE)
     p.modelfile = ollama.Modelfile(p.artifact.name, template, system,
                                    ollama.stop_tokens(p.model_dir, chatml=spec is not None),
-                                   ollama.sampling_parameters(p.model_dir), header)
+                                   ollama.sampling_parameters(p.model_dir), header,
+                                   projector=p.projector.name if p.projector else None)
     p.modelfile.text()  # a value Ollama's parser cannot read back fails now, not after quantizing
     if spec is None:
         p.template_info = {"source": None, "note": "the checkpoint has no chat template; Ollama sends prompts raw"}
@@ -135,6 +148,10 @@ def publish(p: Plan, rep: Report) -> dict:
             tmp, how = _stage_gguf(p.artifact, p.lm_gguf)
             staged.append((tmp, p.lm_gguf))
             section["lmstudio"] = {"folder": p.lm_folder.relative_to(p.out).as_posix(), "gguf": how}
+            if p.lm_projector is not None:
+                tmp, _ = _stage_gguf(p.projector, p.lm_projector)
+                staged.append((tmp, p.lm_projector))
+                section["lmstudio"]["projector"] = p.lm_projector.name
             card = lmstudio.model_card(rep, model_name=p.model_name, repo=p.repo, license_id=p.license_id,
                                        file_name=p.lm_gguf.name)
             staged.append(_stage_text(p.lm_folder / "README.md", card))
@@ -166,6 +183,7 @@ def publish(p: Plan, rep: Report) -> dict:
             print(f"ollama create {p.ollama_name} -f {p.out / T.MODELFILE}", file=sys.stderr)
         section["ollama"] = {"modelfile": T.MODELFILE, "name": p.ollama_name, "template": p.template_info,
                              "system": p.modelfile.system, "stop": p.modelfile.stops,
+                             "projector": p.modelfile.projector,
                              "parameters": p.modelfile.parameters,
                              "create": ollama.create(p.ollama_name, p.out / T.MODELFILE)}
     return section
@@ -231,6 +249,9 @@ def write_manifest(p: Plan, rep: Report, report_path: Path) -> Path:
              {"path": report_path.relative_to(p.out).as_posix(), "bytes": report_path.stat().st_size,
               "sha256": report.sha256_file(report_path)},
              *rep.package["files"]]
+    if p.projector is not None:
+        files.append({"path": p.projector.relative_to(p.out).as_posix(), "bytes": p.projector.stat().st_size,
+                      "sha256": report.sha256_file(p.projector)})
     doc = {"schema_version": 1, "tool": f"qcompile {__version__}", "files": sorted(files, key=lambda f: f["path"])}
     path = p.out / T.MANIFEST
     report.atomic_write_text(path, json.dumps(doc, indent=2) + "\n")

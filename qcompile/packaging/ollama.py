@@ -200,9 +200,12 @@ class Modelfile:
     stops: list[str]
     parameters: dict[str, int | float]
     header: str = ""
+    projector: str | None = None   # an mmproj GGUF beside the model: a second FROM, Ollama's projector layer
 
     def text(self) -> str:
         lines = [self.header.rstrip("\n"), "", f"FROM ./{self.gguf}"]
+        if self.projector is not None:
+            lines.append(f"FROM ./{self.projector}")
         if self.template is not None:
             lines.append(f"TEMPLATE {quote_value(self.template, 'the chat template')}")
         if self.system is not None:
