@@ -205,7 +205,8 @@ def tensor_plan(cfg: ModelConfig, ckpt: Checkpoint, sch: Scheme) -> list[Planned
         layout = cfg.arch.gguf_layout(hf, cfg)
         shape = layout.shape if layout is not None and layout.shape is not None else ckpt.entry(source).shape
         layer = int(gname.split(".")[1]) if gname.startswith("blk.") else None
-        t = sch.tensor_type(gname, shape, layer=layer, n_layers=cfg.num_layers, n_gqa=n_gqa, tied=tied,
+        # llama-quantize counts the nextn (multi-token-prediction) layers among the layers of its schedules
+        t = sch.tensor_type(gname, shape, layer=layer, n_layers=cfg.num_layers + cfg.mtp_layers, n_gqa=n_gqa, tied=tied,
                             n_expert=cfg.num_experts)
         plan.append(PlannedTensor(source, gname, shape, t))
     # llama.cpp expects token_embd, output_norm, output first, then the blocks
@@ -219,7 +220,9 @@ def quantized_chunks(ckpt: Checkpoint, p: PlannedTensor, engine, threads: int | 
     norms and biases that AWQ folded scales into) when a calibrated method runs, else streamed from the
     checkpoint through RTN, row-chunk by row-chunk. ``errors`` gets the tensor's reconstruction error
     (measured on each chunk while its float rows are in memory, or taken from the engine)."""
-    layer = engine.layer(int(p.name.split(".")[1])) if engine is not None and p.name.startswith("blk.") else {}
+    index = int(p.name.split(".")[1]) if p.name.startswith("blk.") else None
+    # the engine makes the decoder's layers; a nextn layer after them is RTN
+    layer = engine.layer(index) if engine is not None and index is not None and index < ckpt.config.num_layers else {}
     layout = ckpt.config.arch.gguf_layout(p.source, ckpt.config)
     if p.source in layer:
         qt = layer[p.source]

@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf, multimodal checkpoint (Qwen3.5): also write its vision tower as "
                         "OUT/mmproj-{name}-{TYPE}.gguf for llama.cpp's multimodal tools (llama-mtmd-cli, llama-server "
                         "--mmproj). auto: f16 when the checkpoint has a vision tower; none: the text model only")
+    p.add_argument("--no-mtp", action="store_true",
+                   help="gguf, Qwen3.5 / Qwen3-Next: leave out the checkpoint's multi-token-prediction layers (mtp.*). "
+                        "By default they are carried, as llama.cpp's converter does, as nextn layers after the "
+                        "decoder's (RTN with the mix's types), which llama.cpp can use for speculative decoding")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
     p.add_argument("--dry-run", action="store_true",
                    help="print each stage's predicted peak memory and time (from the plan and a second of probes "
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                    force=args.force, verify=args.verify, eval_text=args.eval_text, eval_ctx=args.eval_ctx,
                    eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, allow_pickle=args.allow_pickle,
                    keep_embeddings_fp=args.keep_embeddings_fp, float_activations=args.float_activations,
-                   package=args.package, mmproj=args.mmproj, max_size=args.max_size, target_bpw=args.target_bpw, threads=args.threads,
+                   package=args.package, mmproj=args.mmproj, no_mtp=args.no_mtp, max_size=args.max_size, target_bpw=args.target_bpw, threads=args.threads,
                    dry_run=args.dry_run, memory_check=args.memory_check, quiet=args.quiet, baseline=args.baseline,
                    max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, max_top1_drop=args.max_top1_drop,
                    argv=["qcompile", *argv])

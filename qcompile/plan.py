@@ -60,6 +60,7 @@ class Options:
     float_activations: bool = False
     package: str | None = None        # ollama | lmstudio | all (GGUF only)
     mmproj: str = "auto"              # a multimodal checkpoint's vision tower beside the GGUF: auto (f16) | f16 | q8_0 | none
+    no_mtp: bool = False              # drop a hybrid checkpoint's multi-token-prediction layers (default: carried)
     max_size: str | None = None       # GGUF size budget ("491400096", "468.6MiB", "0.49GB")
     target_bpw: float | None = None   # or as bits per weight over all parameters
     threads: int | None = None
@@ -154,7 +155,7 @@ def build(opts: Options, announce: bool = True) -> CompilePlan:
     package_targets = packaging.parse_targets(opts.package)
     job = CompilePlan(opts, target, quality_gate=QualityGate.from_options(opts), t0=t0)
     job.res = resolve(opts.model, family=opts.family, offline=opts.offline)
-    job.cfg = read_config(job.res.path)
+    job.cfg = read_config(job.res.path, mtp=not opts.no_mtp)
     target.prepare(job)
     needs_statistics = target.needs_statistics(job)
     job.method = choose_method(opts, target.low_bit(job), needs_statistics)

@@ -472,3 +472,89 @@ def test_package_carries_the_mmproj(tmp_path):
     assert manifest[lm.relative_to(out).as_posix()] == manifest[mm.name]
     rep = json.loads((out / "report.json").read_text())["package"]
     assert rep["ollama"]["projector"] == mm.name and rep["lmstudio"]["projector"] == mm.name
+
+
+def _with_mtp(d: Path, seed: int = 5) -> Path:
+    """Give checkpoint ``d`` a multi-token-prediction block as the releases store one (transformers neither builds
+    nor saves it): ``mtp.layers.0.*``, a full-attention decoder layer (the last one's tensors, perturbed),
+    ``mtp.fc`` [hidden, 2 x hidden] and the three norms. Returns ``d``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    state = load_file(d / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    cfg = json.loads((d / "config.json").read_text())
+    last = max(i for i, k in enumerate(cfg["layer_types"]) if k == "full_attention")
+    pre = f"model.layers.{last}."
+    for name in [n for n in state if n.startswith(pre)]:
+        t = state[name].float()
+        state["mtp.layers.0." + name[len(pre):]] = (t + 0.05 * t.std() * torch.randn(t.shape, generator=g)).to(t.dtype)
+    h = cfg["hidden_size"]
+    state["mtp.fc.weight"] = (torch.randn(h, 2 * h, generator=g) * (0.6 / (2 * h) ** 0.5)).bfloat16()
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        state[f"mtp.{norm}.weight"] = (0.1 * torch.randn(h, generator=g)).bfloat16()
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+@pytestmark_llama
+@pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
+@pytest.mark.parametrize("variant", ["qwen3.5-tiled", "qwen3.5-moe", "qwen3-next"])
+def test_mtp_layers_carried_as_llama_cpp_converter_does(variant, tmp_path):
+    """A checkpoint with multi-token-prediction layers: by default they go into the GGUF as llama.cpp's converter
+    writes them (without --no-mtp): a nextn block after the decoder's (block_count + 1, nextn_predict_layers,
+    recurrent_layers False for it, eh_proj / enorm / hnorm / shared_head_norm), the same metadata, tensors, shapes
+    and types; llama.cpp loads the file and its logits are the --no-mtp file's (the trunk is unchanged). Our
+    Q4_K_M has llama-quantize's types on our F16 (the nextn layer counts in its layer schedules); --no-mtp
+    leaves the block out."""
+    arch, overrides, seed = tiny.HYBRID_VARIANTS[variant]
+    d = real_tokenizer_dir(tmp_path / "m")
+    small = dict(vocab_size=151936, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                 intermediate_size=128, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+                 moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    tiny.build_model(d, arch=arch, seed=seed, **{**overrides, **{k: v for k, v in small.items()
+                                                                 if k in overrides or not ("expert" in k or "moe" in k)}})
+    _with_mtp(d)
+    ours, theirs, e_ours, e_theirs = f16_pair(d, tmp_path)
+    assert _meta(ours) == _meta(theirs)
+    shape = lambda p: {t.name: ([int(v) for v in t.shape], t.tensor_type.name) for t in GGUFReader(p).tensors}
+    assert shape(ours) == shape(theirs)
+    meta = _meta(ours)
+    n = len(json.loads((d / "config.json").read_text())["layer_types"])
+    assert meta[f"{_arch(ours)}.block_count"] == n + 1 and meta[f"{_arch(ours)}.nextn_predict_layers"] == 1
+    assert f"blk.{n}.nextn.eh_proj.weight" in shape(ours)
+    print(f"{variant} (MTP carried) F16 rel error vs transformers: ours {e_ours:.3e}, converter {e_theirs:.3e}")
+    trunk = _compile(d, tmp_path / "no-mtp", "F16", "--no-mtp")
+    assert not any(k.startswith(f"blk.{n}.") for k in _types(trunk))
+    tokens = _tokens()
+    assert np.array_equal(llama_worker.logits(ours, tokens), llama_worker.logits(trunk, tokens))
+    q4 = _compile(d, tmp_path / "q4", "Q4_K_M")
+    theirs_q4 = tmp_path / "theirs-q4.gguf"
+    llama_worker.quantize(ours, theirs_q4, F.MOSTLY_Q4_K_M)
+    assert _types(q4) == _types(theirs_q4)
+
+
+def _arch(path: Path) -> str:
+    return GGUFReader(path).fields["general.architecture"].contents()
+
+
+def test_calibrated_and_budgeted_runs_carry_the_mtp_layers(hybrids, tmp_path):
+    """GPTQ and --max-size on a hybrid MoE with a multi-token-prediction block: the decoder's layers are calibrated
+    (the forward never runs the nextn layer: it is RTN with the mix's types, bytes equal to the RTN run's), the
+    budget is met with the nextn tensors at their mix types (they are not budget candidates)."""
+    d = _with_mtp(Path(shutil.copytree(hybrids["qwen3.5-moe"], tmp_path / "m")))
+    calib = _calib(tmp_path)
+    common = ["--calib", calib, "--calib-samples", "4", "--calib-seqlen", "64", "-q", "--no-verify"]
+    rtn = _compile(d, tmp_path / "rtn", "Q4_K_M")
+    assert run_cli(d, "--quant", "Q4_K_M", "--method", "gptq", *common, "--out", tmp_path / "gptq") == 0
+    gptq = next((tmp_path / "gptq").glob("*.gguf"))
+    a, b = ({t.name: t for t in GGUFReader(p).tensors} for p in (rtn, gptq))
+    nextn = [n for n in a if n.startswith("blk.4.")]
+    assert "blk.4.nextn.eh_proj.weight" in nextn and "blk.4.ffn_down_exps.weight" in nextn
+    assert all(np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)) for n in nextn)
+    assert not np.array_equal(np.asarray(a["blk.0.attn_qkv.weight"].data), np.asarray(b["blk.0.attn_qkv.weight"].data))
+    assert run_cli(d, "--max-size", str(rtn.stat().st_size), "--method", "rtn", *common, "--out", tmp_path / "b") == 0
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rep["artifact"]["bytes"] <= rtn.stat().st_size
+    assert not any(n.startswith("blk.4.") for n in rep["allocation"]["tensors"])
+    assert {n: t for n, t in _types(next((tmp_path / "b").glob("*.gguf"))).items() if n.startswith("blk.4.")} == \
+        {n: t for n, t in _types(rtn).items() if n.startswith("blk.4.")}

@@ -171,6 +171,15 @@ class Architecture:
         """A layer's tensors (relative names) -> its transformers module's state dict: the same for dense."""
         return state
 
+    @property
+    def mtp_count(self) -> int:
+        """Multi-token-prediction layers carried into the GGUF as llama.cpp's nextn layers (none: dense Qwen)."""
+        return 0
+
+    def mtp_tensor_names(self) -> list[str]:
+        """HF names of the carried multi-token-prediction tensors, in export order (none)."""
+        return []
+
     def row_views(self, i: int, raw: dict) -> dict[str, tuple[tuple[str, int, int], ...]]:
         """Layer ``i``'s tensors (relative names) that the checkpoint stores as rows of another, each as the
         (stored HF name, first row, end row) pieces it is made of, in order. Dense: none."""
@@ -189,6 +198,10 @@ class Architecture:
         """The name gguf-py's ``TensorNameMap`` knows ``name`` by (llama.cpp's converter renames a few first)."""
         return name
 
+    def gguf_name(self, name: str) -> str | None:
+        """The GGUF name of a tensor gguf-py's map for the family does not list (None: ask the map)."""
+        return None
+
     def gguf_layout(self, name: str, cfg) -> GgufLayout | None:
         """How tensor ``name`` is laid out in llama.cpp's file when that differs from the checkpoint (None: as
         stored). Dense Qwen: always as stored."""
@@ -199,7 +212,7 @@ class Architecture:
         """The family's llama.cpp hyper-parameters (``cfg``: :class:`qcompile.model.ModelConfig`)."""
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_layers)
+        w.add_block_count(cfg.num_layers + cfg.mtp_layers)
         if cfg.intermediate_size:   # an MoE config may have no dense width (qwen3_5_moe); the converter then writes none
             w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count(cfg.num_heads)
@@ -226,11 +239,12 @@ def _gguf_names(arch: Architecture, n_layers: int) -> tuple[tuple[str, str], ...
     """gguf-py's TensorNameMap applied to every tensor name ``arch`` has (cached: a 64-layer map is built once
     per run). A name it cannot map is a bug in the description, not in the user's checkpoint."""
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
-    tmap = gguf.get_tensor_name_map(arch_id, n_layers)
+    tmap = gguf.get_tensor_name_map(arch_id, n_layers + arch.mtp_count)
     hf = [arch.EMBED, arch.FINAL_NORM, arch.HEAD] + [n for i in range(n_layers) for n in arch.layer_tensor_names(i)]
+    hf += arch.mtp_tensor_names()
     out = []
     for name in hf:
-        mapped = tmap.get_name(arch.gguf_key(name), try_suffixes=(".weight", ".bias"))
+        mapped = arch.gguf_name(name) or tmap.get_name(arch.gguf_key(name), try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise RuntimeError(f"gguf-py has no {arch.gguf_arch} name for {name}")
         out.append((name, mapped))
@@ -436,12 +450,15 @@ class HybridArchitecture(Architecture):
     the normed input, a depthwise causal ``conv1d`` over q/k/v, ``dt_bias`` / ``A_log`` per value head, a gated
     RMSNorm, ``out_proj``. Every norm except that gated one is zero-centred (``x * (1 + w)``), stored by
     llama.cpp as ``1 + w``. The multimodal checkpoints (``*ForConditionalGeneration``) keep the text model under
-    ``model.language_model.`` with its hyper-parameters in ``text_config``; the vision tower (``model.visual.``)
-    and the multi-token-prediction layers (``mtp.``) are not read (``--no-mtp`` is what this writes)."""
+    ``model.language_model.`` with its hyper-parameters in ``text_config``; the vision tower (``model.visual.``) is
+    :mod:`qcompile.model.vision`'s. The multi-token-prediction layers (``mtp.layers.{j}``, full-attention blocks,
+    and ``mtp.fc`` / its norms) are layers ``n, n + 1, ...`` after the decoder's ``n`` (:meth:`layer_prefix`,
+    :meth:`split`), as llama.cpp's converter numbers its nextn layers; only the export reads them."""
     layer_kinds: tuple[str, ...] = ()     # "linear_attention" | "full_attention" per layer (bound by read_config)
     text_prefix: str = "model."           # "model.language_model." in a multimodal checkpoint
     config_type: str = ""                 # transformers' model_type of the text config (qwen3_5_text)
     rotary: str = ""                      # transformers' rotary class (Qwen3_5TextRotaryEmbedding)
+    mtp_layers: int = 0                   # multi-token-prediction layers carried (``mtp.layers.{j}``; 0: dropped)
 
     FULL_ATTENTION: ClassVar[tuple[str, ...]] = (
         "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
@@ -489,7 +506,53 @@ class HybridArchitecture(Architecture):
         return True
 
     def kind(self, i: int) -> str:
-        return self.layer_kinds[i]
+        """A layer's kind; the multi-token-prediction blocks after the decoder are full-attention blocks."""
+        return self.layer_kinds[i] if i < len(self.layer_kinds) else "full_attention"
+
+    # ---- multi-token prediction: llama.cpp's nextn layers, after the decoder's --------------------------------
+    # mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm} -> the first nextn layer's eh_proj, enorm, hnorm,
+    # shared_head_norm. gguf-py 0.19's tables do not list these for qwen35 / qwen35moe / qwen3next yet (the
+    # llama.cpp it would match does), so the names come from its TENSOR_NAMES directly
+    MTP_EXTRAS: ClassVar[dict[str, gguf.MODEL_TENSOR]] = {
+        "fc": gguf.MODEL_TENSOR.NEXTN_EH_PROJ, "pre_fc_norm_embedding": gguf.MODEL_TENSOR.NEXTN_ENORM,
+        "pre_fc_norm_hidden": gguf.MODEL_TENSOR.NEXTN_HNORM, "norm": gguf.MODEL_TENSOR.NEXTN_SHARED_HEAD_NORM}
+
+    @property
+    def mtp_count(self) -> int:
+        return self.mtp_layers
+
+    def with_mtp(self, n: int) -> HybridArchitecture:
+        """This description carrying ``n`` multi-token-prediction layers (0: dropped, ``--no-mtp``)."""
+        return replace(self, mtp_layers=n)
+
+    def gguf_name(self, name: str) -> str | None:
+        part = name.split(".")[1] if name.startswith("mtp.") and name.count(".") == 2 else None
+        if part not in self.MTP_EXTRAS:
+            return None
+        return gguf.TENSOR_NAMES[self.MTP_EXTRAS[part]].format(bid=len(self.layer_kinds)) + ".weight"
+
+    def layer_prefix(self, i: int) -> str:
+        n = len(self.layer_kinds)
+        return self.LAYER.format(i=i) if i < n or not n else f"mtp.layers.{i - n}."
+
+    def split(self, name: str) -> tuple[int, str] | None:
+        if name.startswith("mtp.layers."):
+            index, _, rel = name[len("mtp.layers."):].partition(".")
+            return (len(self.layer_kinds) + int(index), rel) if index.isdigit() and rel else None
+        return super().split(name)
+
+    def is_linear(self, name: str) -> bool:
+        """A decoder linear (calibrated, budgeted); a multi-token-prediction layer's are not: the decoder's
+        forward never runs them, so they get RTN with the scheme's types."""
+        return not name.startswith("mtp.") and super().is_linear(name)
+
+    def is_expert(self, name: str) -> bool:
+        return not name.startswith("mtp.") and super().is_expert(name)
+
+    def mtp_tensor_names(self) -> list[str]:
+        n = len(self.layer_kinds)
+        names = [nm for i in range(n, n + self.mtp_layers) for nm in self.layer_tensor_names(i)]
+        return names + [f"mtp.{k}.weight" for k in self.MTP_EXTRAS] if self.mtp_layers else names
 
     def _ffn(self) -> tuple[str, ...]:
         return tuple(t for t in super().layer_tensors(0) if t.startswith("mlp."))
@@ -516,7 +579,11 @@ class HybridArchitecture(Architecture):
         return self.rotary
 
     def gguf_key(self, name: str) -> str:
-        """The converter reads the text model as ``model.``, and names dt_bias dt_proj.bias."""
+        """The converter reads the text model as ``model.``, names dt_bias dt_proj.bias, and renames the
+        multi-token-prediction tensors into the layers after the decoder's (nextn)."""
+        if name.startswith("mtp.layers."):
+            i, rel = self.split(name)
+            return f"model.layers.{i}.{rel}"
         if name.startswith(self.text_prefix):
             name = "model." + name[len(self.text_prefix):]
         return name.removesuffix(".dt_bias") + ".dt_proj.bias" if name.endswith(".dt_bias") else name
@@ -564,7 +631,10 @@ class HybridArchitecture(Architecture):
         w.add_ssm_time_step_rank(int(r["linear_num_value_heads"]))
         w.add_ssm_inner_size(int(r["linear_value_head_dim"]) * int(r["linear_num_value_heads"]))
         # gguf-py 0.19 has no add_recurrent_layers; the key is llama.cpp's (Keys.Attention.RECURRENT_LAYERS)
-        w.add_array(f"{self.gguf_arch}.attention.recurrent_layers", [k == "linear_attention" for k in self.layer_kinds])
+        w.add_array(f"{self.gguf_arch}.attention.recurrent_layers",
+                    [k == "linear_attention" for k in self.layer_kinds] + [False] * self.mtp_layers)
+        if self.mtp_layers:
+            w.add_nextn_predict_layers(self.mtp_layers)
         w.add_full_attention_interval(int(r.get("full_attention_interval", 4)))
         rope = r.get("rope_parameters") or r.get("rope_scaling") or {}
         partial = float(rope.get("partial_rotary_factor", r.get("partial_rotary_factor", 0.25)))

@@ -130,6 +130,17 @@ def torch_int_view(t):
     return {2: torch.int16, 4: torch.int32}[t.element_size()]
 
 
+def stored_names(model_dir: Path) -> list[str]:
+    """The tensor names a safetensors checkpoint stores (its index, else its shards' headers; no tensor read)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return list(json.loads(index.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return []   # Checkpoint reports an unreadable index in its own words
+    return [n for s in sorted(model_dir.glob("*.safetensors")) for n in _read_header(s)]
+
+
 class Checkpoint:
     """The weights of one checkpoint directory, opened lazily and read row-chunk by row-chunk."""
 
@@ -139,6 +150,8 @@ class Checkpoint:
         self.allow_pickle = allow_pickle
         self._pickled: dict = {}  # name -> torch tensor (memory-mapped), only for --allow-pickle
         self.entries = self._index()
+        for name in [n for n in self.entries if n.startswith("model.mtp.")]:   # a multimodal release's MTP layers
+            self.entries.setdefault(name.removeprefix("model."), self.entries[name])
         self._stack_experts()
         self._row_views()
         self._check_complete()
@@ -193,7 +206,7 @@ class Checkpoint:
         if not cfg.arch.moe:
             return
         shapes = {n: e.shape for n, e in self.entries.items()}
-        for i in range(cfg.num_layers):
+        for i in range(cfg.num_layers + cfg.mtp_layers):   # the multi-token-prediction layers have experts too
             for rel in cfg.arch.EXPERTS:
                 name = cfg.arch.layer_prefix(i) + rel
                 try:

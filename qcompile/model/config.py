@@ -39,6 +39,11 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
 
     @property
+    def mtp_layers(self) -> int:
+        """Multi-token-prediction layers carried into the GGUF after the decoder's (llama.cpp's nextn layers)."""
+        return self.arch.mtp_count
+
+    @property
     def name_map(self) -> dict[str, str]:
         """HF tensor name -> GGUF tensor name for every tensor this model may contain."""
         return self.arch.gguf_names(self.num_layers)
@@ -78,14 +83,19 @@ class ModelConfig:
         names = [self.arch.EMBED]
         for i in range(self.num_layers):
             names += self.layer_tensor_names(i)
+        names += self.arch.mtp_tensor_names()
         names.append(self.arch.FINAL_NORM)
         if not self.tie_word_embeddings:
             names.append(self.arch.HEAD)
         return names
 
 
-def read_config(model_dir: Path) -> ModelConfig:
-    """Parse and validate ``config.json``; raise a one-line :class:`QCompileError` on anything unsupported."""
+def read_config(model_dir: Path, mtp: bool = True) -> ModelConfig:
+    """Parse and validate ``config.json``; raise a one-line :class:`QCompileError` on anything unsupported.
+
+    ``mtp``: carry a hybrid checkpoint's multi-token-prediction layers (as many as it stores, ``mtp.layers.{j}``;
+    a checkpoint saved by transformers has none) into the GGUF, as llama.cpp's converter does; False drops them
+    (``--no-mtp``)."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise QCompileError(f"{model_dir}: no config.json (not a Hugging Face checkpoint directory)")
@@ -101,6 +111,9 @@ def read_config(model_dir: Path) -> ModelConfig:
                                                                   raw["text_config"].get("tie_word_embeddings", False))}
     try:
         arch = arch.bind(raw)
+        if arch.hybrid and mtp:
+            from qcompile.model.checkpoint import stored_names
+            arch = arch.with_mtp(_mtp_layers(stored_names(model_dir)))
         moe = _moe_fields(raw, arch, path) if arch.moe else {}
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -128,6 +141,13 @@ def read_config(model_dir: Path) -> ModelConfig:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise QCompileError(f"{path}: missing or invalid hyper-parameter {e}") from None
+
+
+def _mtp_layers(names: list[str]) -> int:
+    """How many multi-token-prediction layers a checkpoint stores (``mtp.layers.{j}.``, or under ``model.``)."""
+    found = {int(p[2]) for n in names if (p := n.removeprefix("model.").split(".", 3))[0] == "mtp"
+             and len(p) > 2 and p[1] == "layers" and p[2].isdigit()}
+    return max(found) + 1 if found else 0
 
 
 def _moe_fields(raw: dict[str, Any], arch, path: Path) -> dict[str, int]:
