@@ -483,6 +483,11 @@ class Runner:
 @register
 class ONNXTarget(FolderTarget):
     """onnxruntime: optimum's ORTModelForCausalLM folder, int4/int8 MatMulNBits weights."""
+    # measured with torch 2.13 / onnx 1.23 (tests/test_hybrid.py::test_graph_exporters_cannot_trace_gated_deltanet):
+    # transformers' torch Gated DeltaNet solves a unit-triangular system per chunk (torch.linalg.solve_triangular),
+    # which torch's ONNX exporter has no mapping for
+    hybrid_limitation = ("torch.onnx cannot export transformers' Gated DeltaNet: \"Exporting the operator "
+                         "'aten::linalg_solve_triangular' to ONNX opset version 20 is not supported\"")
     name = "onnx"
     runtime = "onnxruntime"
     looks_like = "a folder with model.onnx"

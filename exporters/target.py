@@ -56,6 +56,8 @@ class Target:
     packaged: ClassVar[bool] = False   # can be packaged for Ollama / LM Studio (--package)
     experts: ClassVar[bool] = False    # writes a mixture-of-experts model's routed experts
     hybrid: ClassVar[bool] = False     # writes linear-attention (Gated DeltaNet) layers and their state
+    # why not, in words, when it does not (what the graph exporter or runtime here lacks)
+    hybrid_limitation: ClassVar[str] = "its exporter does not carry the linear-attention state"
 
     # ---- options and types ------------------------------------------------------------------------------
     def check(self, opts) -> None:

@@ -232,11 +232,11 @@ def moe_method(opts: Options, cfg: ModelConfig, target: Target, method: quantize
 
 
 def hybrid_check(cfg: ModelConfig, target: Target) -> None:
-    """What a linear-attention hybrid (Qwen3.5) can be compiled with, refused here in one line: GGUF only (the
-    graph exporters do not carry the recurrent and conv state yet)."""
+    """What a linear-attention hybrid (Qwen3.5, Qwen3-Next) can be compiled with, refused here in one line naming
+    the limitation (``Target.hybrid_limitation``): GGUF only."""
     if not target.hybrid:
         raise UsageError(f"--to {target.name}: {cfg.arch.hf_name} (linear-attention hybrid) models cannot be "
-                         f"written to {target.name} yet; use --to gguf")
+                         f"written to {target.name}: {target.hybrid_limitation}; use --to gguf")
 
 
 def calibration_shape(opts: Options, device: str) -> tuple[str, int, int]:

@@ -233,12 +233,39 @@ def test_qwen35_pre_tokenizer_is_detected(hybrids, tmp_path):
 
 
 def test_unsupported_targets_fail_in_one_line(hybrids, tmp_path, capsys):
-    """ONNX / OpenVINO do not carry the recurrent state yet: refused before any work, in one line."""
-    for to in ("onnx", "openvino"):
-        assert run_cli(hybrids["qwen3.5"], "--to", to, "--bits", "4", "--out", tmp_path / to, "-q") == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"cannot be written to {to} yet; use --to gguf" in err[0]
-        assert not (tmp_path / to).exists() or not any((tmp_path / to).iterdir())
+    """ONNX / OpenVINO cannot take transformers' Gated DeltaNet here (test_graph_exporters_cannot_trace_gated_deltanet):
+    refused before any work, in one line that names the operator."""
+    for name in ("qwen3.5", "qwen3-next"):
+        for to in ("onnx", "openvino"):
+            assert run_cli(hybrids[name], "--to", to, "--bits", "4", "--out", tmp_path / to, "-q") == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"cannot be written to {to}: " in err[0] and err[0].endswith("; use --to gguf")
+            assert "aten::linalg_solve_triangular" in err[0]
+            assert not (tmp_path / to).exists() or not any((tmp_path / to).iterdir())
+
+
+def test_graph_exporters_cannot_trace_gated_deltanet(hybrids, tmp_path):
+    """Why ONNX and OpenVINO refuse hybrids, kept true: transformers' torch Gated DeltaNet (chunked delta rule) calls
+    torch.linalg.solve_triangular, which torch.onnx cannot export and OpenVINO's PyTorch frontend cannot convert.
+    When an upgrade of either lifts this, this test fails: then the target can take the hybrids (and the refusal
+    in exporters/onnx.py / openvino.py goes)."""
+    import openvino as ov
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(hybrids["qwen3.5"], dtype=torch.float32).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    ids = torch.randint(0, 800, (1, 16))
+    with pytest.raises(Exception, match="aten::linalg_solve_triangular' to ONNX opset version 20 is not supported"):
+        torch.onnx.export(Logits(), (ids,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=20)
+    with pytest.raises(Exception, match="No conversion rule found for operations: aten::linalg_solve_triangular"):
+        ov.convert_model(Logits(), example_input=(ids,))
 
 
 def _skewed(src: Path, dst: Path, seed: int = 0) -> Path:
