@@ -183,7 +183,7 @@ def publish(p: Plan, rep: Report) -> dict:
             print(f"ollama create {p.ollama_name} -f {p.out / T.MODELFILE}", file=sys.stderr)
         section["ollama"] = {"modelfile": T.MODELFILE, "name": p.ollama_name, "template": p.template_info,
                              "system": p.modelfile.system, "stop": p.modelfile.stops,
-                             "projector": p.modelfile.projector,
+                             **({"projector": p.modelfile.projector} if p.modelfile.projector else {}),
                              "parameters": p.modelfile.parameters,
                              "create": ollama.create(p.ollama_name, p.out / T.MODELFILE)}
     return section
