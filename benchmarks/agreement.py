@@ -2,7 +2,9 @@
 """Logit agreement of our GGUFs in llama.cpp with transformers, on the tiny test checkpoints.
 
 Prints, per architecture and type, the relative logit error of llama.cpp running our GGUF vs the
-transformers model, and for Q4_K_M the same for llama.cpp's own quantizer applied to our F16 GGUF.
+transformers model, and for Q4_K_M the same for llama.cpp's own quantizer applied to our F16 GGUF. The dense
+variants, then (when this transformers has them) the linear-attention hybrids: Qwen3.5 dense, with tiled value
+heads, MoE, and Qwen3-Next.
 
     python benchmarks/agreement.py
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import transformers
 from _tools import hf_logits, rel_error, table
 from gguf import LlamaFileType as F
 
@@ -22,7 +25,8 @@ def main() -> None:
     tokens = list(range(3, 700, 11))[:64]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in tiny.VARIANTS:
+        hybrids = list(tiny.HYBRID_VARIANTS) if hasattr(transformers, "Qwen3_5ForCausalLM") else []
+        for name in [*tiny.VARIANTS, *hybrids]:
             d = tiny.build_variant(name, Path(tmp) / name)
             ref = hf_logits(d, tokens)
             errs = {}

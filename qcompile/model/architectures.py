@@ -512,10 +512,11 @@ class HybridArchitecture(Architecture):
     # ---- multi-token prediction: llama.cpp's nextn layers, after the decoder's --------------------------------
     # mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm} -> the first nextn layer's eh_proj, enorm, hnorm,
     # shared_head_norm. gguf-py 0.19's tables do not list these for qwen35 / qwen35moe / qwen3next yet (the
-    # llama.cpp it would match does), so the names come from its TENSOR_NAMES directly
-    MTP_EXTRAS: ClassVar[dict[str, gguf.MODEL_TENSOR]] = {
-        "fc": gguf.MODEL_TENSOR.NEXTN_EH_PROJ, "pre_fc_norm_embedding": gguf.MODEL_TENSOR.NEXTN_ENORM,
-        "pre_fc_norm_hidden": gguf.MODEL_TENSOR.NEXTN_HNORM, "norm": gguf.MODEL_TENSOR.NEXTN_SHARED_HEAD_NORM}
+    # llama.cpp it would match does), so the names come from its TENSOR_NAMES directly (by member name: an older
+    # gguf-py without them still imports, for the families that do not need them)
+    MTP_EXTRAS: ClassVar[dict[str, str]] = {
+        "fc": "NEXTN_EH_PROJ", "pre_fc_norm_embedding": "NEXTN_ENORM", "pre_fc_norm_hidden": "NEXTN_HNORM",
+        "norm": "NEXTN_SHARED_HEAD_NORM"}
 
     @property
     def mtp_count(self) -> int:
@@ -529,7 +530,8 @@ class HybridArchitecture(Architecture):
         part = name.split(".")[1] if name.startswith("mtp.") and name.count(".") == 2 else None
         if part not in self.MTP_EXTRAS:
             return None
-        return gguf.TENSOR_NAMES[self.MTP_EXTRAS[part]].format(bid=len(self.layer_kinds)) + ".weight"
+        member = getattr(gguf.MODEL_TENSOR, self.MTP_EXTRAS[part])
+        return gguf.TENSOR_NAMES[member].format(bid=len(self.layer_kinds)) + ".weight"
 
     def layer_prefix(self, i: int) -> str:
         n = len(self.layer_kinds)
