@@ -473,6 +473,22 @@ def test_llama_cpp_runs_the_text_gguf_with_its_mmproj(tmp_path):
     assert "encoding mtmd batch" in r.stderr + r.stdout and "mtmd batch encoding done" in r.stderr + r.stdout
 
 
+def test_qwen3_next_heads_that_do_not_tile_in_proj_qkvz_fail_in_one_line(hybrids, tmp_path, capsys):
+    """A config whose linear-attention heads do not make the stored in_proj_qkvz's rows (here half the value head
+    dim): the fused tensor cannot be split, one line naming the tensor, its shape and the rows, nothing written."""
+    import shutil
+    d = tmp_path / "bad"
+    shutil.copytree(hybrids["qwen3-next"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["linear_value_head_dim"] //= 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert run_cli(d, "--quant", "Q8_0", "--out", tmp_path / "o", "-q") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "linear_attn.in_proj_qkvz.weight has shape" in err[0], err
+    assert "the config's linear-attention heads make" in err[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
 def test_mmproj_asked_of_a_text_only_model_fails_in_one_line(hybrids, tmp_path, capsys):
     """--mmproj f16 on a checkpoint without a vision tower: a usage error in one line, nothing written."""
     assert run_cli(hybrids["qwen3.5"], "--quant", "Q8_0", "--mmproj", "f16", "--out", tmp_path / "o", "-q") == 2

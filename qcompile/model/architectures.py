@@ -590,6 +590,12 @@ class HybridArchitecture(Architecture):
             name = "model." + name[len(self.text_prefix):]
         return name.removesuffix(".dt_bias") + ".dt_proj.bias" if name.endswith(".dt_bias") else name
 
+    @staticmethod
+    def linear_heads(raw: dict) -> tuple[int, int, int, int]:
+        """The linear-attention heads of a config: (key heads, key head dim, value heads, value head dim)."""
+        return (int(raw["linear_num_key_heads"]), int(raw["linear_key_head_dim"]),
+                int(raw["linear_num_value_heads"]), int(raw["linear_value_head_dim"]))
+
     def gguf_layout(self, name: str, cfg) -> GgufLayout | None:
         """llama.cpp's qwen35 converter: ``1 + w`` for the zero-centred norms, ``A = -exp(A_log)``, conv1d
         squeezed to [channels, kernel], and, when there are more value heads than key heads, the value heads
@@ -602,8 +608,7 @@ class HybridArchitecture(Architecture):
         if rel is None or not rel.startswith("linear_attn."):
             return None
         r = cfg.raw
-        nk, nv = int(r["linear_num_key_heads"]), int(r["linear_num_value_heads"])
-        dk, dv = int(r["linear_key_head_dim"]), int(r["linear_value_head_dim"])
+        nk, dk, nv, dv = self.linear_heads(r)
         tiled = self.TILED_V and nv != nk
         order = (lambda width: head_major(nk, nv // nk, width)) if tiled else (lambda width: None)
         qk = np.arange(2 * nk * dk)
@@ -627,11 +632,12 @@ class HybridArchitecture(Architecture):
     def add_gguf_hparams(self, w: gguf.GGUFWriter, cfg) -> None:
         super().add_gguf_hparams(w, cfg)
         r = cfg.raw
+        nk, dk, nv, dv = self.linear_heads(r)
         w.add_ssm_conv_kernel(int(r.get("linear_conv_kernel_dim", 4)))
-        w.add_ssm_state_size(int(r["linear_key_head_dim"]))
-        w.add_ssm_group_count(int(r["linear_num_key_heads"]))
-        w.add_ssm_time_step_rank(int(r["linear_num_value_heads"]))
-        w.add_ssm_inner_size(int(r["linear_value_head_dim"]) * int(r["linear_num_value_heads"]))
+        w.add_ssm_state_size(dk)
+        w.add_ssm_group_count(nk)
+        w.add_ssm_time_step_rank(nv)
+        w.add_ssm_inner_size(dv * nv)
         # gguf-py 0.19 has no add_recurrent_layers; the key is llama.cpp's (Keys.Attention.RECURRENT_LAYERS)
         w.add_array(f"{self.gguf_arch}.attention.recurrent_layers",
                     [k == "linear_attention" for k in self.layer_kinds] + [False] * self.mtp_layers)
@@ -699,7 +705,8 @@ class Qwen3NextArchitecture(HybridMoeArchitecture):
     def row_views(self, i: int, raw: dict) -> dict[str, tuple[tuple[str, int, int], ...]]:
         if self.kind(i) != "linear_attention":
             return {}
-        nk, dk, r, dv = self._heads(raw)
+        nk, dk, nv, dv = self.linear_heads(raw)
+        r = nv // nk
         fused, per = f"{self.layer_prefix(i)}linear_attn.in_proj_qkvz.weight", 2 * dk + 2 * r * dv
         q = [(fused, g * per, g * per + dk) for g in range(nk)]
         k = [(fused, g * per + dk, g * per + 2 * dk) for g in range(nk)]

@@ -130,14 +130,26 @@ def torch_int_view(t):
     return {2: torch.int16, 4: torch.int32}[t.element_size()]
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's ``model.safetensors.index.json``: tensor name -> shard file."""
+    try:
+        return dict(json.loads(index.read_text())["weight_map"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QCompileError(f"{index}: unreadable shard index ({e})") from None
+
+
+def unprefixed_mtp(name: str) -> str | None:
+    """A multimodal release stores its multi-token-prediction layers under ``model.mtp.``; the text-only one
+    (and every description here) under ``mtp.``: the latter name for the former, else None."""
+    return name.removeprefix("model.") if name.startswith("model.mtp.") else None
+
+
 def stored_names(model_dir: Path) -> list[str]:
-    """The tensor names a safetensors checkpoint stores (its index, else its shards' headers; no tensor read)."""
+    """The tensor names a safetensors checkpoint stores (its index, else its shards' headers; no tensor read),
+    for what config.json does not say (how many MTP layers there are) before :class:`Checkpoint` opens it."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            return list(json.loads(index.read_text())["weight_map"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return []   # Checkpoint reports an unreadable index in its own words
+        return list(_weight_map(index))
     return [n for s in sorted(model_dir.glob("*.safetensors")) for n in _read_header(s)]
 
 
@@ -150,8 +162,9 @@ class Checkpoint:
         self.allow_pickle = allow_pickle
         self._pickled: dict = {}  # name -> torch tensor (memory-mapped), only for --allow-pickle
         self.entries = self._index()
-        for name in [n for n in self.entries if n.startswith("model.mtp.")]:   # a multimodal release's MTP layers
-            self.entries.setdefault(name.removeprefix("model."), self.entries[name])
+        for name in list(self.entries):
+            if (alias := unprefixed_mtp(name)) is not None:
+                self.entries.setdefault(alias, self.entries[name])
         self._stack_experts()
         self._row_views()
         self._check_complete()
@@ -159,10 +172,7 @@ class Checkpoint:
     def _index(self) -> dict[str, TensorEntry]:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise QCompileError(f"{index}: unreadable shard index ({e})") from None
+            weight_map = _weight_map(index)
             shards = sorted(set(weight_map.values()))
             for s in shards:
                 if not (self.dir / s).is_file():

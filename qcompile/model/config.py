@@ -112,8 +112,8 @@ def read_config(model_dir: Path, mtp: bool = True) -> ModelConfig:
     try:
         arch = arch.bind(raw)
         if arch.hybrid and mtp:
-            from qcompile.model.checkpoint import stored_names
-            arch = arch.with_mtp(_mtp_layers(stored_names(model_dir)))
+            from qcompile.model.checkpoint import stored_names, unprefixed_mtp
+            arch = arch.with_mtp(_mtp_layers([unprefixed_mtp(n) or n for n in stored_names(model_dir)]))
         moe = _moe_fields(raw, arch, path) if arch.moe else {}
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -144,8 +144,8 @@ def read_config(model_dir: Path, mtp: bool = True) -> ModelConfig:
 
 
 def _mtp_layers(names: list[str]) -> int:
-    """How many multi-token-prediction layers a checkpoint stores (``mtp.layers.{j}.``, or under ``model.``)."""
-    found = {int(p[2]) for n in names if (p := n.removeprefix("model.").split(".", 3))[0] == "mtp"
+    """How many multi-token-prediction layers a checkpoint stores (``mtp.layers.{j}.``)."""
+    found = {int(p[2]) for n in names if (p := n.split(".", 3))[0] == "mtp"
              and len(p) > 2 and p[1] == "layers" and p[2].isdigit()}
     return max(found) + 1 if found else 0
 

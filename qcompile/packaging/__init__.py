@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from qcompile import __version__, report
@@ -63,6 +64,11 @@ class Plan:
     license_id: str | None = None
     quiet: bool = False
     projector: Path | None = None    # the mmproj GGUF written beside the artifact (multimodal checkpoints)
+
+    @cached_property
+    def projector_sha256(self) -> str:
+        """The projector's hash, read once: the manifest lists it and its LM Studio link is the same inode."""
+        return report.sha256_file(self.projector)
 
     @property
     def lm_projector(self) -> Path | None:
@@ -137,6 +143,7 @@ def publish(p: Plan, rep: Report) -> dict:
     made_dirs: list[Path] = []
     done: list[Path] = []
     section: dict = {"targets": list(p.targets)}
+    known: dict[Path, tuple[str, bool]] = {}  # a GGUF's place in the LM Studio folder: (its hash, hard-linked)
     try:
         if p.modelfile is not None:
             staged.append(_stage_text(p.out / T.MODELFILE, p.modelfile.text()))
@@ -146,22 +153,24 @@ def publish(p: Plan, rep: Report) -> dict:
                     d.mkdir()
                     made_dirs.append(d)
             tmp, how = _stage_gguf(p.artifact, p.lm_gguf)
+            known[p.lm_gguf] = (rep.artifact.sha256, how == "hardlink")
             staged.append((tmp, p.lm_gguf))
             section["lmstudio"] = {"folder": p.lm_folder.relative_to(p.out).as_posix(), "gguf": how}
             if p.lm_projector is not None:
-                tmp, _ = _stage_gguf(p.projector, p.lm_projector)
+                tmp, how = _stage_gguf(p.projector, p.lm_projector)
+                known[p.lm_projector] = (p.projector_sha256, how == "hardlink")
                 staged.append((tmp, p.lm_projector))
                 section["lmstudio"]["projector"] = p.lm_projector.name
             card = lmstudio.model_card(rep, model_name=p.model_name, repo=p.repo, license_id=p.license_id,
                                        file_name=p.lm_gguf.name)
             staged.append(_stage_text(p.lm_folder / "README.md", card))
         files = []
-        linked = section.get("lmstudio", {}).get("gguf") == "hardlink"
         for tmp, final in staged:
             # a hard link is the GGUF's own inode: its hash is known; a copy is hashed, and must match
-            sha = rep.artifact.sha256 if final == p.lm_gguf and linked else report.sha256_file(tmp)
-            if final == p.lm_gguf and sha != rep.artifact.sha256:
-                raise QCompileError(f"{p.lm_gguf}: the copy's sha256 differs from the GGUF's")
+            expected, linked = known.get(final, (None, False))
+            sha = expected if linked else report.sha256_file(tmp)
+            if expected is not None and sha != expected:
+                raise QCompileError(f"{final}: the copy's sha256 differs from the original's")
             files.append({"path": final.relative_to(p.out).as_posix(), "bytes": tmp.stat().st_size, "sha256": sha})
         for tmp, final in staged:
             os.replace(tmp, final)
@@ -251,7 +260,7 @@ def write_manifest(p: Plan, rep: Report, report_path: Path) -> Path:
              *rep.package["files"]]
     if p.projector is not None:
         files.append({"path": p.projector.relative_to(p.out).as_posix(), "bytes": p.projector.stat().st_size,
-                      "sha256": report.sha256_file(p.projector)})
+                      "sha256": p.projector_sha256})
     doc = {"schema_version": 1, "tool": f"qcompile {__version__}", "files": sorted(files, key=lambda f: f["path"])}
     path = p.out / T.MANIFEST
     report.atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
