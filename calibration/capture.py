@@ -152,7 +152,7 @@ class LayerwiseEngine:
     def __init__(self, cfg: ModelConfig, source: CheckpointSource, tokens: np.ndarray,
                  types: dict[str, Target], method: Method, *, device: str = "cpu", batch: int | None = None,
                  work_dir: Path | None = None, fingerprint: str = "", resume: bool = False,
-                 dtype: str | None = None, progress: Callable[[int], None] = lambda i: None):
+                 dtype: str | None = None, progress: Callable[[int], None] = lambda i: None, keep: bool = False):
         import torch
         self.torch, self.cfg, self.source, self.types, self.method = torch, cfg, source, types, method
         # Layers run in bf16 where it is fast (3x the matmul throughput of f32 on CPUs with AVX512-BF16/AMX,
@@ -165,6 +165,7 @@ class LayerwiseEngine:
         self.device, self.progress = device, progress
         self.dec = StreamedDecoder(cfg)
         self.work = work_dir
+        self.keep = keep        # leave the work folder for other compiles (--calib-cache) instead of removing it
         self.fingerprint = fingerprint
         self.done = -1          # last layer whose outputs are in self.hidden
         self._head: CalibStats | None = None  # the output matrix's input statistics (head_stats)
@@ -252,7 +253,7 @@ class LayerwiseEngine:
 
     def finish(self) -> None:
         self.hidden = self._mapped = None  # unmaps a spilled stream (its file is already unlinked)
-        if self.work is not None:
+        if self.work is not None and not self.keep:
             shutil.rmtree(self.work, ignore_errors=True)
 
     # ---- the engine -------------------------------------------------------------------------------

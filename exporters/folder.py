@@ -122,7 +122,9 @@ class FolderTarget(Target):
         return {n: self.types.linear for n in job.cfg.decoder_linears() + job.cfg.expert_tensors()}
 
     def fingerprint(self, job) -> tuple:
-        return (self.types.linear.name, self.name)
+        # the grid alone: ONNX and OpenVINO quantize the same linears onto the same grid through the same engine,
+        # so a calibrated run of one serves the other (--calib-cache); their resume folders are apart by name
+        return (self.types.linear.name,)
 
     def work_dir(self, job) -> Path:
         return job.opts.out / f".{self.name}.resume"

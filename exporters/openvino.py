@@ -267,6 +267,18 @@ def bind(model, names: list[str], tensors: dict[str, QuantizedTensor], read,
     model.validate_nodes_and_infer_types()
 
 
+def stable_names(model) -> None:
+    """Number the nodes OpenVINO named itself (``Convert_40324``: a process-wide counter, so the same export gave
+    other names after other work in the process) per type in graph order, so the same model gives the same XML."""
+    import re
+    seen: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if re.fullmatch(rf"{re.escape(kind)}_\d+", op.get_friendly_name()):
+            seen[kind] = seen.get(kind, -1) + 1
+            op.set_friendly_name(f"{kind}_{seen[kind]}")
+
+
 def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[str, QuantizedTensor],
                    params: dict[str, np.ndarray] | None = None) -> list[Path]:
     """Write the IR folder into ``out`` (temp names first, ``openvino_model.xml`` renamed last). ``tensors``:
@@ -292,6 +304,7 @@ def write_openvino(out: Path, model_dir: Path, cfg: ModelConfig, tensors: dict[s
             bind(model, names, tensors, Checkpoint(model_dir, cfg).read, params,
                  (cfg.embed_name, cfg.head_name) if cfg.tie_word_embeddings else None, alloc=codes.empty)
             make_stateful(model, cfg.num_layers)
+            stable_names(model)
             with codes.trimmed():
                 ov.save_model(model, str(tmp / XML_FILE), compress_to_fp16=bool(tensors))
             del model

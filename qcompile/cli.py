@@ -36,6 +36,7 @@ other commands:
   qcompile run ARTIFACT "prompt"     # greedy generation in the artifact's runtime (GGUF, ONNX or IR folder)
   qcompile check out/report.json --baseline base/report.json   # CI gate: exit 1 on a quality/size regression
   qcompile report out/q4 out/q8 --out report/   # report.md table + report.html with plots, comparing runs
+  qcompile build MATRIX.toml --out dist/   # models x formats x types x methods, on Ray (qcompile build -h)
 
 exit status: 0 success, 1 error (bad input, I/O, interrupted), 2 usage error.
 """
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="torch device for calibration: auto, cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted calibrated run from its last finished layer")
+    p.add_argument("--calib-cache", type=Path, metavar="DIR",
+                   help="keep the calibration tokens and the calibrated layers in DIR for other compiles of the same "
+                        "model and calibration: one with the same method and weight grid (e.g. --to onnx and --to "
+                        "openvino, both INT4_G128) reuses the quantized layers, one with another grid the tokens; an "
+                        "interrupted run resumes from its last finished layer. `qcompile build` gives its entries one")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--force", action="store_true", help="overwrite an existing artifact")
     p.add_argument("--verify", dest="verify", action="store_true", default=True,
@@ -163,7 +169,7 @@ def _summary(rep: dict) -> str:
 
 
 COMMANDS = {"eval": "qcompile.eval_command", "run": "qcompile.run_command", "check": "qcompile.check_command",
-            "report": "qcompile.report_command"}
+            "report": "qcompile.report_command", "build": "qcompile.build_command"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     opts = Options(model=args.model, out=args.out, to=args.to, bits=args.bits, quant=args.quant, pure=args.pure, method=args.method,
                    calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                   seed=args.seed, device=args.device, resume=args.resume,
+                   seed=args.seed, device=args.device, resume=args.resume, calib_cache=args.calib_cache,
                    force=args.force, verify=args.verify, eval_text=args.eval_text, eval_ctx=args.eval_ctx,
                    eval_tokens=args.eval_tokens, family=args.family, offline=args.offline, allow_pickle=args.allow_pickle,
                    keep_embeddings_fp=args.keep_embeddings_fp, float_activations=args.float_activations,

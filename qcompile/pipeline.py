@@ -34,6 +34,8 @@ from exporters.gguf import (
 from exporters.target import Output
 from qcompile import budget as mix
 from qcompile import evaluate, llama_worker, packaging, report
+from qcompile.calib_cache import CalibCache, model_identity, source_identity
+from qcompile.calib_cache import key as calib_key
 from qcompile.errors import QCompileError
 from qcompile.model import (
     Checkpoint,
@@ -68,20 +70,33 @@ def run(job: CompilePlan) -> dict:
     opts, target = job.opts, job.target
     out: Output | None = None
     try:
+        cache = CalibCache(opts.calib_cache) if opts.calib_cache is not None else None
+        if opts.threads and job.calibrated:
+            # --threads for the calibration's torch work too: its float sums (so the rounding of a tie, so the
+            # bytes) depend on the thread count, which must not depend on where the compile ran (a Ray worker's
+            # torch starts with its task's CPUs)
+            import torch
+            torch.set_num_threads(opts.threads)
         if job.calibrated:
             with job.stage("calibrate"):
                 job.device = resolve_device(opts.device)
-                job.tokens, job.calib_info = calibration_tokens(opts, job.res, job.cfg, job.ckpt, job.device)
+                job.tokens, job.calib_info = cached_calibration_tokens(opts, job, cache)
                 _log(opts, f"calibration: {job.calib_info}")
         if job.budget is not None:
             with job.stage("sensitivity"):
                 allocate(job)
         if job.method.needs_calibration:
-            job.engine = LayerwiseEngine(
-                job.cfg, CheckpointSource(job.ckpt), job.tokens, target.engine_types(job), job.method,
-                device=job.device, work_dir=target.work_dir(job), resume=opts.resume,
-                fingerprint=fingerprint(job.res.path.resolve(), job.tokens.tobytes(), job.method.name,
-                                        *target.fingerprint(job)))
+            fp = fingerprint(job.res.path.resolve(), job.tokens.tobytes(), job.method.name, *target.fingerprint(job))
+            work, resume = target.work_dir(job), opts.resume
+            if cache is not None:   # the calibrated layers of this model, tokens, method and grid: shared, kept
+                work, resume = cache.engine_dir(fp), True
+                job.hold(cache.locked(work.name))
+            job.engine = LayerwiseEngine(job.cfg, CheckpointSource(job.ckpt), job.tokens, target.engine_types(job),
+                                         job.method, device=job.device, work_dir=work, resume=resume, fingerprint=fp,
+                                         keep=cache is not None)
+            if cache is not None and job.engine.done >= 0:
+                job.calib_info += (f"; {job.engine.done + 1} of {job.cfg.num_layers} calibrated layers from "
+                                   f"--calib-cache (same tokens, method and grid)")
         out = target.produce(job)
         metrics = Metrics()
         if opts.verify:
@@ -120,6 +135,18 @@ def expert_coverage(job: CompilePlan) -> list[ExpertCoverage] | None:
 def _written(out: Output) -> list[Path]:
     """The files of an output as they are on disk now (a GGUF still under its temporary name)."""
     return [out.pending] if out.pending is not None else out.files
+
+
+def cached_calibration_tokens(opts: Options, job: CompilePlan, cache: CalibCache | None) -> tuple[np.ndarray, str]:
+    """The calibration tokens, from ``--calib-cache`` when another compile of the same model and calibration
+    made them (keyed by the model's files, the source's content, samples, length, seed and device)."""
+    make = lambda: calibration_tokens(opts, job.res, job.cfg, job.ckpt, job.device)  # noqa: E731
+    if cache is None:
+        return make()
+    spec, n, seqlen = calibration_shape(opts, job.device)
+    k = calib_key(model_identity(job.res.path), source_identity(spec), n, seqlen, opts.seed, job.device)
+    tokens, info, shared = cache.tokens(k, make)
+    return tokens, info + ("; tokens from --calib-cache" if shared else "")
 
 
 def calibration_tokens(opts: Options, res, cfg: ModelConfig, ckpt: Checkpoint, device: str

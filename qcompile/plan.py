@@ -48,6 +48,7 @@ class Options:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    calib_cache: Path | None = None   # calibration tokens and calibrated layers shared by compiles (qcompile build)
     force: bool = False
     verify: bool = True
     eval_text: Path | None = None

@@ -46,13 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "(the table, quality vs size and per-layer quantization error plots, self-contained).",
         epilog="examples:\n"
                "  qcompile report out/q4_0 out/q4_k_m out/q8_0 --out report/\n"
+               "  qcompile report dist/ --out dist/report/    # every entry of a `qcompile build` folder\n"
                "  qcompile report runs/*/report.json --out report/\n\n"
                "The plots need matplotlib (pip install 'qcompile[report]'); without it report.html has the "
                "table only.\n"
                "exit status: 0 written, 1 error (missing run or report.json, unreadable report), 2 usage error "
                "(including a report.json schema_version newer than this qcompile reads).")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
-                   help="a compile's --out directory (holding report.json) or a report.json file")
+                   help="a compile's --out directory (holding report.json), a report.json file, or a `qcompile "
+                        "build` --out directory (its entries)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for report.md and report.html")
     return p
 
@@ -110,10 +112,31 @@ def load_run(arg: Path) -> Run:
 
 
 def load_runs(args: list[Path]) -> list[Run]:
-    """Every run, labelled by its directory name (the path as given where two names collide)."""
-    runs = [load_run(a) for a in args]
+    """Every run, labelled by its directory name (the path as given where two names collide). A ``qcompile
+    build`` folder stands for its entries, labelled by their ids (``model/to-type-method``); an entry that
+    failed has no report and is named on stderr."""
+    from qcompile.fleet import matrix_entries
+    runs: list[Run] = []
+    given: list[Path] = []
+    for a in args:
+        ids = matrix_entries(a) if a.is_dir() and not (a / "report.json").is_file() else None
+        if ids is None:
+            runs.append(load_run(a))
+            given.append(a)
+            continue
+        missing = [i for i in ids if not (a / i / "report.json").is_file()]
+        if missing:
+            print(f"qcompile report: note: {a}: no report for {', '.join(missing)} (failed or not built)",
+                  file=sys.stderr)
+        for i in ids:
+            if i not in missing:
+                runs.append(load_run(a / i))
+                runs[-1].label = i if len(args) == 1 else f"{a.name}/{i}"
+                given.append(a / i)
+    if not runs:
+        raise QCompileError(f"{', '.join(map(str, args))}: no finished runs to report")
     names = [r.label for r in runs]
-    for r, a in zip(runs, args):
+    for r, a in zip(runs, given):
         if names.count(r.label) > 1:
             r.label = str(a)
     return runs
@@ -216,11 +239,11 @@ def _note(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def quality_plot(runs: list[Run]) -> bytes:
+def quality_plot(runs: list[Run], what: str = "") -> bytes:
     """Mean KLD vs artifact size, one colour/marker per method, each point labelled with its run."""
     def draw(fig) -> None:
         ax = fig.add_subplot()
-        ax.set_title("Quality vs size (lower left is better)")
+        ax.set_title(f"Quality vs size{what} (lower left is better)")
         pts = [r for r in runs if _is_num(r.reference.kld_mean) and r.size_mib is not None]
         if not pts:
             _note(ax, "no quality metrics in these reports (compiled with --no-verify)")
@@ -242,17 +265,17 @@ def quality_plot(runs: list[Run]) -> bytes:
         ax.legend(title="method")
         skipped = [r.label for r in runs if r not in pts]
         if skipped:
-            ax.set_title(f"Quality vs size (lower left is better)\nnot verified, not shown: {', '.join(skipped)}")
+            ax.set_title(f"Quality vs size{what} (lower left is better)\nnot verified, not shown: {', '.join(skipped)}")
     return _png(draw)
 
 
-def layer_plot(runs: list[Run]) -> bytes:
+def layer_plot(runs: list[Run], what: str = "") -> bytes:
     """Per-layer weight-reconstruction error, one line per run; runs without per-tensor data are named."""
     from matplotlib.ticker import MaxNLocator
 
     def draw(fig) -> None:
         ax = fig.add_subplot()
-        ax.set_title("Quantization error per decoder layer")
+        ax.set_title(f"Quantization error per decoder layer{what}")
         series = [(r, layer_errors(r)) for r in runs]
         drawn = [(r, e) for r, e in series if e]
         missing = [r.label for r, e in series if not e]
@@ -269,7 +292,7 @@ def layer_plot(runs: list[Run]) -> bytes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         if missing:
-            ax.set_title(f"Quantization error per decoder layer\nno per-tensor data (schema_version 1): "
+            ax.set_title(f"Quantization error per decoder layer{what}\nno per-tensor data (schema_version 1): "
                          f"{', '.join(missing)}")
     return _png(draw)
 
@@ -316,8 +339,16 @@ def write(runs: list[Run], out: Path) -> tuple[Path, Path]:
     if out.exists() and not out.is_dir():
         raise QCompileError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    plots = ([(alt, png, caption) for (alt, caption), png in zip(CAPTIONS, (quality_plot(runs), layer_plot(runs)))]
-             if have_matplotlib() else [])
+    plots = []
+    if have_matplotlib():
+        # one pair of plots per format when the runs span several (a build matrix): sizes and errors of a GGUF mix
+        # and of an ONNX grid do not share an axis a reader can compare on
+        formats = sorted({r.target.format or "?" for r in runs})
+        for fmt in formats:
+            mine = [r for r in runs if (r.target.format or "?") == fmt] if len(formats) > 1 else runs
+            what = f": {fmt}" if len(formats) > 1 else ""
+            plots += [(alt + what.replace(":", ","), png, caption) for (alt, caption), png in
+                      zip(CAPTIONS, (quality_plot(mine, what), layer_plot(mine, what)))]
     md, page_path = out / "report.md", out / "report.html"
     atomic_write_text(md, markdown(runs))
     atomic_write_text(page_path, page(runs, plots))
