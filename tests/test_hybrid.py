@@ -23,6 +23,7 @@ from conftest import (
 )
 from conftest import calib_file as _calib
 from conftest import compile_gguf as _compile
+from conftest import gguf_fields, gguf_shapes
 from conftest import gguf_types as _types
 from conftest import llama_cpp_converter as _llama_cpp_converter
 from conftest import random_tokens as _tokens
@@ -128,8 +129,8 @@ def test_float_files_match_transformers(hybrids, tmp_path, quant, bound):
     """F32 within the dense bound of transformers; F16 measured 2.0e-3 / 2.1e-3 / 4.1e-3 (dense, tiled, MoE),
     above the dense tests' 1e-3: the F16 weights' rounding passes through the delta rule's recurrence (see
     test_quantized_files_equal_llama_quantize). llama.cpp's own converter's F16 of the same kind of checkpoint
-    errs alike (3.95e-3 vs our 3.95e-3 on a small MoE hybrid): test_f16_against_llama_cpp_converter holds us to
-    1.5x of it."""
+    errs alike (3.95e-3 vs our 3.95e-3 on a small MoE hybrid): test_f16_and_mtp_layers_as_llama_cpp_converter_writes_them
+    holds us to 1.5x of it."""
     for name, d in hybrids.items():
         err = rel_error(llama_worker.logits(_compile(d, tmp_path / name, quant), _tokens()), hf_logits(d, _tokens()))
         print(f"{name} {quant} rel error vs transformers {err:.2e}")
@@ -167,35 +168,8 @@ def test_quantized_files_equal_llama_quantize(hybrids, tmp_path):
 
 
 def _meta(path: Path) -> dict:
-    r = GGUFReader(path)
-    return {k: v.contents() for k, v in r.fields.items() if not k.startswith(("general.", "GGUF."))
+    return {k: v for k, v in gguf_fields(path).items() if not k.startswith(("general.", "GGUF."))
             and k != "tokenizer.ggml.add_eos_token"}
-
-
-@pytestmark_llama
-@pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
-@pytest.mark.parametrize("variant", ["qwen3.5-tiled", "qwen3.5-moe", "qwen3-next"])
-def test_f16_against_llama_cpp_converter(variant, tmp_path):
-    """Our F16 against convert_hf_to_gguf.py --no-mtp on the same checkpoint (the converter knows real tokenizers
-    only, so the model gets Qwen2.5's): the same metadata (every key but general.* and the add_eos flag), the same
-    tensors with the same shapes and types, error vs transformers within 1.5x of the converter's, the same tokens.
-    qwen3.5-tiled has twice as many value heads as key heads: the converter's reordered rows and columns; qwen3-next:
-    its fused in_proj_qkvz written as attn_qkv + attn_gate, in_proj_ba as ssm_ba."""
-    arch, overrides, seed = tiny.HYBRID_VARIANTS[variant]
-    d = real_tokenizer_dir(tmp_path / "m")
-    small = dict(vocab_size=151936, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                 intermediate_size=128, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
-                 moe_intermediate_size=64, shared_expert_intermediate_size=64)   # expert widths: the MoE only
-    tiny.build_model(d, arch=arch, seed=seed, **{**overrides, **{k: v for k, v in small.items()
-                                                                 if k in overrides or not ("expert" in k or "moe" in k)}})
-    ours, theirs, e_ours, e_theirs = f16_pair(d, tmp_path, "--no-mtp")
-    assert _meta(ours) == _meta(theirs)
-    shape = lambda p: {t.name: ([int(v) for v in t.shape], t.tensor_type.name) for t in GGUFReader(p).tensors}
-    assert shape(ours) == shape(theirs)
-    print(f"{variant} F16 rel error vs transformers: qcompile {e_ours:.3e}, convert_hf_to_gguf {e_theirs:.3e}")
-    assert e_ours <= 1.5 * e_theirs, f"ours {e_ours:.2e} vs convert_hf_to_gguf {e_theirs:.2e}"
-    text = ["Hello, hybrid world! def f(x): return x"]
-    assert llama_worker.tokenize(ours, text) == llama_worker.tokenize(theirs, text)
 
 
 @pytestmark_llama
@@ -542,13 +516,16 @@ def _with_mtp(d: Path, seed: int = 5) -> Path:
 @pytestmark_llama
 @pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").is_file(), reason="../shared/assets/qwen2.5-tokenizer absent")
 @pytest.mark.parametrize("variant", ["qwen3.5-tiled", "qwen3.5-moe", "qwen3-next"])
-def test_mtp_layers_carried_as_llama_cpp_converter_does(variant, tmp_path):
-    """A checkpoint with multi-token-prediction layers: by default they go into the GGUF as llama.cpp's converter
-    writes them (without --no-mtp): a nextn block after the decoder's (block_count + 1, nextn_predict_layers,
-    recurrent_layers False for it, eh_proj / enorm / hnorm / shared_head_norm), the same metadata, tensors, shapes
-    and types; llama.cpp loads the file and its logits are the --no-mtp file's (the trunk is unchanged). Our
-    Q4_K_M has llama-quantize's types on our F16 (the nextn layer counts in its layer schedules); --no-mtp
-    leaves the block out."""
+def test_f16_and_mtp_layers_as_llama_cpp_converter_writes_them(variant, tmp_path):
+    """Our F16 against convert_hf_to_gguf.py on the same checkpoint (the converter knows real tokenizers only, so
+    the model gets Qwen2.5's), one with multi-token-prediction layers: the same metadata (every key but general.*
+    and the add_eos flag), the same tensors with the same shapes and types, error vs transformers within 1.5x of
+    the converter's, the same tokens. qwen3.5-tiled has twice as many value heads as key heads: the converter's
+    reordered rows and columns; qwen3-next: its fused in_proj_qkvz written as attn_qkv + attn_gate, in_proj_ba as
+    ssm_ba. The MTP layers go in by default as the converter writes them: a nextn block after the decoder's
+    (block_count + 1, nextn_predict_layers, recurrent_layers False for it, eh_proj / enorm / hnorm /
+    shared_head_norm); llama.cpp's logits are the --no-mtp file's (the trunk is unchanged), which leaves the block
+    out. Our Q4_K_M has llama-quantize's types on our F16 (the nextn layer counts in its layer schedules)."""
     arch, overrides, seed = tiny.HYBRID_VARIANTS[variant]
     d = real_tokenizer_dir(tmp_path / "m")
     small = dict(vocab_size=151936, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
@@ -559,13 +536,16 @@ def test_mtp_layers_carried_as_llama_cpp_converter_does(variant, tmp_path):
     _with_mtp(d)
     ours, theirs, e_ours, e_theirs = f16_pair(d, tmp_path)
     assert _meta(ours) == _meta(theirs)
-    shape = lambda p: {t.name: ([int(v) for v in t.shape], t.tensor_type.name) for t in GGUFReader(p).tensors}
+    shape = gguf_shapes
     assert shape(ours) == shape(theirs)
     meta = _meta(ours)
     n = len(json.loads((d / "config.json").read_text())["layer_types"])
     assert meta[f"{_arch(ours)}.block_count"] == n + 1 and meta[f"{_arch(ours)}.nextn_predict_layers"] == 1
     assert f"blk.{n}.nextn.eh_proj.weight" in shape(ours)
     print(f"{variant} (MTP carried) F16 rel error vs transformers: ours {e_ours:.3e}, converter {e_theirs:.3e}")
+    assert e_ours <= 1.5 * e_theirs, f"ours {e_ours:.2e} vs convert_hf_to_gguf {e_theirs:.2e}"
+    text = ["Hello, hybrid world! def f(x): return x"]
+    assert llama_worker.tokenize(ours, text) == llama_worker.tokenize(theirs, text)
     trunk = _compile(d, tmp_path / "no-mtp", "F16", "--no-mtp")
     assert not any(k.startswith(f"blk.{n}.") for k in _types(trunk))
     tokens = _tokens()
@@ -577,7 +557,7 @@ def test_mtp_layers_carried_as_llama_cpp_converter_does(variant, tmp_path):
 
 
 def _arch(path: Path) -> str:
-    return GGUFReader(path).fields["general.architecture"].contents()
+    return gguf_fields(path)["general.architecture"]
 
 
 def test_calibrated_and_budgeted_runs_carry_the_mtp_layers(hybrids, tmp_path):
@@ -601,3 +581,14 @@ def test_calibrated_and_budgeted_runs_carry_the_mtp_layers(hybrids, tmp_path):
     assert not any(n.startswith("blk.4.") for n in rep["allocation"]["tensors"])
     assert {n: t for n, t in _types(next((tmp_path / "b").glob("*.gguf"))).items() if n.startswith("blk.4.")} == \
         {n: t for n, t in _types(rtn).items() if n.startswith("blk.4.")}
+
+
+def test_gguf_header_summary_equals_gguf_py(hybrids, tmp_path):
+    """The tests' quick GGUF header walk (conftest._summary) reads what gguf-py's GGUFReader reads: every key's value
+    and every tensor's shape and type, on a hybrid MoE Q4_K_M file (arrays of strings, bools, ints, floats); gguf-py
+    adds the header's counts as GGUF.* pseudo-keys."""
+    from conftest import gguf_fields
+    path = _compile(hybrids["qwen3.5-moe"], tmp_path, "Q4_K_M")
+    r = GGUFReader(path)
+    assert gguf_fields(path) == {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    assert gguf_shapes(path) == {t.name: ([int(v) for v in t.shape], t.tensor_type.name) for t in r.tensors}

@@ -21,6 +21,7 @@ from conftest import (
 )
 from conftest import calib_file as _calib
 from conftest import compile_gguf as _compile
+from conftest import gguf_shapes
 from conftest import gguf_types as _types
 from conftest import random_tokens as _tokens
 from gguf import GGUFReader
@@ -321,8 +322,8 @@ def test_f16_against_llama_cpp_converter(variant, tmp_path):
     ours, theirs, e_ours, e_theirs = f16_pair(d, tmp_path)
     print(f"{variant} F16 rel error vs transformers: qcompile {e_ours:.3e}, convert_hf_to_gguf {e_theirs:.3e}")
     assert e_ours <= 1.5 * e_theirs, f"ours {e_ours:.2e} vs convert_hf_to_gguf {e_theirs:.2e}"
-    shape = lambda p: {t.name: [int(v) for v in t.shape] for t in GGUFReader(p).tensors}
-    assert shape(ours) == shape(theirs)
+    assert {n: dims for n, (dims, _) in gguf_shapes(ours).items()} == \
+        {n: dims for n, (dims, _) in gguf_shapes(theirs).items()}
     assert llama_worker.tokenize(ours, ["Hello, MoE world! def f(x): return x"]) == \
         llama_worker.tokenize(theirs, ["Hello, MoE world! def f(x): return x"])
 
