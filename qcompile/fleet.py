@@ -322,7 +322,9 @@ def plan_entries(matrix: Matrix, out: Path, force: bool) -> tuple[list[Planned],
     todo, decided = [], []
     for e in matrix.entries:
         try:
-            p = api.plan(e.model, **e.options)
+            # the memory check belongs to the node that runs the entry (the compile checks there); here the plan
+            # only sizes the entry's request
+            p = api.plan(e.model, **{**e.options, "memory_check": False})
         except QCompileError as err:
             decided.append(Result(e.id, "failed", error=str(err)))
             continue

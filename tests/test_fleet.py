@@ -157,6 +157,12 @@ def _engine_of(pid: int) -> Path | None:
     return None
 
 
+def test_without_ray_the_build_runs_here(monkeypatch):
+    """`pip install qcompile` without the fleet extra: no Ray to import, the entries run in this process's care."""
+    monkeypatch.setitem(sys.modules, "ray", None)   # import ray raises ImportError
+    assert fleet._ray(True) is None and fleet._ray(False) is None
+
+
 def test_a_failed_entry_fails_the_build_in_one_line_and_keeps_the_rest(matrix, tmp_path):
     """An entry whose options cannot compile (INT4 for llama.cpp) fails alone: the others finish, exit 1, one line
     naming it; nothing partial in DIR."""
