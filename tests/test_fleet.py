@@ -209,21 +209,12 @@ def test_report_and_check_take_the_build_folder(sequential, verified, tmp_path, 
 def test_build_report_renders_in_headless_chromium(verified, tmp_path):
     """The matrix's report.html in a real browser: the table and a quality plot per format drew (matplotlib's
     colours below the table)."""
-    from test_report_command import _chromium
+    from test_report_command import _chromium, screenshot
     if _chromium() is None:
         pytest.skip("no chromium binary (apt-get install chromium)")
     import numpy as np
-    from PIL import Image
     assert run_cli("report", verified, "--out", tmp_path / "r") == 0
-    shot = tmp_path / "shot.png"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,3000",
-           (tmp_path / "r/report.html").resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "HOME": str(tmp_path)})
-    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
-    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    img = screenshot(tmp_path / "r/report.html", tmp_path, 3000)
     colour = (img.max(-1) - img.min(-1)) > 80
     rows = np.nonzero(colour.any(1))[0]
     assert colour.sum() > 2000 and rows.max() - rows.min() > 1000, (colour.sum(), rows.min(), rows.max())

@@ -168,18 +168,23 @@ def _chromium() -> str | None:
     return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium binary (apt-get install chromium)")
-def test_page_renders_in_headless_chromium(page, tmp_path):
+def screenshot(page: Path, tmp_path: Path, height: int) -> np.ndarray:
+    """The page as headless Chromium draws it in a 1280 x ``height`` window: RGB pixels (ints)."""
     from PIL import Image
     shot = tmp_path / "shot.png"
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
-           (page / "report.html").resolve().as_uri()]
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size=1280,{height}",
+           page.resolve().as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "HOME": str(tmp_path)})
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
-    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium binary (apt-get install chromium)")
+def test_page_renders_in_headless_chromium(page, tmp_path):
+    img = screenshot(page / "report.html", tmp_path, 2000)
     assert img.shape == (2000, 1280, 3)
     ink = img.min(-1) < 200                                   # anything not white or near-white
     colour = (img.max(-1) - img.min(-1)) > 80                  # saturated: the plots' markers and lines
