@@ -244,15 +244,17 @@ def run_entry(entry: Entry, out: Path, fp: str, shares_with: list[str], *after: 
     try:
         with open(staging / "compile.log", "w") as log:
             child = subprocess.Popen([sys.executable, "-m", "qcompile.fleet", str(staging / "job.json")],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env)
+                                     stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
             (staging / "pid").write_text(str(child.pid))   # the compile's process (a test kills it)
             code = child.wait()
         try:
             got = json.loads((staging / "result.json").read_text())
         except (OSError, ValueError):
-            raise WorkerDied(f"{entry.id}: its compile process ended with {code} and no result") from None
+            raise WorkerDied(f"{entry.id}: its compile process ended with {code} and no result "
+                             f"(log: {_keep_log(staging, out, entry)})") from None
         if got["status"] != "done":
-            return done("failed", error=got["error"])
+            internal = got["error"].startswith("internal error")
+            return done("failed", error=got["error"] + (f" (log: {_keep_log(staging, out, entry)})" if internal else ""))
         rec = {"fingerprint": fp, "id": entry.id, "model": entry.model, "options": entry.options,
                "calibration": got.get("calibration"), "shares_calibration_with": shares_with, "node": node,
                "attempt": attempt, "qcompile": __version__}
@@ -280,6 +282,25 @@ def _compile_child(job_path: Path) -> int:
         got = {"status": "failed", "error": f"internal error: {type(e).__name__}: {e}"}
     Path(job["result"]).write_text(json.dumps(got))
     return 0
+
+
+def _keep_log(staging: Path, out: Path, entry: Entry) -> Path:
+    """A failed compile's output, kept where the next build does not look for entries: DIR/.logs/{entry}.log."""
+    logs = out / ".logs"
+    logs.mkdir(exist_ok=True)
+    shutil.copyfile(staging / "compile.log", logs / f"{entry.slug}.log")
+    return logs / f"{entry.slug}.log"
+
+
+def _die_with_parent() -> None:
+    """In the compile process, before it runs: the kernel kills it when the process that started it dies (a Ray
+    worker killed or lost), so no orphaned compile keeps a calibration folder locked against the entry's retry."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
 
 
 def _ray_node() -> str | None:
