@@ -43,7 +43,6 @@ import os
 import shutil
 import sys
 import time
-import tomllib
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -132,6 +131,13 @@ def _type_label(opts: dict) -> str:
 
 def read_matrix(path: Path) -> Matrix:
     """Parse MATRIX.toml into its entries; a one-line error for anything wrong in it."""
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10: the same parser as a package
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise QCompileError("reading MATRIX.toml needs Python 3.11 or `pip install tomli`") from None
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
