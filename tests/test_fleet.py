@@ -65,9 +65,11 @@ def matrix(tmp_path_factory) -> Path:
 
 
 def _files(out: Path) -> dict[str, bytes]:
-    """Every artifact byte of a build folder (the records, which hold timings and nodes, aside)."""
+    """Every artifact byte of a build folder (the records, which hold timings and nodes, and the hidden folders, such
+    as .logs with a killed compile's log, aside)."""
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in ("report.json", fleet.BUILD_JSON)}
+            if p.is_file() and p.name not in ("report.json", fleet.BUILD_JSON)
+            and not any(part.startswith(".") for part in p.relative_to(out).parts)}
 
 
 def _build(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -133,6 +135,7 @@ def test_ray_build_equals_the_sequential_one_and_survives_a_killed_compile(matri
     assert rec["a/gguf-Q4_K_M-gptq"]["attempt"] == 2
     resumed = json.loads((out / "a/gguf-Q4_K_M-gptq/build.json").read_text())["calibration"]
     assert "calibrated layers from --calib-cache" in resumed, resumed
+    assert (out / ".logs" / "a__gguf-Q4_K_M-gptq.log").is_file()   # what the killed compile printed
     assert _files(out) == _files(sequential)
     assert sorted(_files(out)) == sorted(_files(sequential)) and len(_files(out)) > 20
     for m in "ab":
