@@ -124,7 +124,7 @@ def test_ray_build_equals_the_sequential_one_and_survives_a_killed_compile(matri
         for pid_file in (out / fleet.STAGING).glob("a__gguf-Q4_K_M-gptq.*/pid"):
             pid = int(pid_file.read_text() or 0)
             engine = _engine_of(pid)
-            if engine is not None and any(engine.glob("layer-*.npz")):
+            if engine is not None and (engine / "state.json").is_file():   # a layer is finished when the state names it
                 os.kill(pid, signal.SIGKILL)
                 victim = pid
         time.sleep(0.05)
