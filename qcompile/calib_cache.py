@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.target import sha256_file
 from qcompile.errors import QCompileError
 
 
@@ -37,28 +38,20 @@ def model_identity(path: Path) -> dict:
             st = f.stat()
             files[f.relative_to(path).as_posix()] = [st.st_size, st.st_mtime_ns]
     config = path / "config.json"
-    return {"config_sha256": _sha256(config) if config.is_file() else None, "files": files}
+    return {"config_sha256": sha256_file(config) if config.is_file() else None, "files": files}
 
 
 def source_identity(spec: str) -> str:
     """A calibration source as its content: a file's (or a folder's files') sha256, else the spec itself."""
     p = Path(spec)
     if p.is_file():
-        return _sha256(p)
+        return sha256_file(p)
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(x for x in p.rglob("*") if x.is_file()):
-            h.update(f.relative_to(p).as_posix().encode() + b"\0" + _sha256(f).encode())
+            h.update(f.relative_to(p).as_posix().encode() + b"\0" + sha256_file(f).encode())
         return h.hexdigest()
     return spec
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def key(*parts: object) -> str:
